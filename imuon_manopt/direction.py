@@ -1,0 +1,158 @@
+"""The iMuon template, written once for every geometry.
+
+Given a metric operator (:class:`imuon_manopt.geometry.MetricOperator`), a point ``x`` and a Euclidean gradient
+(or momentum) ``E``:
+
+1. ``H = L^{-1} P_x(E)``: project and whiten (``L L^T = G_x``);
+2. ``Z = argmax {<H, Z> : phi(Z) <= tau}``: the LMO of a unitarily invariant norm, block by block;
+3. ``xi = L^{-T} Z``: un-whiten, and assemble the tangent vector.
+
+``xi`` is the *positive* direction: ``<E, xi> = <H, Z> = tau * phi_dual(H) >= 0`` (the LMO gap); a step is
+``R_x(-eta * xi)``.
+
+Block rule (spec §1). The blocks of a geometry (e.g. Stiefel's ``(Omega, K)``), the factors of a product, and the
+leading batch dimensions all form one product norm: spectral and nuclear combine with ``max`` (each block gets its
+own LMO with the whole budget ``tau``, and the gap is the *sum* of the blocks' dual norms); Frobenius and
+Schatten-p (1 < p < inf) combine jointly (``phi`` of the block-diagonal matrix: the budget is shared in
+proportion to ``dual_i^(q-1)`` and the gap is the ``l_q`` norm of the blocks' dual norms).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from .geometry.base import MetricOperator
+from .lmo import lmo, resolve_norm
+
+
+class Direction(NamedTuple):
+    """An iMuon direction.
+
+    Attributes:
+        xi: the tangent vector, in the geometry's representation (same container and array type as ``x``).
+        gap: the LMO gap ``<E, xi> = tau * phi_dual(H)`` as a 0-d tensor (a Python float for numpy input);
+            the natural stationarity measure, zero exactly when the projected gradient is zero.
+    """
+
+    xi: Any
+    gap: Any
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _rebuild(tree, items):
+    return list(items) if isinstance(tree, list) else tuple(items)
+
+
+def _to_torch(tree):
+    """numpy arrays -> torch tensors (zero-copy where possible), through lists and tuples."""
+    if isinstance(tree, torch.Tensor):
+        return tree
+    if isinstance(tree, (list, tuple)):
+        return _rebuild(tree, (_to_torch(t) for t in tree))
+    if isinstance(tree, (np.ndarray, np.generic, float, int)):
+        arr = np.asarray(tree)
+        if not np.issubdtype(arr.dtype, np.floating):
+            arr = arr.astype(np.float64)
+        if any(st < 0 for st in arr.strides):
+            arr = arr.copy()
+        return torch.from_numpy(arr)
+    raise TypeError(
+        f"expected numpy arrays or torch tensors (or lists/tuples of them), got {type(tree).__name__}"
+    )
+
+
+def _map(fn, tree):
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    return _rebuild(tree, (_map(fn, t) for t in tree))
+
+
+def _leaves(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    return [leaf for t in tree for leaf in _leaves(t)]
+
+
+def _is_numpy(tree) -> bool:
+    if isinstance(tree, (list, tuple)):
+        return any(_is_numpy(t) for t in tree)
+    return isinstance(tree, np.ndarray)
+
+
+def intrinsic_direction(
+    geometry: MetricOperator,
+    x: Any,
+    egrad: Any,
+    norm: str = "spectral",
+    *,
+    p: float | None = None,
+    tau: float = 1.0,
+    polar: str = "svd",
+    steps: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> Direction:
+    """The iMuon direction ``xi`` at ``x`` for the Euclidean gradient (or momentum) ``egrad``.
+
+    Args:
+        geometry: the metric operator, e.g. ``Stiefel()``, ``FixedRank()``, ``Product([...])``.
+        x: the point, in the geometry's representation (see :mod:`imuon_manopt.geometry`); numpy or torch.
+        egrad: the Euclidean gradient, same structure and shapes as ``x``.
+        norm: ``"spectral"`` (default), ``"frobenius"``, ``"nuclear"`` or ``"schatten"`` (with ``p``).
+        p: the Schatten exponent, ``1 <= p <= inf``.
+        tau: the LMO budget (``phi(Z) <= tau``); usually 1, with the step size absorbing it.
+        polar: ``"svd"`` (exact, eigh for symmetric blocks) or ``"newton_schulz"`` (fast, spectral only).
+        steps: Newton–Schulz iterations (default of :func:`imuon_manopt.lmo.polar`).
+        dtype: working dtype of the Newton–Schulz path (e.g. ``torch.bfloat16``).
+
+    Returns:
+        :class:`Direction` ``(xi, gap)``. ``xi`` has the structure, shapes, array type and dtype of ``x``. The
+        geometry is evaluated in at least float32.
+    """
+    if not isinstance(geometry, MetricOperator):
+        raise TypeError(
+            f"geometry must be an imuon_manopt.geometry.MetricOperator, got {type(geometry).__name__}"
+        )
+    nrm = resolve_norm(norm, p)
+    as_numpy = _is_numpy(x) or _is_numpy(egrad)
+    xt, et = _to_torch(x), _to_torch(egrad)
+    out_dtype = _leaves(xt)[0].dtype
+    if out_dtype in _LOW_PRECISION:
+        xt = _map(lambda t: t.float(), xt)
+        et = _map(lambda t: t.float(), et)
+    else:
+        et = _map(lambda t: t.to(out_dtype), et)
+
+    state = geometry.at(xt)
+    blocks = geometry.whiten(state, geometry.project(state, et))
+    sym_flags = geometry.symmetric
+    if len(sym_flags) != len(blocks):
+        raise ValueError(
+            f"{geometry!r} declares {len(sym_flags)} symmetric flags for {len(blocks)} blocks"
+        )
+    zs, duals = [], []
+    for h, is_sym in zip(blocks, sym_flags):
+        z, d = lmo(h, nrm.name, p=nrm.p, tau=tau, symmetric=is_sym, method=polar, steps=steps,
+                   dtype=dtype, return_dual=True)
+        zs.append(z)
+        duals.append(d.to(h.dtype))
+
+    if nrm.joint:
+        q = nrm.q
+        flat = torch.cat([d.reshape(-1) for d in duals])
+        total = torch.linalg.vector_norm(flat, ord=q)
+        safe = torch.where(total > 0, total, torch.ones_like(total))
+        zs = [z * ((d / safe) ** (q - 1))[..., None, None].to(z.dtype) for z, d in zip(zs, duals)]
+        gap = tau * total
+    else:
+        gap = tau * sum(d.sum() for d in duals)
+
+    xi = geometry.tangent(state, geometry.unwhiten(state, tuple(zs)))
+    xi = _map(lambda t: t.to(out_dtype), xi)
+    if as_numpy:
+        return Direction(_map(lambda t: t.detach().cpu().numpy(), xi), float(gap))
+    return Direction(xi, gap)

@@ -1,0 +1,105 @@
+"""The metric-operator interface: what a manifold (or metric) provides to get iMuon directions.
+
+A geometry describes, at a point ``x``, a parametrization of the tangent (or horizontal) space by a tuple of
+matrix *blocks* and a Riemannian metric ``g_x(u, v) = <G_x u, v>`` on those blocks. The iMuon template
+(:func:`imuon_manopt.direction.intrinsic_direction`) needs five operations:
+
+``at(x)``
+    factorizations at the point, computed once and shared by the other four (default: ``x`` itself);
+``project(state, egrad)``
+    the Euclidean gradient as a covector on the blocks, ``P_x(E)``;
+``whiten(state, blocks)``
+    ``H = L^{-1} P_x(E)`` for any factor ``L L^T = G_x`` (``L = G_x^{1/2}`` is one choice);
+``unwhiten(state, blocks)``
+    ``xi = L^{-T} Z``: from the LMO output back to tangent coordinates;
+``tangent(state, blocks)``
+    the tangent vector in the representation the host library uses.
+
+Because unitarily invariant LMOs are equivariant under orthogonal changes, any factor ``L`` with
+``L L^T = G_x`` gives the same direction, so Cholesky or QR factors may replace symmetric square roots.
+
+Blocks are tensors of shape ``(..., a, b)``; leading dimensions are a batch, which the template treats as a
+product of manifolds. ``symmetric`` says, per block, whether the block is a symmetric matrix (its LMO then uses
+the eigendecomposition / matrix sign).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+Blocks = tuple[torch.Tensor, ...]
+
+
+class MetricOperator(abc.ABC):
+    """Abstract metric operator on a block parametrization of the tangent space.
+
+    Subclass it to plug a manifold or metric into iMuon. The five methods are described in the module
+    docstring; all inputs and outputs are torch tensors (the template converts numpy at its boundary).
+
+    Example: a weighted Euclidean metric ``g(u, v) = tr(u^T W v)`` with ``W = C C^T`` on ``R^{n x p}`` has one
+    block, ``project`` is the identity, ``whiten(E) = C^{-1} E``, ``unwhiten(Z) = C^{-T} Z`` (see
+    ``examples/custom_metric.py``).
+    """
+
+    #: One flag per block: ``True`` when the block is a symmetric matrix.
+    symmetric: tuple[bool, ...] = (False,)
+
+    def at(self, x: Any) -> Any:
+        """Precompute what the other methods need at the point ``x`` (default: ``x`` itself)."""
+        return x
+
+    @abc.abstractmethod
+    def project(self, state: Any, egrad: Any) -> Blocks:
+        """Euclidean gradient -> covector blocks ``P_x(E)``."""
+
+    @abc.abstractmethod
+    def whiten(self, state: Any, blocks: Blocks) -> Blocks:
+        """Covector blocks -> whitened blocks ``H = L^{-1} P_x(E)`` with ``L L^T = G_x``."""
+
+    @abc.abstractmethod
+    def unwhiten(self, state: Any, blocks: Blocks) -> Blocks:
+        """LMO blocks ``Z`` -> tangent blocks ``xi = L^{-T} Z``."""
+
+    def tangent(self, state: Any, blocks: Blocks) -> Any:
+        """Tangent blocks -> the host representation (default: the single block)."""
+        if len(blocks) != 1:
+            raise NotImplementedError(
+                f"{type(self).__name__} has {len(blocks)} blocks: override tangent() to assemble them"
+            )
+        return blocks[0]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def check_matrix(name: str, t: torch.Tensor, *, min_ndim: int = 2) -> None:
+    """Raise a ``ValueError`` naming ``name`` if ``t`` is not a floating tensor with ``min_ndim`` dims."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch tensor or numpy array, got {type(t).__name__}")
+    if t.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions (..., rows, cols), got shape "
+                         f"{tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point array, got dtype {t.dtype}")
+
+
+def check_same_shape(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    """Raise a ``ValueError`` if the tensors do not all have the same shape."""
+    shapes = [tuple(t.shape) for t in tensors]
+    if any(s != shapes[0] for s in shapes[1:]):
+        pairs = ", ".join(f"{n} {s}" for n, s in zip(names, shapes))
+        raise ValueError(f"shape mismatch: {pairs}; the gradient must have the point's shape")
+
+
+def sym(a: torch.Tensor) -> torch.Tensor:
+    """Symmetric part ``(a + a^T) / 2`` over the trailing two dims."""
+    return 0.5 * (a + a.mT)
+
+
+def skew(a: torch.Tensor) -> torch.Tensor:
+    """Skew-symmetric part ``(a - a^T) / 2`` over the trailing two dims."""
+    return 0.5 * (a - a.mT)

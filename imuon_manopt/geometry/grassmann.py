@@ -1,0 +1,64 @@
+"""Grassmann manifold ``Gr(n, p)``: p-dimensional subspaces of ``R^n``, as a quotient of full-rank ``Y``.
+
+- point: a representative ``Y`` of shape ``(..., n, p)``; the subspace is ``span(Y)``;
+- horizontal (tangent) vectors: ``xi`` with ``Y^T xi = 0``; one block ``(n, p)``;
+- metric ``g_Y(xi, eta) = tr(S^{-1} xi^T eta)`` with ``S = Y^T Y`` (invariant under ``Y -> Y M``, M in GL(p));
+- with ``S = L L^T`` (Cholesky): ``H = Pi(E) L``, ``xi = lmo(H) L^T``, ``Pi(E) = E - Y S^{-1} Y^T E``;
+  spectral: ``xi = polar(Pi(E) S^{1/2}) S^{1/2}`` (the same direction, any square root of S).
+- ``representative="orthonormal"`` (Pymanopt's and geoopt's convention, ``S = I``): ``xi = lmo((I - Y Y^T) E)``.
+- equivariance: at ``Y M`` with gradient ``E M^{-T}`` the direction is ``xi M``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Blocks, MetricOperator
+
+_REPRESENTATIVES = ("orthonormal", "general")
+
+
+class Grassmann(MetricOperator):
+    """Subspaces, represented by orthonormal (default) or general full-rank bases."""
+
+    symmetric = (False,)
+
+    def __init__(self, representative: str = "orthonormal") -> None:
+        if representative not in _REPRESENTATIVES:
+            raise ValueError(
+                f"unknown Grassmann representative {representative!r}; expected one of {_REPRESENTATIVES}"
+            )
+        self.representative = representative
+
+    def at(self, x: torch.Tensor):
+        if self.representative == "orthonormal":
+            return x, None
+        gram = x.mT @ x
+        chol, info = torch.linalg.cholesky_ex(gram)
+        if bool((info != 0).any()):
+            raise ValueError(
+                "Grassmann representative Y is rank-deficient (Y^T Y is not positive definite); "
+                "a point must have p linearly independent columns"
+            )
+        return x, chol
+
+    def project(self, state, egrad: torch.Tensor) -> Blocks:
+        y, chol = state
+        yte = y.mT @ egrad
+        if chol is None:
+            return (egrad - y @ yte,)
+        return (egrad - y @ torch.cholesky_solve(yte, chol),)
+
+    def whiten(self, state, blocks: Blocks) -> Blocks:
+        _, chol = state
+        return blocks if chol is None else (blocks[0] @ chol,)
+
+    def unwhiten(self, state, blocks: Blocks) -> Blocks:
+        _, chol = state
+        return blocks if chol is None else (blocks[0] @ chol.mT,)
+
+    def tangent(self, state, blocks: Blocks) -> torch.Tensor:
+        return blocks[0]
+
+    def __repr__(self) -> str:
+        return f"Grassmann(representative={self.representative!r})"

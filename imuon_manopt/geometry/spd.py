@@ -1,0 +1,40 @@
+"""Symmetric positive definite matrices with the affine-invariant metric.
+
+- point ``X``: ``(..., n, n)`` symmetric positive definite;
+- tangent vectors: symmetric ``(n, n)``; one symmetric block;
+- metric ``g_X(xi, eta) = tr(X^{-1} xi X^{-1} eta)``; covector ``sym(E)``;
+- with ``X = L L^T`` (Cholesky): ``H = L^T sym(E) L``, ``xi = L lmo(H) L^T``; spectral:
+  ``xi = X^{1/2} sign(X^{1/2} sym(E) X^{1/2}) X^{1/2}`` (the same direction for any square root);
+- the exponential map ``X^{1/2} expm(-t Z) X^{1/2}`` stays positive definite for every step ``t``;
+- congruence invariance: at ``P X P^T`` with gradient ``P^{-T} E P^{-1}`` the direction is ``P xi P^T``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Blocks, MetricOperator, sym
+
+
+class SPD(MetricOperator):
+    """Affine-invariant SPD geometry (the spectral LMO is the matrix sign)."""
+
+    symmetric = (True,)
+
+    def at(self, x: torch.Tensor) -> torch.Tensor:
+        chol, info = torch.linalg.cholesky_ex(sym(x))
+        if bool((info != 0).any()):
+            raise ValueError(
+                "SPD point is not positive definite (its Cholesky factorization failed); "
+                "an SPD point must be symmetric with positive eigenvalues"
+            )
+        return chol
+
+    def project(self, state: torch.Tensor, egrad: torch.Tensor) -> Blocks:
+        return (sym(egrad),)
+
+    def whiten(self, state: torch.Tensor, blocks: Blocks) -> Blocks:
+        return (sym(state.mT @ blocks[0] @ state),)
+
+    def unwhiten(self, state: torch.Tensor, blocks: Blocks) -> Blocks:
+        return (sym(state @ blocks[0] @ state.mT),)

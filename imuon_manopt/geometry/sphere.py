@@ -1,0 +1,32 @@
+"""Unit spheres ``{x in R^n : ||x||_2 = 1}``, one per row of ``(..., n)``.
+
+- tangent space ``{u : <x, u> = 0}``, embedded metric; one block, the column ``(n, 1)``;
+- every unitarily invariant norm of a vector is a multiple of ``||.||_2``, so every LMO gives
+  ``xi = P_x(E) / ||P_x(E)||`` up to the budget (and the block rule across rows of a batch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Blocks, MetricOperator
+
+
+class Sphere(MetricOperator):
+    """Row-wise unit spheres (geoopt's convention: the last dimension is the vector)."""
+
+    symmetric = (False,)
+
+    def project(self, state: torch.Tensor, egrad: torch.Tensor) -> Blocks:
+        x = state
+        radial = (x * egrad).sum(-1, keepdim=True)
+        return ((egrad - radial * x).unsqueeze(-1),)
+
+    def whiten(self, state: torch.Tensor, blocks: Blocks) -> Blocks:
+        return blocks
+
+    def unwhiten(self, state: torch.Tensor, blocks: Blocks) -> Blocks:
+        return blocks
+
+    def tangent(self, state: torch.Tensor, blocks: Blocks) -> torch.Tensor:
+        return blocks[0].squeeze(-1)

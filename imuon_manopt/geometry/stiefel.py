@@ -1,0 +1,52 @@
+"""Stiefel manifold ``St(n, p) = {X in R^{n x p} : X^T X = I_p}``, embedded or canonical metric.
+
+- point ``X``: ``(..., n, p)``;
+- tangent vectors ``xi = X Omega + K`` with ``Omega`` (p x p) skew and ``X^T K = 0``: two blocks ``(Omega, K)``;
+- covector of a Euclidean gradient ``E``: ``Omega_E = skew(X^T E)``, ``K_E = (I - X X^T) E``;
+- metrics: embedded ``||xi||^2 = ||Omega||^2 + ||K||^2`` (Pymanopt's ``Stiefel``, geoopt's
+  ``EuclideanStiefel``); canonical ``||xi||^2 = 1/2 ||Omega||^2 + ||K||^2`` (geoopt's ``CanonicalStiefel``,
+  which ``geoopt.Stiefel()`` returns);
+- spectral direction: embedded ``X polar(Omega_E) + polar(K_E)``, canonical
+  ``sqrt(2) X polar(Omega_E) + polar(K_E)``. The polar factor of a skew matrix is skew, so the direction is tangent.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Blocks, MetricOperator, skew
+
+_METRICS = ("embedded", "canonical")
+
+
+class Stiefel(MetricOperator):
+    """Orthonormal frames with the embedded (default) or the canonical metric."""
+
+    symmetric = (False, False)
+
+    def __init__(self, metric: str = "embedded") -> None:
+        if metric not in _METRICS:
+            raise ValueError(f"unknown Stiefel metric {metric!r}; expected one of {_METRICS}")
+        self.metric = metric
+        # G on the Omega block is 1 (embedded) or 1/2 (canonical): H_Omega = G^{-1/2} Omega_E, xi = G^{-1/2} Z.
+        self._omega_scale = 1.0 if metric == "embedded" else math.sqrt(2.0)
+
+    def project(self, state: torch.Tensor, egrad: torch.Tensor) -> Blocks:
+        x = state
+        xte = x.mT @ egrad
+        return skew(xte), egrad - x @ xte
+
+    def whiten(self, state: torch.Tensor, blocks: Blocks) -> Blocks:
+        omega, k = blocks
+        return (omega * self._omega_scale if self._omega_scale != 1.0 else omega), k
+
+    unwhiten = whiten  # G^{-1/2} acts the same way on covectors and on LMO outputs here
+
+    def tangent(self, state: torch.Tensor, blocks: Blocks) -> torch.Tensor:
+        omega, k = blocks
+        return state @ omega + k
+
+    def __repr__(self) -> str:
+        return f"Stiefel(metric={self.metric!r})"
