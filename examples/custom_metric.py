@@ -26,7 +26,7 @@ from imuon_manopt.geometry import Euclidean, MetricOperator, Stiefel
 class WeightedEuclidean(MetricOperator):
     """``g(U, V) = tr(U^T W V)`` on ``R^{n x p}``, ``W = C C^T`` (``C`` lower triangular, Cholesky)."""
 
-    symmetric = (False,)
+    structure = ("general",)
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.chol = torch.linalg.cholesky(weight)
@@ -44,7 +44,7 @@ class WeightedEuclidean(MetricOperator):
 class CanonicalStiefelFromScratch(MetricOperator):
     """Stiefel with ``||X Omega + K||^2 = 1/2 ||Omega||^2 + ||K||^2``: two blocks, ``G = diag(1/2, 1)``."""
 
-    symmetric = (False, False)
+    structure = ("skew", "general")
 
     def project(self, x, egrad):
         xte = x.mT @ egrad

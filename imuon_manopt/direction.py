@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .geometry.base import MetricOperator
+from .geometry.base import MetricOperator, skew
 from .lmo import lmo, resolve_norm
 
 
@@ -42,6 +42,7 @@ class Direction(NamedTuple):
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_STRUCTURES = {"general", "symmetric", "skew"}
 
 
 def _rebuild(tree, items):
@@ -129,16 +130,17 @@ def intrinsic_direction(
 
     state = geometry.at(xt)
     blocks = geometry.whiten(state, geometry.project(state, et))
-    sym_flags = geometry.symmetric
-    if len(sym_flags) != len(blocks):
+    structure = tuple(geometry.structure)
+    if len(structure) != len(blocks) or not set(structure) <= _STRUCTURES:
         raise ValueError(
-            f"{geometry!r} declares {len(sym_flags)} symmetric flags for {len(blocks)} blocks"
+            f"{geometry!r} declares structure {structure} for {len(blocks)} blocks; expected one entry per "
+            f"block from {sorted(_STRUCTURES)}"
         )
     zs, duals = [], []
-    for h, is_sym in zip(blocks, sym_flags):
-        z, d = lmo(h, nrm.name, p=nrm.p, tau=tau, symmetric=is_sym, method=polar, steps=steps,
-                   dtype=dtype, return_dual=True)
-        zs.append(z)
+    for h, kind in zip(blocks, structure):
+        z, d = lmo(h, nrm.name, p=nrm.p, tau=tau, symmetric=kind == "symmetric", method=polar,
+                   steps=steps, dtype=dtype, return_dual=True)
+        zs.append(skew(z) if kind == "skew" else z)
         duals.append(d.to(h.dtype))
 
     if nrm.joint:

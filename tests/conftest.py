@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 import torch
 
@@ -7,7 +6,6 @@ import torch
 def _seed_and_threads():
     """Every test starts from the same random state."""
     torch.manual_seed(0)
-    np.random.seed(0)
     yield
 
 

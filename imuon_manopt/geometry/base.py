@@ -19,8 +19,10 @@ Because unitarily invariant LMOs are equivariant under orthogonal changes, any f
 ``L L^T = G_x`` gives the same direction, so Cholesky or QR factors may replace symmetric square roots.
 
 Blocks are tensors of shape ``(..., a, b)``; leading dimensions are a batch, which the template treats as a
-product of manifolds. ``symmetric`` says, per block, whether the block is a symmetric matrix (its LMO then uses
-the eigendecomposition / matrix sign).
+product of manifolds. ``structure`` says, per block, what kind of matrix the block is: ``"general"``,
+``"symmetric"`` (its LMO uses the eigendecomposition / matrix sign) or ``"skew"`` (the LMO is taken over skew
+matrices: the unconstrained maximizer's skew part, which is feasible because unitarily invariant norms satisfy
+``phi(Z^T) = phi(Z)``; it matters for the nuclear norm, whose top singular pair of a skew matrix is not skew).
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ class MetricOperator(abc.ABC):
     ``examples/custom_metric.py``).
     """
 
-    #: One flag per block: ``True`` when the block is a symmetric matrix.
-    symmetric: tuple[bool, ...] = (False,)
+    #: One entry per block: ``"general"``, ``"symmetric"`` or ``"skew"``.
+    structure: tuple[str, ...] = ("general",)
 
     def at(self, x: Any) -> Any:
         """Precompute what the other methods need at the point ``x`` (default: ``x`` itself)."""

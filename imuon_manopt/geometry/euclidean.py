@@ -15,7 +15,7 @@ from .base import Blocks, MetricOperator
 class Euclidean(MetricOperator):
     """Flat matrix space; the spectral direction is ``polar(E)`` (Muon)."""
 
-    symmetric = (False,)
+    structure = ("general",)
 
     def project(self, state: torch.Tensor, egrad: torch.Tensor) -> Blocks:
         if egrad.ndim == 0:

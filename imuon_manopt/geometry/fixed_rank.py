@@ -51,7 +51,7 @@ def _upper_factor(f: torch.Tensor, how: str, name: str) -> torch.Tensor:
 class FixedRank(MetricOperator):
     """Invariant geometry of factor pairs ``(B, A)`` representing rank-r matrices ``B A``."""
 
-    symmetric = (False, False)
+    structure = ("general", "general")
 
     def __init__(self, factorization: str = "qr") -> None:
         if factorization not in _FACTORIZATIONS:

@@ -21,7 +21,7 @@ _REPRESENTATIVES = ("orthonormal", "general")
 class Grassmann(MetricOperator):
     """Subspaces, represented by orthonormal (default) or general full-rank bases."""
 
-    symmetric = (False,)
+    structure = ("general",)
 
     def __init__(self, representative: str = "orthonormal") -> None:
         if representative not in _REPRESENTATIVES:

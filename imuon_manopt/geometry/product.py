@@ -22,8 +22,8 @@ class Product(MetricOperator):
             if not isinstance(f, MetricOperator):
                 raise TypeError(f"Product factors must be MetricOperator instances, got {type(f).__name__}")
         self.factors = factors
-        self.symmetric = tuple(s for f in factors for s in f.symmetric)
-        self._sizes = tuple(len(f.symmetric) for f in factors)
+        self.structure = tuple(s for f in factors for s in f.structure)
+        self._sizes = tuple(len(f.structure) for f in factors)
 
     def _check(self, seq, what: str):
         if not isinstance(seq, (list, tuple)) or len(seq) != len(self.factors):

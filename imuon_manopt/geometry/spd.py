@@ -19,7 +19,7 @@ from .base import Blocks, MetricOperator, sym
 class SPD(MetricOperator):
     """Affine-invariant SPD geometry (the spectral LMO is the matrix sign)."""
 
-    symmetric = (True,)
+    structure = ("symmetric",)
 
     def at(self, x: torch.Tensor) -> torch.Tensor:
         chol, info = torch.linalg.cholesky_ex(sym(x))

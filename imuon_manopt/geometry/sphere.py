@@ -15,7 +15,7 @@ from .base import Blocks, MetricOperator
 class Sphere(MetricOperator):
     """Row-wise unit spheres (geoopt's convention: the last dimension is the vector)."""
 
-    symmetric = (False,)
+    structure = ("general",)
 
     def project(self, state: torch.Tensor, egrad: torch.Tensor) -> Blocks:
         x = state

@@ -24,7 +24,7 @@ _METRICS = ("embedded", "canonical")
 class Stiefel(MetricOperator):
     """Orthonormal frames with the embedded (default) or the canonical metric."""
 
-    symmetric = (False, False)
+    structure = ("skew", "general")
 
     def __init__(self, metric: str = "embedded") -> None:
         if metric not in _METRICS:
