@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from ._backend import to_torch
 from .geometry.base import MetricOperator, skew
 from .lmo import lmo, resolve_norm
 
@@ -59,12 +60,8 @@ def _to_torch(tree):
         arr = np.asarray(tree)
         if not np.issubdtype(arr.dtype, np.floating):
             arr = arr.astype(np.float64)
-        if any(st < 0 for st in arr.strides):
-            arr = arr.copy()
-        return torch.from_numpy(arr)
-    raise TypeError(
-        f"expected numpy arrays or torch tensors (or lists/tuples of them), got {type(tree).__name__}"
-    )
+        return to_torch(arr)[0]
+    raise TypeError(f"expected numpy arrays or torch tensors (or lists/tuples of them), got {type(tree).__name__}")
 
 
 def _map(fn, tree):
