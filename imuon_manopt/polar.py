@@ -1,0 +1,372 @@
+"""Orthogonalizers: the thin polar factor and the matrix sign (spec §4).
+
+Two ways to compute them, behind one contract:
+
+- ``"svd"`` / ``"eigh"`` (exact, rank-aware): ``polar(X) = U V^T`` over the singular values above
+  ``eps * max(m, n) * s_max``; ``msign(S) = Q sign(Lambda) Q^T`` over the eigenvalues with
+  ``|lambda|`` above ``eps * n * max|lambda|``. Directions below the threshold are dropped, so a
+  zero matrix maps to exactly zero and a rank-deficient one gains no spurious directions.
+- ``"newton_schulz"`` (fast, matmul only): odd quintic iterations
+  ``X <- a X + b (X X^T) X + c (X X^T)^2 X`` on the short side of the matrix after scaling it to
+  Frobenius norm at most 1, with a per-step coefficient schedule (Polar Express by default, or
+  Muon's fixed quintic). Exactly zero singular values stay zero.
+
+Shapes: ``x`` is ``(..., m, n)``; the leading dims are a batch, handled in one batched matmul per
+product. numpy arrays in give numpy arrays out; torch tensors keep their device. Dtypes: float32
+and float64 are computed in their own precision; float16/bfloat16 inputs are computed in at least
+float32 (unless ``dtype`` asks for a different working dtype of the Newton–Schulz path) and the
+result is returned in the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._backend import from_torch, to_torch
+
+__all__ = ["polar", "msign", "NS_COEFFICIENTS", "DEFAULT_NS_STEPS"]
+
+#: A Newton–Schulz schedule: a name, a sequence of (a, b, c) triples, one triple, or None (default).
+Coefficients = Any
+
+DEFAULT_NS_STEPS = 5
+
+# Polar Express schedule (Amsel, Persson, Musco, Gower, "The Polar Express: Optimal Matrix Sign
+# Methods and Their Application to the Muon Algorithm", arXiv:2505.16932, Algorithm 1 and its
+# reference code NoahAmsel/PolarExpress). Step k applies the odd quintic p_k(x) = a x + b x^3 + c
+# x^5 to the singular values. Each p_k is the minimax-best quintic for the interval of singular
+# values that the previous steps leave, starting from [1e-3, 1]; after a few steps the interval has
+# shrunk around 1 and the schedule settles on (15/8, -5/4, 3/8), the degree-5 Newton–Schulz
+# polynomial (p(1) = 1, p'(1) = 0), which then repeats. The paper divides every polynomial but the
+# last by a safety factor, p_k(x / 1.01), and normalizes the input by 1.01 ||X||_F, so that
+# low-precision round-off that pushes a singular value slightly above 1 cannot make the iteration
+# diverge.
+_PE_SAFETY = 1.01
+_POLAR_EXPRESS_RAW = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+)
+_POLAR_EXPRESS = tuple(
+    (a / _PE_SAFETY, b / _PE_SAFETY**3, c / _PE_SAFETY**5) for a, b, c in _POLAR_EXPRESS_RAW[:-1]
+) + (_POLAR_EXPRESS_RAW[-1],)
+
+# Muon's fixed quintic (K. Jordan's Muon post and torch.optim.Muon's default `ns_coefficients`):
+# chosen for a large slope at 0, it does not converge to 1 but leaves singular values roughly in
+# [0.7, 1.2].
+_MUON = ((3.4445, -4.7750, 2.0315),)
+
+#: Named Newton–Schulz schedules: name -> ((a, b, c), ...); the last triple repeats for later steps.
+NS_COEFFICIENTS: dict[str, tuple[tuple[float, float, float], ...]] = {
+    "polar_express": _POLAR_EXPRESS,
+    "muon": _MUON,
+}
+# The input normalization that goes with each named schedule (Frobenius norm times this margin).
+_NS_MARGIN = {"polar_express": _PE_SAFETY, "muon": 1.0}
+
+_POLAR_METHODS = ("svd", "newton_schulz")
+_MSIGN_METHODS = ("eigh", "newton_schulz")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation and dtype utilities (shared with lmo.py)
+
+
+def _check_matrix(t: torch.Tensor, name: str = "x") -> None:
+    if t.ndim < 2:
+        raise ValueError(
+            f"{name} must have at least 2 dimensions (..., m, n), got shape {tuple(t.shape)}"
+        )
+    if not t.dtype.is_floating_point:
+        raise TypeError(
+            f"{name} must have a real floating-point dtype (float16, bfloat16, float32, float64), "
+            f"got {t.dtype}"
+        )
+
+
+def _check_square(t: torch.Tensor, name: str = "x") -> None:
+    if t.shape[-1] != t.shape[-2]:
+        raise ValueError(
+            f"{name} must be square (..., n, n) for the symmetric variant, "
+            f"got shape {tuple(t.shape)}"
+        )
+
+
+def _as_dtype(dtype: Any) -> torch.dtype | None:
+    """``None``, a torch dtype, or anything numpy understands as a floating dtype -> torch dtype."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        out = dtype
+    else:
+        try:
+            out = torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
+        except (TypeError, ValueError):
+            out = None
+    if out is None or not out.is_floating_point:
+        raise ValueError(
+            "dtype must be a floating torch dtype (e.g. torch.bfloat16, torch.float32), "
+            f"got {dtype!r}"
+        )
+    return out
+
+
+def _promote(dtype: torch.dtype) -> torch.dtype:
+    """At least float32: half types are computed in float32."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def _exact_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """Working dtype of the SVD/eigh paths: ``dtype`` (or the input's), promoted to >= float32."""
+    return _promote(dtype if dtype is not None else t.dtype)
+
+
+def _resolve_steps(steps: Any) -> int:
+    if steps is None:
+        return DEFAULT_NS_STEPS
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(
+            f"steps must be a positive integer (default {DEFAULT_NS_STEPS}), got {steps!r}"
+        )
+    return int(steps)
+
+
+def _resolve_schedule(
+    coefficients: Coefficients, steps: Any
+) -> tuple[list[tuple[float, float, float]], float]:
+    """-> (one (a, b, c) per step, input normalization margin)."""
+    n_steps = _resolve_steps(steps)
+    if coefficients is None:
+        coefficients = "polar_express"
+    if isinstance(coefficients, str):
+        key = coefficients.strip().lower().replace("-", "_").replace(" ", "_")
+        if key not in NS_COEFFICIENTS:
+            raise ValueError(
+                f"unknown coefficients {coefficients!r}; valid names: {sorted(NS_COEFFICIENTS)}, "
+                "or a sequence of (a, b, c) tuples"
+            )
+        seq, margin = NS_COEFFICIENTS[key], _NS_MARGIN[key]
+    else:
+        try:
+            arr = np.asarray(coefficients, dtype=np.float64)
+        except (TypeError, ValueError):
+            arr = None
+        if arr is not None and arr.shape == (3,):
+            arr = arr[None]
+        if (
+            arr is None
+            or arr.ndim != 2
+            or arr.shape[0] < 1
+            or arr.shape[1] != 3
+            or not np.isfinite(arr).all()
+        ):
+            raise ValueError(
+                f"coefficients must be one of {sorted(NS_COEFFICIENTS)} or a non-empty sequence "
+                f"of finite (a, b, c) tuples, got {coefficients!r}"
+            )
+        seq, margin = tuple(tuple(float(v) for v in row) for row in arr), 1.0
+    return [seq[min(i, len(seq) - 1)] for i in range(n_steps)], margin
+
+
+def _max_abs(x: torch.Tensor) -> torch.Tensor:
+    """Per-matrix max |x_ij| (..., 1, 1), with 1 in place of 0 (dividing by it is always safe)."""
+    amax = x.abs().amax(dim=(-2, -1), keepdim=True)
+    return torch.where(amax > 0, amax, torch.ones_like(amax))
+
+
+def _sym(x: torch.Tensor) -> torch.Tensor:
+    return (x + x.mT) * 0.5
+
+
+# --------------------------------------------------------------------------------------------------
+# torch kernels (no conversion, no validation): also used by lmo.py
+
+
+def _svd_parts(x: torch.Tensor):
+    """Thin SVD of ``x / scale`` (``scale`` = per-matrix max-abs entry, so huge and tiny inputs
+    neither overflow nor underflow). Returns ``(U, s, Vh, scale, keep)``: the singular values of
+    ``x`` are ``s * scale``; ``keep`` marks those above ``eps * max(m, n) * s_max``."""
+    scale = _max_abs(x)
+    u, s, vh = torch.linalg.svd(x / scale, full_matrices=False)
+    tol = torch.finfo(s.dtype).eps * max(x.shape[-2:]) * s[..., :1]
+    return u, s, vh, scale, s > tol
+
+
+def _eigh_parts(x: torch.Tensor):
+    """``eigh`` of ``sym(x) / scale``. Returns ``(Q, lam, scale, keep)``: the eigenvalues of
+    ``sym(x)`` are ``lam * scale``; ``keep`` marks ``|lam|`` above ``eps * n * max|lam|``."""
+    h = _sym(x)
+    scale = _max_abs(h)
+    lam, q = torch.linalg.eigh(h / scale)
+    mag = lam.abs()
+    tol = torch.finfo(lam.dtype).eps * x.shape[-1] * mag.amax(dim=-1, keepdim=True)
+    return q, lam, scale, mag > tol
+
+
+def _polar_svd(x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    u, _, vh, _, keep = _svd_parts(x.to(work))
+    return (u * keep.unsqueeze(-2).to(u.dtype)) @ vh
+
+
+def _msign_eigh(x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    q, lam, _, keep = _eigh_parts(x.to(work))
+    sgn = torch.sign(lam) * keep.to(lam.dtype)
+    return (q * sgn.unsqueeze(-2)) @ q.mT
+
+
+def _newton_schulz(
+    x: torch.Tensor, coeffs: Sequence[tuple[float, float, float]], margin: float, work: torch.dtype
+) -> torch.Tensor:
+    """Newton–Schulz polar factor of ``x`` (..., m, n), computed in ``work``; returned in ``work``.
+
+    The iteration runs on the short side ``s x l`` (``s = min(m, n)``) so each step costs
+    ``2 s^2 l + 2 s^3 + 2 s^2 l`` flops. Scaling: divide by the max-abs entry first, then by the
+    Frobenius norm of the result (times ``margin``), in at least float32, so the spectral norm is <=
+    1 without overflow for huge inputs or underflow for tiny ones; a zero matrix stays exactly zero.
+    """
+    m, n = x.shape[-2:]
+    transpose = m > n
+    y = x.mT if transpose else x
+    s, l = y.shape[-2:]
+    batch = y.shape[:-2]
+    prec = torch.promote_types(_promote(x.dtype), _promote(work))  # precision of the scaling step
+    y = y.to(prec)
+    # Out of place throughout: the input is never written to, and autograd can differentiate.
+    # After the max-abs step the largest entry is 1 (also for subnormal inputs), so the Frobenius
+    # norm is >= 1 unless the matrix is zero; a zero matrix is divided by 1 and stays zero.
+    amax = torch.linalg.vector_norm(y, ord=math.inf, dim=(-2, -1), keepdim=True)
+    y = y / torch.where(amax > 0, amax, 1.0)
+    fro = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True).mul(margin).clamp_min(1.0)
+    y = (y / fro).to(work)
+    if y.ndim == 2:
+        for a, b, c in coeffs:
+            gram = torch.mm(y, y.mT)
+            upd = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+            y = torch.addmm(y, upd, y, beta=a)
+    else:
+        y = y.reshape(-1, s, l)
+        for a, b, c in coeffs:
+            gram = torch.bmm(y, y.mT)
+            upd = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            y = torch.baddbmm(y, upd, y, beta=a)
+        y = y.reshape(*batch, s, l)
+    return y.mT if transpose else y
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+
+
+def polar(
+    x: Any,
+    *,
+    method: str = "svd",
+    steps: int | None = None,
+    dtype: torch.dtype | None = None,
+    coefficients: Coefficients = None,
+) -> Any:
+    """Thin polar factor ``U V^T`` of ``x = U diag(s) V^T``, per matrix over the trailing two dims.
+
+    Args:
+        x: ``(..., m, n)`` numpy array or torch tensor (any device), real floating dtype. Never
+            modified.
+        method: ``"svd"`` (exact, rank-aware: singular values below ``eps * max(m, n) * s_max`` give
+            zero directions, so ``polar(0) = 0``) or ``"newton_schulz"`` (matmul-only iteration on
+            the short side, after max-abs then Frobenius scaling; approximate, see ``steps``).
+        steps: Newton–Schulz iterations (default 5); ignored by ``"svd"``. The Polar Express
+            schedule is tuned for 5 or more steps (5 steps: singular values of a matrix with
+            ``sigma_min >= 1e-3 ||X||_F`` land in [0.84, 1.13]; 8 steps: converged); truncated to
+            fewer steps it is less accurate than ``coefficients="muon"``.
+        dtype: working dtype. Newton–Schulz: any floating dtype, e.g. ``torch.bfloat16`` as Muon
+            uses (default: the input dtype promoted to at least float32). SVD: promoted to at least
+            float32.
+        coefficients: Newton–Schulz schedule: ``"polar_express"`` (default), ``"muon"``
+            (torch.optim.Muon's fixed quintic), or a sequence of ``(a, b, c)`` (one triple per step;
+            the last one repeats; a single triple repeats for every step).
+
+    Returns:
+        ``(..., m, n)``, the same array type, device and dtype as ``x`` (contiguous).
+
+    Raises:
+        ValueError: ``x.ndim < 2``, an unknown ``method`` or ``coefficients``, a bad ``steps`` or
+            ``dtype``.
+        TypeError: ``x`` is not a numpy array / torch tensor, or not real floating point.
+    """
+    t, was_numpy = to_torch(x)
+    _check_matrix(t)
+    if method not in _POLAR_METHODS:
+        raise ValueError(
+            f"unknown method {method!r} for polar; valid choices: {list(_POLAR_METHODS)}"
+        )
+    dtype = _as_dtype(dtype)
+    if method == "newton_schulz":
+        coeffs, margin = _resolve_schedule(coefficients, steps)
+        if t.numel() == 0:
+            return from_torch(torch.zeros_like(t), was_numpy)
+        work = dtype if dtype is not None else _promote(t.dtype)
+        out = _newton_schulz(t, coeffs, margin, work)
+    else:
+        if t.numel() == 0:
+            return from_torch(torch.zeros_like(t), was_numpy)
+        out = _polar_svd(t, _exact_dtype(t, dtype))
+    return from_torch(out.to(t.dtype).contiguous(), was_numpy)
+
+
+def msign(
+    x: Any,
+    *,
+    method: str = "eigh",
+    steps: int | None = None,
+    dtype: torch.dtype | None = None,
+    coefficients: Coefficients = None,
+) -> Any:
+    """Matrix sign ``Q sign(Lambda) Q^T`` of the symmetric part of ``x = Q Lambda Q^T``, per matrix.
+
+    For a symmetric matrix the matrix sign is its polar factor. Only ``sym(x) = (x + x^T) / 2`` is
+    used.
+
+    Args:
+        x: ``(..., n, n)`` numpy array or torch tensor, real floating dtype. Never modified.
+        method: ``"eigh"`` (exact, rank-aware: eigenvalues with ``|lambda|`` below ``eps * n *
+            max|lambda|`` map to 0) or ``"newton_schulz"`` (the Newton–Schulz polar factor of
+            ``sym(x)``).
+        steps, dtype, coefficients: as in :func:`polar`.
+
+    Returns:
+        ``(..., n, n)`` symmetric, same array type, device and dtype as ``x``.
+
+    Raises:
+        ValueError: ``x`` is not ``(..., n, n)``, an unknown ``method``, bad
+            ``steps``/``dtype``/``coefficients``.
+        TypeError: ``x`` is not a numpy array / torch tensor, or not real floating point.
+    """
+    t, was_numpy = to_torch(x)
+    _check_matrix(t)
+    _check_square(t)
+    if method not in _MSIGN_METHODS:
+        raise ValueError(
+            f"unknown method {method!r} for msign; valid choices: {list(_MSIGN_METHODS)}"
+        )
+    dtype = _as_dtype(dtype)
+    if method == "newton_schulz":
+        coeffs, margin = _resolve_schedule(coefficients, steps)
+        if t.numel() == 0:
+            return from_torch(torch.zeros_like(t), was_numpy)
+        work = dtype if dtype is not None else _promote(t.dtype)
+        out = _newton_schulz(_sym(t.to(_promote(t.dtype))), coeffs, margin, work)
+    else:
+        if t.numel() == 0:
+            return from_torch(torch.zeros_like(t), was_numpy)
+        out = _msign_eigh(t, _exact_dtype(t, dtype))
+    return from_torch(out.to(t.dtype).contiguous(), was_numpy)
