@@ -1,0 +1,387 @@
+"""iMuon as a Pymanopt optimizer.
+
+One iteration at a point ``x`` (spec §1):
+
+1. ``E = problem.euclidean_gradient(x)`` (one gradient evaluation; the Riemannian gradient, for the
+   gradient norm, is ``manifold.euclidean_to_riemannian_gradient(x, E)``);
+2. the iMuon direction ``xi`` and the LMO gap ``<E, xi>`` from
+   :func:`imuon_manopt.direction.intrinsic_direction` with the manifold's metric operator
+   (:mod:`._pymanopt_geometry`);
+3. ``x <- manifold.retraction(x, -eta * xi)``, ``eta`` from the step-size rule (:mod:`.step_size`).
+
+With momentum ``beta > 0`` the buffer is a tangent vector, ``m <- beta * transport(m) + grad f``,
+and the direction is taken from ``grad f + beta * m`` (Nesterov) or ``m``, lowered to a Euclidean
+covector by the metric.
+
+Cost per iteration (default ``step_size="armijo"``, ``momentum=0``): one gradient evaluation, the
+cost evaluations of the line search (usually 1-2; the accepted trial's cost is reused, so the cost
+is never evaluated twice at a point), one Riemannian-gradient conversion and one polar factor / sign
+per block: e.g. a thin SVD of ``n x p`` for Stiefel and Grassmann, an ``n x n`` Cholesky and
+``eigh`` for SPD, thin QRs and SVDs of ``m x k`` and ``k x n`` matrices for fixed rank. Pymanopt's
+``SteepestDescent`` evaluates the cost at each new point again after its line search. Momentum adds
+a second direction (the gap reported is always the gradient's).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from copy import deepcopy
+from typing import Any
+
+import numpy as np
+import torch
+from pymanopt.optimizers.optimizer import Optimizer, OptimizerResult
+from pymanopt.tools import printer
+
+from ..direction import intrinsic_direction
+from ..geometry import MetricOperator
+from ._pymanopt_geometry import host_geometry
+from .step_size import StepSizeRule, resolve_step_size
+
+__all__ = ["IMuon"]
+
+_NORMS = ("spectral", "frobenius", "nuclear", "schatten")
+_POLARS = ("svd", "newton_schulz")
+
+# The core runs in torch while Pymanopt's manifolds and costs run in numpy (OpenBLAS). Both keep
+# spinning thread pools; alternating between them on few cores made torch's thin SVDs 20-400x slower
+# (0.1 ms -> 42 ms for a 200 x 5 SVD on 2 cores). The direction's factorizations are small (thin
+# SVDs, r x r or n x n eigh), so the core runs single-threaded inside the solver; the user's torch
+# thread setting is restored after every call.
+_CORE_THREADS = 1
+
+
+def _finite(tree: Any) -> bool:
+    """True when every array in a (nested tuple/list of) numpy arrays or scalars is finite."""
+    if isinstance(tree, (list, tuple)):
+        return all(_finite(t) for t in tree)
+    return bool(np.all(np.isfinite(np.asarray(tree))))
+
+
+class IMuon(Optimizer):
+    """Intrinsic Muon: steepest descent in a unitarily invariant norm of the whitened gradient.
+
+    Works on Pymanopt's ``Euclidean``, ``Sphere``, ``Stiefel``, ``Grassmann``,
+    ``SymmetricPositiveDefinite``, ``FixedRankEmbedded`` and ``Product`` of these (``k > 1`` stacks
+    included), with each manifold's own metric, retraction, transport and tangent-vector type; any
+    other manifold through ``geometry=``.
+
+    Args:
+        step_size: the step-size rule: ``"armijo"`` (default; backtracking along the iMuon
+            direction), a positive float (constant step: ``x <- R_x(-step_size * xi)``),
+            ``"inverse_sqrt"``, ``"cosine"``, ``"exponential"``, a
+            :class:`~imuon_manopt.optimizers.step_size.StepSizeRule` or a callable ``t -> eta``. The
+            step length is measured in the chosen norm (``xi`` has norm 1).
+        momentum: ``beta`` in ``[0, 1)`` (default 0: with a line search on a deterministic cost,
+            momentum did not reduce iterations in our measurements). The buffer is a tangent vector
+            carried by ``manifold.transport``. If the momentum direction is not a descent direction,
+            the buffer restarts from the gradient.
+        nesterov: Nesterov (``grad + beta * m``, default) or heavy-ball (``m``) momentum.
+        norm: ``"spectral"`` (default), ``"frobenius"`` (Riemannian steepest descent with normalized
+            steps), ``"nuclear"`` or ``"schatten"`` (with ``p``).
+        p: Schatten exponent, ``1 <= p <= inf`` (only with ``norm="schatten"``).
+        polar: ``"svd"`` (exact, default) or ``"newton_schulz"`` (fast, approximate polar factors).
+        min_lmo_gap: stop when the LMO gap ``<E, xi>`` (the dual norm of the whitened gradient)
+            drops below it; ``None`` (default) disables the criterion.
+        geometry: a :class:`~imuon_manopt.geometry.MetricOperator` to use instead of the built-in
+            one (required for manifolds without one). It receives Pymanopt's points and Euclidean
+            gradients as they are.
+        max_time, max_iterations, min_gradient_norm, min_step_size, max_cost_evaluations,
+            verbosity, log_verbosity: Pymanopt's stopping criteria and output controls, with the
+            defaults of Pymanopt's solvers (``verbosity=2`` prints a table, as they do).
+            ``min_step_size`` applies to ``eta``; ``max_cost_evaluations`` counts real cost
+            evaluations (line-search trials included).
+
+    Log (``log_verbosity >= 1``): per iteration ``iteration, point, cost, gradient_norm, lmo_gap,
+    step_size`` (``step_size`` is the step that reached the point; NaN at iteration 0).
+    """
+
+    def __init__(
+        self,
+        step_size: Any = "armijo",
+        momentum: float = 0.0,
+        nesterov: bool = True,
+        norm: str = "spectral",
+        p: float | None = None,
+        polar: str = "svd",
+        min_lmo_gap: float | None = None,
+        geometry: MetricOperator | None = None,
+        *,
+        max_time: float = 1000,
+        max_iterations: int = 1000,
+        min_gradient_norm: float = 1e-6,
+        min_step_size: float = 1e-10,
+        max_cost_evaluations: int = 5000,
+        verbosity: int = 2,
+        log_verbosity: int = 0,
+    ) -> None:
+        super().__init__(
+            max_time=max_time,
+            max_iterations=max_iterations,
+            min_gradient_norm=min_gradient_norm,
+            min_step_size=min_step_size,
+            max_cost_evaluations=max_cost_evaluations,
+            verbosity=verbosity,
+            log_verbosity=log_verbosity,
+        )
+        self._step_size = resolve_step_size(step_size)
+        self.step_size_rule: StepSizeRule | None = None
+
+        if (
+            isinstance(momentum, bool)
+            or not isinstance(momentum, (int, float))
+            or not 0.0 <= momentum < 1.0
+        ):
+            raise ValueError(f"momentum must be a float in [0, 1), got {momentum!r}")
+        self._momentum = float(momentum)
+        self._nesterov = bool(nesterov)
+
+        if norm not in _NORMS:
+            raise ValueError(f"unknown norm {norm!r}; expected one of {_NORMS}")
+        if norm == "schatten":
+            if (
+                p is None
+                or not isinstance(p, (int, float))
+                or isinstance(p, bool)
+                or not 1.0 <= p <= math.inf
+            ):
+                raise ValueError(f"norm='schatten' needs p with 1 <= p <= inf, got p={p!r}")
+        elif p is not None:
+            raise ValueError(f"p is only used with norm='schatten', got p={p!r} with norm={norm!r}")
+        self._norm, self._p = norm, p
+
+        if polar not in _POLARS:
+            raise ValueError(f"unknown polar {polar!r}; expected one of {_POLARS}")
+        if polar == "newton_schulz" and norm != "spectral":
+            raise ValueError(
+                f"polar='newton_schulz' applies to norm='spectral' only, got norm={norm!r}"
+            )
+        self._polar = polar
+
+        if min_lmo_gap is not None and (
+            isinstance(min_lmo_gap, bool)
+            or not isinstance(min_lmo_gap, (int, float))
+            or not 0.0 <= min_lmo_gap < math.inf
+        ):
+            raise ValueError(
+                f"min_lmo_gap must be None or a float in [0, inf), got {min_lmo_gap!r}"
+            )
+        self._min_lmo_gap = min_lmo_gap
+
+        if geometry is not None and not isinstance(geometry, MetricOperator):
+            raise TypeError(
+                f"geometry must be an imuon_manopt.geometry.MetricOperator, got "
+                f"{type(geometry).__name__}"
+            )
+        self._geometry = geometry
+
+    # ---------------------------------------------------------------------------------------------
+
+    def _direction(self, host, x_core, e_core):
+        threads = torch.get_num_threads()
+        if threads != _CORE_THREADS:
+            torch.set_num_threads(_CORE_THREADS)
+        try:
+            d = intrinsic_direction(
+                host.geometry, x_core, e_core, self._norm, p=self._p, polar=self._polar
+            )
+        finally:
+            if threads != _CORE_THREADS:
+                torch.set_num_threads(threads)
+        return d.xi, float(d.gap)
+
+    def _gradient_function(self, problem, host):
+        """``x -> (riemannian gradient, core Euclidean gradient)`` with one gradient evaluation."""
+        manifold = problem.manifold
+        user_riemannian = (
+            getattr(problem, "_euclidean_gradient", None) is None
+            and getattr(problem, "_riemannian_gradient", None) is not None
+        )
+        if user_riemannian:
+            riemannian_gradient = problem.riemannian_gradient
+
+            def gradients(x):
+                rgrad = riemannian_gradient(x)
+                return rgrad, host.flat(x, rgrad)
+        else:
+            euclidean_gradient = problem.euclidean_gradient
+
+            def gradients(x):
+                egrad = euclidean_gradient(x)
+                return manifold.euclidean_to_riemannian_gradient(x, egrad), host.core_egrad(
+                    x, egrad
+                )
+
+        return gradients
+
+    def run(
+        self, problem, *, initial_point=None, reuse_line_searcher: bool = False
+    ) -> OptimizerResult:
+        """Run iMuon on a Pymanopt ``Problem``.
+
+        Args:
+            problem: the problem; its manifold must be supported (or ``geometry=`` given).
+            initial_point: the starting point (checked to lie on the manifold); random if ``None``.
+            reuse_line_searcher: keep the step-size rule's state (Armijo's remembered step, a
+                schedule's counter) from the previous run instead of starting from a fresh copy.
+
+        Returns:
+            Pymanopt's ``OptimizerResult``; ``point`` is always finite: a non-finite cost or
+            gradient stops the run at the last point with a finite cost.
+        """
+        manifold = problem.manifold
+        objective = problem.cost
+        host = host_geometry(manifold, self._geometry)
+        gradients = self._gradient_function(problem, host)
+
+        if not reuse_line_searcher or self.step_size_rule is None:
+            self.step_size_rule = deepcopy(self._step_size)
+        rule = self.step_size_rule
+        rule.start(self._max_iterations)
+
+        x = manifold.random_point() if initial_point is None else initial_point
+        host.check_point(x)
+
+        if self._verbosity >= 1:
+            print("Optimizing...")
+        if self._verbosity >= 2:
+            width = int(np.log10(max(self._max_iterations, 1))) + 1
+            column_printer = printer.ColumnPrinter(
+                columns=[
+                    ("Iteration", f"{width}d"),
+                    ("Cost", "+.16e"),
+                    ("Gradient norm", ".8e"),
+                    ("LMO gap", ".8e"),
+                ]
+            )
+        else:
+            column_printer = printer.VoidPrinter()
+        column_printer.print_header()
+
+        self._initialize_log(
+            optimizer_parameters={
+                "step_size": rule,
+                "momentum": self._momentum,
+                "nesterov": self._nesterov,
+                "norm": self._norm,
+                "p": self._p,
+                "polar": self._polar,
+                "geometry": host.geometry,
+            }
+        )
+        self._log["stopping_criteria"]["min_lmo_gap"] = self._min_lmo_gap
+
+        beta = self._momentum
+        start_time = time.time()
+        iteration = 0
+        step_size = math.nan
+        cost = float(objective(x))
+        cost_evaluations = 1
+        rgrad, e_core = gradients(x)
+        previous = None  # (point, cost, gradient norm, gap) of the last point with a finite cost
+        buffer = None
+        gradient_norm = gap = math.nan
+
+        while True:
+            stopping_criterion = None
+            finite = math.isfinite(cost) and _finite(x)
+            if finite and _finite(rgrad) and _finite(e_core):
+                x_core = host.core_point(x)
+                xi_core, gap = self._direction(host, x_core, e_core)
+                gradient_norm = float(manifold.norm(x, rgrad))
+                finite_direction = (
+                    math.isfinite(gap) and math.isfinite(gradient_norm) and _finite(xi_core)
+                )
+            else:
+                finite_direction = False
+            if not finite_direction:
+                stopping_criterion = (
+                    f"Terminated - non-finite cost, gradient or direction after {iteration} "
+                    "iterations; returned "
+                    "the last point with a finite cost."
+                )
+                if not finite and previous is not None:
+                    x, cost, gradient_norm, gap = previous
+                else:
+                    gradient_norm = gap = math.nan
+
+            column_printer.print_row([iteration, cost, gradient_norm, gap])
+            self._add_log_entry(
+                iteration=iteration,
+                point=x,
+                cost=cost,
+                gradient_norm=gradient_norm,
+                lmo_gap=gap,
+                step_size=step_size,
+            )
+
+            if stopping_criterion is None:
+                stopping_criterion = self._check_stopping_criterion(
+                    start_time=start_time,
+                    iteration=iteration,
+                    gradient_norm=gradient_norm,
+                    step_size=step_size,
+                    cost_evaluations=cost_evaluations,
+                )
+            if (
+                stopping_criterion is None
+                and self._min_lmo_gap is not None
+                and gap < self._min_lmo_gap
+            ):
+                stopping_criterion = (
+                    f"Terminated - min LMO gap reached after {iteration} iterations, "
+                    f"{time.time() - start_time:.2f} seconds."
+                )
+            if stopping_criterion:
+                if self._verbosity >= 1:
+                    print(stopping_criterion)
+                    print("")
+                break
+
+            xi = host.tangent(x, xi_core)
+            slope = gap
+            candidate = None  # the momentum buffer at x, committed only if the step is taken
+            if beta > 0.0:
+                candidate = rgrad if buffer is None else beta * buffer + rgrad
+                combined = rgrad + beta * candidate if self._nesterov else candidate
+                xi_m_core, _ = self._direction(host, x_core, host.flat(x, combined))
+                xi_m = host.tangent(x, xi_m_core)
+                slope_m = float(manifold.inner_product(x, rgrad, xi_m))
+                if slope_m > 0.0 and math.isfinite(slope_m):
+                    xi, slope = xi_m, slope_m
+                else:  # not a descent direction: restart the momentum from the gradient
+                    candidate = rgrad
+            elif self._polar != "svd":  # approximate polar factors: use the exact slope
+                slope = float(manifold.inner_product(x, rgrad, xi))
+
+            step = rule.search(objective, manifold, x, xi, cost, slope)
+            cost_evaluations += step.cost_evaluations
+            step_size = float(step.step_size)
+            iteration += 1
+            if step_size == 0.0 and step.point is x:
+                continue  # rejected step: x, cost and gradients unchanged; min_step_size decides
+
+            previous = (x, cost, gradient_norm, gap)
+            new_x = step.point
+            if step.cost is None:
+                cost = float(objective(new_x))
+                cost_evaluations += 1
+            else:
+                cost = float(step.cost)
+            if candidate is not None:
+                buffer = manifold.transport(x, new_x, candidate)
+            x = new_x
+            if math.isfinite(cost) and _finite(x):
+                rgrad, e_core = gradients(x)
+
+        return self._return_result(
+            start_time=start_time,
+            point=x,
+            cost=cost,
+            iterations=iteration,
+            stopping_criterion=stopping_criterion,
+            cost_evaluations=cost_evaluations,
+            step_size=step_size,
+            gradient_norm=gradient_norm,
+        )
