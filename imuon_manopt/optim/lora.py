@@ -1,0 +1,240 @@
+"""LoRA helpers: find ``(B, A)`` factor pairs in PEFT-style models and start them at full rank.
+
+Layout (Hugging Face PEFT, ``nn.Linear`` adapters): ``lora_A[adapter]`` is ``nn.Linear(in, r)``, so
+``lora_A[adapter].weight`` is ``A`` of shape ``(r, in)``; ``lora_B[adapter]`` is
+``nn.Linear(r, out)``, so ``lora_B[adapter].weight`` is ``B`` of shape ``(out, r)``; the layer
+computes ``W x + scaling * B A x``. The pair ``(B, A)`` is a fixed-rank point ``X = B A`` for
+:class:`~imuon_manopt.optim.IMuon` (``pairs=[(B, A), ...]``).
+
+PEFT's default initialization sets ``B = 0``, which is not a rank-r point: the invariant fixed-rank
+step needs both factors of full rank. :func:`full_rank_lora_init_` draws a full-rank ``B`` (and
+``A`` if needed) and moves the product into the frozen base weight, so the model computes the same
+function.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["full_rank_lora_init_", "full_rank_lora_model_init_", "lora_pairs"]
+
+
+def _chains(b: torch.Tensor, a: torch.Tensor) -> bool:
+    return b.ndim == 2 and a.ndim == 2 and b.shape[1] == a.shape[0]
+
+
+def _module_pairs(
+    module: nn.Module, adapter: str | None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Pairs held by a module with ``lora_A`` / ``lora_B`` (dicts of adapters, or single ones)."""
+    lora_a, lora_b = module.lora_A, module.lora_B
+
+    def weight(obj) -> torch.Tensor | None:
+        if isinstance(obj, torch.Tensor):
+            return obj
+        w = getattr(obj, "weight", None)
+        return w if isinstance(w, torch.Tensor) else None
+
+    if isinstance(lora_a, (nn.ModuleDict, nn.ParameterDict, dict)) and isinstance(
+        lora_b, (nn.ModuleDict, nn.ParameterDict, dict)
+    ):
+        keys = [k for k in lora_a.keys() if k in lora_b and (adapter is None or k == adapter)]
+        candidates = [(weight(lora_b[k]), weight(lora_a[k])) for k in keys]
+    else:
+        candidates = [(weight(lora_b), weight(lora_a))]
+    return [(b, a) for b, a in candidates if b is not None and a is not None]
+
+
+def lora_pairs(
+    model: nn.Module, *, adapter: str | None = None, trainable_only: bool = True
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``(B, A)`` factor pairs of the LoRA adapters in ``model``.
+
+    Two discovery rules, in this order (duplicates are dropped):
+
+    1. modules with attributes ``lora_A`` and ``lora_B`` — PEFT's ``nn.ModuleDict`` of ``nn.Linear``
+       per adapter, a single ``nn.Linear`` each, or parameters / ``nn.ParameterDict`` s;
+    2. parameter names: every ``...lora_A.<rest>`` whose ``...lora_B.<rest>`` also exists.
+
+    Only 2-D pairs whose shapes chain (``B`` (out, r), ``A`` (r, in)) are kept; PEFT's convolution
+    adapters (4-D weights) and embedding adapters (``lora_embedding_A/B``) are not collected.
+
+    Args:
+        model: the module to search.
+        adapter: keep only this adapter name (e.g. ``"default"``); all adapters by default.
+        trainable_only: keep only pairs whose two factors both require grad (default).
+
+    Returns:
+        A list of ``(B, A)`` tuples, in module order, ready for ``IMuon(...,
+        pairs=lora_pairs(model))``.
+    """
+    found: list[tuple[torch.Tensor, torch.Tensor]] = []
+    seen: set[int] = set()
+
+    def add(b: torch.Tensor, a: torch.Tensor) -> None:
+        if id(b) in seen or id(a) in seen or not _chains(b, a):
+            return
+        if trainable_only and not (b.requires_grad and a.requires_grad):
+            return
+        seen.update((id(b), id(a)))
+        found.append((b, a))
+
+    for module in model.modules():
+        if hasattr(module, "lora_A") and hasattr(module, "lora_B"):
+            for b, a in _module_pairs(module, adapter):
+                add(b, a)
+
+    named = dict(model.named_parameters())
+    for name, a in named.items():
+        dotted = "." + name
+        if ".lora_A." not in dotted:
+            continue
+        head, _, rest = dotted.rpartition(".lora_A.")
+        if adapter is not None and rest.split(".")[0] != adapter:
+            continue
+        b = named.get((head + ".lora_B." + rest)[1:])
+        if b is not None:
+            add(b, a)
+    return found
+
+
+def _full_rank(f: torch.Tensor) -> bool:
+    """True when the tall matrix ``f`` (k, r) has numerically full column rank."""
+    if f.shape[-2] < f.shape[-1] or not bool(torch.isfinite(f).all()):
+        return False
+    s = torch.linalg.svdvals(f.to(torch.float64))
+    return bool(s[-1] > s[0] * max(f.shape) * torch.finfo(f.dtype).eps * 10)
+
+
+def _orthonormal(k: int, r: int, *, generator: torch.Generator | None) -> torch.Tensor:
+    """A random ``(k, r)`` float64 matrix with orthonormal columns."""
+    g = torch.randn(k, r, dtype=torch.float64, generator=generator)
+    q, rr = torch.linalg.qr(g)
+    d = torch.diagonal(rr)
+    return q * torch.where(d >= 0, 1.0, -1.0).to(q.dtype)
+
+
+@torch.no_grad()
+def full_rank_lora_init_(
+    base_weight: torch.Tensor,
+    B: torch.Tensor,  # noqa: N803 - the spec's names
+    A: torch.Tensor,  # noqa: N803
+    scaling: float = 1.0,
+    *,
+    init_scale: float = 1e-3,
+    fan_in_fan_out: bool = False,
+    generator: torch.Generator | None = None,
+) -> None:
+    """Make both LoRA factors full rank without changing the layer's function (in place).
+
+    The layer computes ``W + scaling * B @ A`` (or its transpose when ``fan_in_fan_out``). A factor
+    that is not of full rank ``r`` (PEFT's ``B = 0`` start) is replaced: ``B`` by ``init_scale``
+    times a random matrix with orthonormal columns, ``A`` by a random matrix with orthonormal rows;
+    a full-rank factor is kept. The change of the product is subtracted from the frozen
+    ``base_weight``, so ``W_new + scaling * B_new @ A_new == W + scaling * B @ A`` up to rounding in
+    ``base_weight``'s dtype.
+
+    Args:
+        base_weight: the frozen base weight ``W``, shape ``(out, in)`` (``(in, out)`` if
+            ``fan_in_fan_out``).
+        B: the ``lora_B`` weight, shape ``(out, r)``.
+        A: the ``lora_A`` weight, shape ``(r, in)``.
+        scaling: the adapter's scaling (PEFT: ``lora_alpha / r``).
+        init_scale: spectral norm of a replaced ``B`` (small: the product starts near zero).
+        fan_in_fan_out: ``base_weight`` is stored transposed (GPT-2 ``Conv1D``).
+        generator: random generator for the new factors.
+    """
+    if not (_chains(B, A)):
+        raise ValueError(
+            f"B must have shape (out, r) and A shape (r, in); got B {tuple(B.shape)} and A "
+            f"{tuple(A.shape)}"
+        )
+    m, r = B.shape
+    n = A.shape[1]
+    expected = (n, m) if fan_in_fan_out else (m, n)
+    if tuple(base_weight.shape) != expected:
+        raise ValueError(
+            f"base_weight has shape {tuple(base_weight.shape)}, expected {expected} for B "
+            f"{tuple(B.shape)} and "
+            f"A {tuple(A.shape)} (fan_in_fan_out={fan_in_fan_out})"
+        )
+    if r > min(m, n):
+        raise ValueError(
+            f"rank r = {r} exceeds min(out, in) = {min(m, n)}: no full-rank factors exist"
+        )
+    if not init_scale > 0:
+        raise ValueError(f"init_scale must be positive, got {init_scale}")
+    b_old, a_old = B.detach().to(torch.float64), A.detach().to(torch.float64)
+    b_new = (
+        b_old if _full_rank(B.detach()) else init_scale * _orthonormal(m, r, generator=generator)
+    )
+    a_new = a_old if _full_rank(A.detach().mT) else _orthonormal(n, r, generator=generator).mT
+    if b_new is b_old and a_new is a_old:
+        return
+    b_new = b_new.to(device=B.device)
+    a_new = a_new.to(device=A.device)
+    delta = scaling * (b_new @ a_new - b_old.to(B.device) @ a_old.to(A.device))
+    if fan_in_fan_out:
+        delta = delta.mT
+    w = base_weight.detach()
+    w.copy_(w.to(torch.float64) - delta.to(w.device))
+    B.detach().copy_(b_new)
+    A.detach().copy_(a_new)
+
+
+def _base_weight(module: nn.Module) -> torch.Tensor | None:
+    base = getattr(module, "base_layer", None)
+    w = getattr(base, "weight", None) if base is not None else getattr(module, "weight", None)
+    return w if isinstance(w, torch.Tensor) else None
+
+
+@torch.no_grad()
+def full_rank_lora_model_init_(
+    model: nn.Module,
+    *,
+    adapter: str | None = None,
+    init_scale: float = 1e-3,
+    generator: torch.Generator | None = None,
+) -> int:
+    """Apply :func:`full_rank_lora_init_` to every PEFT-style LoRA linear layer of ``model`` (in
+    place).
+
+    A layer is a module with ``lora_A`` / ``lora_B`` (``nn.ModuleDict`` per adapter, or single
+    ``nn.Linear``), a base weight at ``base_layer.weight`` (PEFT) or ``weight``, an optional
+    ``scaling`` (a dict per adapter or a number; default 1) and an optional ``fan_in_fan_out`` flag.
+
+    Returns:
+        The number of adapters visited.
+    """
+    count = 0
+    for module in model.modules():
+        if not (hasattr(module, "lora_A") and hasattr(module, "lora_B")):
+            continue
+        weight = _base_weight(module)
+        if weight is None:
+            raise ValueError(
+                f"{type(module).__name__} has lora_A/lora_B but no base weight (base_layer.weight "
+                "or weight)"
+            )
+        lora_a, lora_b = module.lora_A, module.lora_B
+        keys = list(lora_a.keys()) if isinstance(lora_a, (nn.ModuleDict, dict)) else [None]
+        for key in keys:
+            if key is not None and (key not in lora_b or (adapter is not None and key != adapter)):
+                continue
+            a_mod = lora_a[key] if key is not None else lora_a
+            b_mod = lora_b[key] if key is not None else lora_b
+            scaling = getattr(module, "scaling", 1.0)
+            if isinstance(scaling, dict):
+                scaling = scaling.get(key, 1.0)
+            full_rank_lora_init_(
+                weight,
+                b_mod.weight,
+                a_mod.weight,
+                float(scaling),
+                init_scale=init_scale,
+                fan_in_fan_out=bool(getattr(module, "fan_in_fan_out", False)),
+                generator=generator,
+            )
+            count += 1
+    return count
