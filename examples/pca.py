@@ -1,0 +1,145 @@
+"""Dominant subspace (PCA) on the Grassmann and Stiefel manifolds: iMuon against Pymanopt's solvers.
+
+Problem: ``min_X f(X) = -tr(X^T C X)`` over ``n x p`` matrices with orthonormal columns, for a covariance
+``C = Q diag(lambda) Q^T`` with a known spectrum: the top ``p`` eigenvalues span ``[0.5, 1]`` and the eigengap
+``lambda_p - lambda_{p+1}`` is ``gap``. The minimum is ``-(lambda_1 + ... + lambda_p)``, attained on the dominant
+subspace ``span(Q[:, :p])``.
+
+Errors: the relative cost error ``|sum_{i<=p} lambda_i + f(X)| / sum_{i<=p} lambda_i`` (the traced error) and the
+principal-angle distance ``sin(theta_max)`` between ``span(X)`` and the dominant subspace (final points).
+
+Solvers (same start, same stopping rules): iMuon (spectral and Frobenius), SteepestDescent, ConjugateGradient and
+TrustRegions (``C`` gives the Hessian ``-2 C U`` in closed form).
+
+Run: ``python examples/pca.py`` (``--quick`` for a small version, ``--help`` for the options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+import numpy as np
+import pymanopt
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _compare as cmp  # noqa: E402
+
+SOLVERS = ("iMuon-spectral", "iMuon-frobenius", "SD", "CG", "TR")
+TOL = 1e-8
+
+
+def spectrum(n: int, p: int, gap: float) -> np.ndarray:
+    """Eigenvalues: ``p`` of them evenly in ``[0.5, 1]``, then ``n - p`` evenly in ``[0, 0.5 - gap]``."""
+    return np.concatenate([np.linspace(1.0, 0.5, p), np.linspace(0.5 - gap, 0.0, n - p)])
+
+
+@functools.lru_cache(maxsize=2)
+def covariance(n: int, p: int, gap: float, seed: int = 0):
+    """``(C, Q[:, :p], optimum, X0)``: the covariance, its dominant subspace, ``sum_{i<=p} lambda_i`` and a start."""
+    rng = np.random.default_rng(seed)
+    lam = spectrum(n, p, gap)
+    q = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    cov = (q * lam) @ q.T
+    cov = 0.5 * (cov + cov.T)
+    x0 = np.linalg.qr(rng.standard_normal((n, p)))[0]
+    return cov, q[:, :p].copy(), float(lam[:p].sum()), x0
+
+
+def make_problem(n: int = 1000, p: int = 10, gap: float = 0.01, manifold: str = "grassmann", seed: int = 0):
+    """Return ``(problem, initial_point, error, final_info)`` for one manifold (``"grassmann"`` or ``"stiefel"``)."""
+    cov, top, optimum, x0 = covariance(n, p, gap, seed)
+    x0 = x0.copy()
+
+    if manifold == "grassmann":
+        mani = pymanopt.manifolds.Grassmann(n, p)
+    elif manifold == "stiefel":
+        mani = pymanopt.manifolds.Stiefel(n, p)
+    else:
+        raise ValueError(f"unknown manifold {manifold!r}")
+
+    @pymanopt.function.numpy(mani)
+    def cost(x):
+        return -np.sum(x * (cov @ x))
+
+    @pymanopt.function.numpy(mani)
+    def egrad(x):
+        return -2.0 * (cov @ x)
+
+    @pymanopt.function.numpy(mani)
+    def ehess(x, u):
+        return -2.0 * (cov @ u)
+
+    problem = pymanopt.Problem(mani, cost, euclidean_gradient=egrad, euclidean_hessian=ehess)
+
+    def error(x):
+        return abs(optimum - float(np.sum(x * (cov @ x)))) / optimum
+
+    def final_info(x):
+        qx = np.linalg.qr(x)[0]
+        cosines = np.clip(np.linalg.svd(top.T @ qx, compute_uv=False), 0.0, 1.0)
+        return {"sin_theta": float(np.sqrt(max(0.0, 1.0 - cosines.min() ** 2)))}
+
+    return problem, x0, error, final_info
+
+
+def run(n: int = 1000, p: int = 10, gap: float = 0.01, manifolds=("grassmann", "stiefel"), solvers=SOLVERS,
+        max_iterations: int = 3000, max_time: float = 10.0, min_gradient_norm: float = 1e-9, seed: int = 0,
+        progress=print) -> list[cmp.Record]:
+    """Run every solver on every manifold; returns the records (``record.problem`` names the manifold)."""
+    records = []
+    for manifold in manifolds:
+        problem, x0, error, final_info = make_problem(n, p, gap, manifold, seed)
+        factories = cmp.solver_set(solvers, max_iterations=max_iterations, max_time=max_time,
+                                   min_gradient_norm=min_gradient_norm)
+        name = f"PCA {manifold.capitalize()}({n},{p}) gap={gap:g}"
+        records += cmp.compare(problem, x0, factories, error, problem_name=name, progress=progress,
+                               final_info=final_info)
+    return records
+
+
+def report(records: list[cmp.Record], output: str | None, tol: float = TOL, stem: str = "pca") -> str:
+    """Tables and verdicts as markdown (printed by :func:`main`); writes ``<stem>.md`` and ``<stem>.png``."""
+    groups: dict[str, list[cmp.Record]] = {}
+    for r in records:
+        groups.setdefault(r.problem, []).append(r)
+    lines = [f"## Dominant subspace (PCA); error = relative cost error, tolerance {tol:g}", ""]
+    for name, group in groups.items():
+        lines += [f"### {name}", "", cmp.markdown_table(group, tol, extra=[("sin theta", "sin_theta", ".1e")]), "",
+                  "Verdict: " + cmp.verdict(group, tol), ""]
+    text = "\n".join(lines)
+    if output:
+        cmp.write_text(os.path.join(output, f"{stem}.md"), text)
+        cmp.plot(groups, os.path.join(output, f"{stem}.png"), tol=tol, title="Dominant subspace (PCA)")
+    return text
+
+
+def parse(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (n=200, p=5, gap 0.05), short budgets")
+    parser.add_argument("--n", type=int, default=None)
+    parser.add_argument("--p", type=int, default=None)
+    parser.add_argument("--gap", type=float, default=None)
+    parser.add_argument("--max-time", type=float, default=None, help="seconds per run")
+    parser.add_argument("--output", default=cmp.default_output(), help="folder for pca.md / pca.png")
+    parser.add_argument("--seed", type=int, default=0)
+    cmp.add_thread_option(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None, progress=print) -> list[cmp.Record]:
+    args = parse(argv)
+    cmp.set_torch_threads(args.torch_threads)
+    n, p, gap, budget = (200, 5, 0.05, 3.0) if args.quick else (1000, 10, 0.01, 10.0)
+    records = run(n=args.n or n, p=args.p or p, gap=args.gap or gap, max_time=args.max_time or budget,
+                  seed=args.seed, progress=progress)
+    print(report(records, args.output))
+    if args.output:
+        print(f"tables and plot written to {os.path.abspath(args.output)}")
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Smoke tests of the Pymanopt examples and of benchmarks/bench_pymanopt.py (small sizes, short budgets).
+
+Each example's ``main`` runs with ``--quick`` and must write its table and plot and reach a stated accuracy on the
+easy cases.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+pytest.importorskip("matplotlib")
+
+import _compare as cmp  # noqa: E402
+import karcher_mean  # noqa: E402
+import matrix_completion  # noqa: E402
+import pca  # noqa: E402
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+def _by(records, solver, problem_contains=""):
+    return [r for r in records if r.solver == solver and problem_contains in r.problem]
+
+
+def _files(folder, *names):
+    for name in names:
+        path = os.path.join(folder, name)
+        assert os.path.isfile(path) and os.path.getsize(path) > 0, f"{name} was not written"
+
+
+def test_pca_quick(tmp_path, capsys):
+    records = pca.main(["--quick", "--max-time", "3", "--output", str(tmp_path)], progress=_quiet)
+    _files(tmp_path, "pca.md", "pca.png")
+    assert "| iMuon-spectral |" in capsys.readouterr().out
+    for manifold in ("Grassmann", "Stiefel"):
+        (imuon,) = _by(records, "iMuon-spectral", manifold)
+        assert imuon.error < 1e-6, (manifold, imuon.error)
+        assert imuon.info["sin_theta"] < 1e-3
+        assert imuon.trace_error.size > 2 and imuon.trace_error[0] > imuon.trace_error[-1]
+        # the same start for everyone: identical initial errors
+        first = {r.trace_error[0] for r in records if manifold in r.problem}
+        assert max(first) - min(first) < 1e-12
+
+
+def test_karcher_quick(tmp_path):
+    records = karcher_mean.main(["--quick", "--max-time", "3", "--output", str(tmp_path)], progress=_quiet)
+    _files(tmp_path, "karcher_mean.md", "karcher_mean.png")
+    (imuon,) = _by(records, "iMuon-spectral")
+    assert imuon.error < 1e-5, imuon.error
+
+
+def test_karcher_fixed_point_matches_closed_form():
+    rng = np.random.default_rng(3)
+    q = np.linalg.qr(rng.standard_normal((5, 5)))[0]
+    eigenvalues = np.exp(rng.standard_normal((7, 5)))
+    mats = np.einsum("ij,kj,lj->kil", q, eigenvalues, q)  # Q diag(d_k) Q^T
+    mean = karcher_mean.karcher_fixed_point(mats)
+    assert np.allclose(mean, karcher_mean.commuting_mean(q, eigenvalues), rtol=1e-10, atol=1e-12)
+
+
+def test_matrix_completion_quick(tmp_path):
+    records = matrix_completion.main(["--quick", "--kappas", "1", "--no-gauge", "--max-time", "3",
+                                      "--output", str(tmp_path)], progress=_quiet)
+    _files(tmp_path, "matrix_completion.md", "matrix_completion.png")
+    for start in ("random", "spectral"):
+        (imuon,) = _by(records, "iMuon-spectral", f"kappa=1 {start}")
+        assert imuon.error < 1e-3, (start, imuon.error)
+
+
+def test_gauge_experiment_small(tmp_path):
+    data = matrix_completion.make_completion(60, 60, 2, 1.0)
+    records = matrix_completion.run_gauge(data, solvers=("SD",), max_time=0.3, progress=_quiet)
+    text = matrix_completion.report([], records, str(tmp_path))
+    _files(tmp_path, "matrix_completion.md", "matrix_completion_gauge.png")
+    assert "Gauge experiment" in text
+    # the embedded iMuon run does not depend on the balance of the factors (same product = same point)
+    embedded = _by(records, "iMuon-spectral (FixedRankEmbedded)")
+    assert len(embedded) == 3
+    first = [r.trace_error[:10] for r in embedded]
+    for trace in first[1:]:
+        assert np.allclose(trace, first[0], rtol=1e-6, atol=1e-12)
+    # SteepestDescent on the factors: the unbalanced starts are worse than the balanced one after the same budget
+    sd = {r.info["balance"]: r for r in _by(records, "SD (factors)")}
+    assert sd["D=100 I"].error > sd["balanced"].error
+
+
+def test_gauge_starts_same_product():
+    data = matrix_completion.make_completion(30, 20, 2, 1.0)
+    starts = matrix_completion.gauge_starts(matrix_completion.random_start(data))
+    products = [b @ a for b, a in starts.values()]
+    for p in products[1:]:
+        assert np.allclose(p, products[0], rtol=1e-10, atol=1e-8)
+
+
+def test_markdown_table_and_verdict():
+    r = cmp.Record(problem="p", solver="iMuon", iterations=3, time=0.1, cost=1.0, error=1e-9, stop="grad norm",
+                   cost_evaluations=4, gradient_evaluations=4, trace_step=np.arange(4),
+                   trace_time=np.array([0.0, 0.01, 0.02, 0.03]), trace_cost=np.ones(4),
+                   trace_error=np.array([1.0, 1e-2, 1e-5, 1e-9]))
+    assert r.reached(1e-4) == (2, 0.02)
+    assert r.reached(1e-9) == (3, 0.03)
+    assert r.reached(1e-12) == (None, None)
+    table = cmp.markdown_table([r], 1e-4)
+    assert table.count("\n") == 2 and "| iMuon | 3 |" in table
+    assert "fastest iMuon" in cmp.verdict([r], 1e-4)
+
+
+def test_bench_quick(tmp_path):
+    import bench_pymanopt
+
+    out = tmp_path / "bench.md"
+    result = bench_pymanopt.main(["--quick", "--only", "Grassmann", "completion", "--output", str(out)])
+    assert out.is_file()
+    assert result["to_tolerance"] and result["per_iteration"]
+    for row in result["per_iteration"]:
+        assert row["time_per_it:iMuon-spectral"] > 0 and row["time_per_it:SD"] > 0
