@@ -77,6 +77,22 @@ _NS_MARGIN = {"polar_express": _PE_SAFETY, "muon": 1.0}
 _POLAR_METHODS = ("svd", "newton_schulz")
 _MSIGN_METHODS = ("eigh", "newton_schulz")
 _HALF = (torch.float16, torch.bfloat16)
+# Newton–Schulz on a float32/float64 input whose long side is at least _GRAM_ASPECT times its
+# short side runs on the short side's Gram matrix, when the short side is at most _GRAM_MAX_SIDE
+# (the O(s^3) float64 part stays small) and s^2 l is at least _GRAM_MIN_WORK (below that the fixed
+# cost of the small float64 problem outweighs the saved products).
+_GRAM_ASPECT = 4
+_GRAM_MAX_SIDE = 512
+_GRAM_MIN_WORK = 2**20
+
+
+def _use_gram(s: int, l: int, work: torch.dtype) -> bool:
+    return (
+        work in (torch.float32, torch.float64)
+        and l >= _GRAM_ASPECT * s
+        and s <= _GRAM_MAX_SIDE
+        and s * s * l >= _GRAM_MIN_WORK
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,7 +265,9 @@ def _newton_schulz(
     y = y / torch.where(amax > 0, amax, 1.0)
     fro = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True).mul(margin).clamp_min(1.0)
     y = (y / fro).to(work)
-    if y.ndim == 2:
+    if _use_gram(s, l, work):
+        y = _newton_schulz_gram(y, coeffs)
+    elif y.ndim == 2:
         for a, b, c in coeffs:
             gram = torch.mm(y, y.mT)
             upd = torch.addmm(gram, gram, gram, beta=b, alpha=c)
@@ -262,6 +280,40 @@ def _newton_schulz(
             y = torch.baddbmm(y, upd, y, beta=a)
         y = y.reshape(*batch, s, l)
     return y.mT if transpose else y
+
+
+def _newton_schulz_gram(y: torch.Tensor, coeffs: Sequence[tuple[float, float, float]]) -> torch.Tensor:
+    """The same iteration as :func:`_newton_schulz` for a short-and-wide ``y`` (..., s, l), ``l >> s``,
+    run on its ``s x s`` Gram matrix ``G = Y_0 Y_0^T``.
+
+    Every iterate has the form ``Y_k = P_k Y_0`` with ``P_k`` a polynomial in ``G``; with
+    ``A_k = Y_k Y_k^T = P_k G P_k^T`` the step is ``P_{k+1} = (a I + b A_k + c A_k^2) P_k``. Only ``G``
+    and the final ``P Y_0`` touch the long side: ``4 s^2 l`` flops plus ``O(s^3)`` instead of
+    ``k (4 s^2 l + 2 s^3)``. On the CPU, ``P`` is evaluated on the eigenvalues of ``G``
+    (``r_{k+1} = r_k (a + b r_k^2 lam + c r_k^4 lam^2)``, ``r_0 = 1``: the scalar map the iteration
+    applies, divided by ``sigma``), which is cheaper there than ``4 k`` small products; elsewhere, and
+    when autograd records ``y``, by the small products themselves. Both run in float64: ``P`` grows
+    like ``1 / sigma`` along weak directions, which float32 would square into the round-off of
+    ``A_k``. The final product ``P Y_0`` is computed in ``y``'s dtype.
+    """
+    work = y.dtype
+    y64 = y.to(torch.float64)
+    gram = y64 @ y64.mT
+    if y.ndim == 2 and y.device.type == "cpu" and not (torch.is_grad_enabled() and y.requires_grad):
+        lam, vec = torch.linalg.eigh(gram)
+        lam = lam.clamp_min(0.0)
+        r = torch.ones_like(lam)
+        for a, b, c in coeffs:
+            r2l = r * r * lam
+            r = r * (a + b * r2l + c * r2l * r2l)
+        p = (vec * r.unsqueeze(-2)) @ vec.mT
+    else:
+        eye = torch.eye(y.shape[-2], dtype=torch.float64, device=y.device)
+        p = eye.expand_as(gram)
+        for a, b, c in coeffs:
+            a_k = p @ gram @ p.mT
+            p = (a * eye + b * a_k + c * (a_k @ a_k)) @ p
+    return p.to(work) @ y
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imuon_manopt.polar import msign, polar
+from imuon_manopt.polar import _use_gram, msign, polar
 
 # ---------------------------------------------------------------------------------------------
 # independent references
@@ -191,6 +191,41 @@ def test_ns_acts_on_singular_values_as_the_composed_polynomial(shape, steps, rng
     want = scalar_ns(s / np.linalg.norm(x), PE, steps, margin=1.01)
     np.testing.assert_allclose(got, want, atol=1e-10)
     np.testing.assert_allclose(z, np_ns(x, PE, steps, margin=1.01), atol=1e-10)
+
+
+# Long-and-thin inputs (long side >= 4x the short side, enough work) take the Gram-matrix form of
+# the same iteration: it must still be the composed polynomial on the singular values.
+@pytest.mark.parametrize("shape", [(700, 40), (40, 700), (2, 520, 48), (4, 48, 520)], ids=str)
+@pytest.mark.parametrize("cond", [1.0, 1e3, 1e9])
+def test_ns_long_thin_inputs_follow_the_composed_polynomial(shape, cond, rng):
+    s_min = min(shape[-2:])
+    sv = np.geomspace(2.0, 2.0 / cond, s_min)
+    x = np.stack([with_singular_values(*shape[-2:], sv, rng) for _ in range(int(np.prod(shape[:-2])))])
+    x = x.reshape(shape)
+    assert _use_gram(s_min, max(shape[-2:]), torch.float64)  # the path under test
+    z = polar(x, method="newton_schulz")
+    want = np.stack([np_ns(xi, PE, 5, margin=1.01) for xi in x.reshape(-1, *shape[-2:])]).reshape(shape)
+    np.testing.assert_allclose(z, want, atol=1e-9)
+    z32 = polar(torch.from_numpy(x).float(), method="newton_schulz")
+    assert z32.dtype == torch.float32
+    np.testing.assert_allclose(z32.double().numpy(), want, atol=2e-4)
+
+
+def test_ns_long_thin_zero_rank_deficient_huge_and_autograd(rng):
+    assert np.abs(polar(np.zeros((700, 40)), method="newton_schulz")).max() == 0.0
+    a, b = rng.standard_normal((700, 3)), rng.standard_normal((40, 3))
+    z = polar(a @ b.T, method="newton_schulz", steps=8)
+    sv = np.linalg.svd(z, compute_uv=False)
+    np.testing.assert_allclose(sv[:3], 1.0, atol=1e-6)
+    assert sv[3:].max() < 1e-8  # no spurious directions
+    huge = torch.from_numpy(rng.standard_normal((700, 40))).float() * 1e30
+    assert torch.isfinite(polar(huge, method="newton_schulz")).all()
+    # with autograd recording, the small iteration runs as matrix products (no eigh backward)
+    x = torch.from_numpy(rng.standard_normal((700, 40))).requires_grad_()
+    z = polar(x, method="newton_schulz")
+    np.testing.assert_allclose(z.detach().numpy(), np_ns(x.detach().numpy(), PE, 5, 1.01), atol=1e-9)
+    (z * torch.from_numpy(rng.standard_normal((700, 40)))).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_ns_muon_coefficients_match_reference_iteration(rng):
