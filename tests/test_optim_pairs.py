@@ -97,7 +97,7 @@ def test_backtracking_keeps_factors_full_rank():
 
 
 def test_ill_conditioned_factor_may_not_degrade_further():
-    """Below the sqrt(eps) guard a factor's s_min / s_max may not shrink: such a step is refused."""
+    """Below the sqrt(eps) guard the product's s_min / s_max may not shrink: such a step is refused."""
     b0 = torch.tensor(
         [[1.0, 0.0], [0.0, 1e-5], [0.0, 0.0]]
     )  # float32, ratio 1e-5 < sqrt(eps) ~ 3.5e-4
@@ -113,6 +113,27 @@ def test_ill_conditioned_factor_may_not_degrade_further():
     b.grad = -b.grad  # the opposite direction improves the conditioning: taken in full
     opt.step()
     torch.testing.assert_close(b.detach()[1, 1], torch.tensor(1e-5 + 1e-6))
+
+
+def test_rank_guard_is_gauge_invariant():
+    """The rank guard looks at the product B A, not at the factors: a pair written in an extreme gauge
+    (factor condition numbers 1e9, below the float64 guard sqrt(eps) ~ 1.5e-8) takes the same step as
+    the balanced pair."""
+    torch.manual_seed(7)
+    m, r, n = 9, 3, 7
+    b0, a0 = torch.randn(m, r, dtype=DT), torch.randn(r, n, dtype=DT)
+    target = torch.randn(m, n, dtype=DT)
+    q1 = torch.linalg.qr(torch.randn(r, r, dtype=DT))[0]
+    q2 = torch.linalg.qr(torch.randn(r, r, dtype=DT))[0]
+    gauge = q1 @ torch.diag(torch.tensor([1.0, 1e-4, 1e-9], dtype=DT)) @ q2
+
+    def imuon(b, a):
+        return IMuon([b, a], lr=0.05, momentum=0.0, polar="svd", pairs=[(b, a)])
+
+    x_ref = _train_pair(b0, a0, target, 3, imuon)
+    x_gauge = _train_pair(b0 @ gauge, torch.linalg.solve(gauge, a0), target, 3, imuon)
+    assert (x_ref - b0 @ a0).abs().max() > 0.05  # it moved
+    torch.testing.assert_close(x_gauge, x_ref, atol=1e-6, rtol=1e-6)
 
 
 class LoraLinear(nn.Module):

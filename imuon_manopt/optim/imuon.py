@@ -220,8 +220,9 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
           its first step.
         - A pair with a rank-deficient factor (PEFT's ``B = 0`` start) raises a ``ValueError``; use
           :func:`full_rank_lora_init_` first. A pair step is halved (per matrix of a batch, at most
-          12 times, then not taken) while a factor's ``s_min / s_max`` would fall below
-          ``sqrt(eps)`` of the working dtype (or below its current value, if already lower).
+          12 times, then not taken) while the product's ``s_min / s_max`` (gauge-invariant, from
+          the r x r core of the factors' QR) would fall below ``sqrt(eps)`` of the working dtype
+          (or below its current value, if already lower).
         - ``CanonicalStiefel`` points get one Newton–Schulz polishing step after the Cayley
           retraction, which removes the orthonormality error rounding accumulates over long runs.
     """
@@ -556,9 +557,13 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
         plan.params.append((p, new_x))
 
     @staticmethod
-    def _min_ratio(f: torch.Tensor) -> torch.Tensor:
-        """``s_min / s_max`` of each tall ``f`` (..., k, r), from the r x r triangle of its QR."""
-        s = torch.linalg.svdvals(torch.linalg.qr(f, mode="r")[1])
+    def _min_ratio(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``s_min / s_max`` of the product ``B A`` (..., m, n) of a pair, from its r x r core
+        ``R_B R_A^T`` (``B = Q_B R_B``, ``A^T = Q_A R_A``): independent of the gauge
+        ``(B M, M^-1 A)``, never forms ``m x n``."""
+        r_b = torch.linalg.qr(b, mode="r")[1]
+        r_a = torch.linalg.qr(a.mT, mode="r")[1]
+        s = torch.linalg.svdvals(r_b @ r_a.mT)
         top = s[..., 0]
         return torch.where(
             top > 0,
@@ -606,13 +611,14 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
         plan.params.append((a, new_a))
 
     def _backtrack(self, x_b, x_a, xi_b, xi_a, step_lr: float) -> torch.Tensor:
-        """Per-matrix step lengths ``t`` (shape ``(..., 1, 1)``): halve ``step_lr`` where a factor
+        """Per-matrix step lengths ``t`` (shape ``(..., 1, 1)``): halve ``step_lr`` where the pair
         would lose rank.
 
-        A candidate factor is accepted when its ``s_min / s_max`` is at least ``sqrt(eps)`` of the
-        working dtype, or, for a factor that is already below that, at least its current ratio (it
-        may not degrade further). After ``_MAX_BACKTRACKS`` halvings a matrix of the batch that
-        still fails does not move (``t = 0``, always accepted).
+        The guard looks at the product ``B A`` (its ``s_min / s_max``), so it is invariant to the
+        gauge like the step itself. A candidate is accepted when that ratio is at least ``sqrt(eps)``
+        of the working dtype or, for a product that is already below that, at least its current
+        ratio (it may not degrade further). After ``_MAX_BACKTRACKS`` halvings a matrix of the batch
+        that still fails does not move (``t = 0``, always accepted).
         """
         batch = x_b.shape[:-2]
         t = torch.full(batch, float(step_lr), dtype=x_b.dtype, device=x_b.device)
@@ -622,14 +628,12 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
 
         def ratios(tt):
             tt = tt[..., None, None]
-            return torch.minimum(
-                self._min_ratio(x_b - tt * xi_b), self._min_ratio((x_a - tt * xi_a).mT)
-            )
+            return self._min_ratio(x_b - tt * xi_b, x_a - tt * xi_a)
 
         ok = ratios(t) >= tol
         if bool(ok.all()):
             return t[..., None, None]
-        now = torch.minimum(self._min_ratio(x_b), self._min_ratio(x_a.mT))
+        now = self._min_ratio(x_b, x_a)
         threshold = torch.clamp(now, max=tol)
         ok = ratios(t) >= threshold
         for _ in range(_MAX_BACKTRACKS):
