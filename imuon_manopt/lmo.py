@@ -294,7 +294,9 @@ def lmo(
             zv, dual = _singular_lmo(s, keep, nrm)
             z = (u * zv.unsqueeze(-2)) @ vh
             dual = dual * scale[..., 0, 0]
-        z = (z * tau_t).to(out_dtype).contiguous()
+        if not (tau_t.ndim == 0 and float(tau_t) == 1.0):
+            z = z * tau_t
+        z = z.to(out_dtype).contiguous()
         dual = dual.to(out_dtype)
     z = from_torch(z, was_numpy)
     if return_dual:
