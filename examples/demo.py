@@ -6,10 +6,12 @@
    TrustRegions on three problems: dominant subspace (``pca.py``), Karcher mean of SPD matrices
    (``karcher_mean.py``) and low-rank matrix completion with the factor-gauge experiment
    (``matrix_completion.py``). One progress line per run, tables on screen, tables and plots in ``--output``.
+3. The torch optimizer ``imuon_manopt.optim.IMuon`` against geoopt's RiemannianSGD/RiemannianAdam, AdamW and
+   torch.optim.Muon: Stiefel, SPD, Grassmann and LoRA pairs (``torch_*.py``).
 
-About 3-6 minutes on 2 CPU cores; ``--quick`` runs a smoke version in under a minute.
+About 4-8 minutes on 2 CPU cores; ``--quick`` runs a smoke version in about a minute.
 
-Run: ``python examples/demo.py --output demo_output`` (``--quick``, ``--skip-core``).
+Run: ``python examples/demo.py --output demo_output`` (``--quick``, ``--skip-core``, ``--skip-torch``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,29 @@ import _compare as cmp  # noqa: E402
 import karcher_mean  # noqa: E402
 import matrix_completion  # noqa: E402
 import pca  # noqa: E402
+
+# The torch examples (each takes ~10-20 s at full size on 2 CPU cores, ~2 s with --quick).
+TORCH_EXAMPLES = (
+    ("torch_stiefel", "a classifier with an orthonormal (Stiefel) feature map"),
+    ("torch_spd", "a Gaussian covariance (SPD) by maximum likelihood"),
+    ("torch_grassmann", "subspace learning on imuon_manopt.manifolds.Grassmann"),
+    ("torch_lora", "LoRA factor pairs and the gauge (B M, M^-1 A)"),
+)
+
+
+class _Tee(io.StringIO):
+    """Collects what is printed and passes it on."""
+
+    def __init__(self, stream) -> None:
+        super().__init__()
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(text)
+        return super().write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
 
 
 def _banner(text: str) -> None:
@@ -138,7 +163,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="demo_output", help="folder for the tables (.md) and plots (.png)")
     parser.add_argument("--quick", action="store_true", help="a smoke version (< 1 minute)")
-    parser.add_argument("--skip-core", action="store_true", help="only the Pymanopt examples")
+    parser.add_argument("--skip-core", action="store_true", help="skip the core checks (section 1)")
+    parser.add_argument("--skip-torch", action="store_true", help="skip the torch/geoopt examples (section 5)")
     cmp.add_thread_option(parser)
     return parser.parse_args(argv)
 
@@ -186,6 +212,17 @@ def main(argv=None) -> dict:
         if os.path.exists(path):
             with open(path) as handle:
                 sections.append(handle.read())
+
+    if not args.skip_torch:
+        _banner("5. torch / geoopt: imuon_manopt.optim.IMuon against RiemannianSGD/Adam, AdamW, Muon")
+        torch_args = (["--quick"] if args.quick else []) + ["--output", output]
+        for stem, title in TORCH_EXAMPLES:
+            progress(f"{stem}: {title}")
+            module = __import__(stem)
+            buffer = _Tee(sys.stdout)
+            with contextlib.redirect_stdout(buffer):
+                runs[stem] = module.main(torch_args)
+            sections.append(f"## examples/{stem}.py: {title}\n\n" + buffer.getvalue().strip())
     summary = cmp.write_text(os.path.join(output, "summary.md"), "# imuon_manopt demo\n\n" + "\n\n".join(sections))
     elapsed = time.time() - start
     files = sorted(f for f in os.listdir(output) if f.endswith((".md", ".png")))

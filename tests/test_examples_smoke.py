@@ -124,3 +124,20 @@ def test_bench_quick(tmp_path):
     assert result["to_tolerance"] and result["per_iteration"]
     for row in result["per_iteration"]:
         assert row["time_per_it:iMuon-spectral"] > 0 and row["time_per_it:SD"] > 0
+
+
+def test_main_demo_quick_writes_every_table_and_plot(tmp_path, capsys):
+    """The README's main job (``examples/demo.py``), in its quick form: every section runs and writes its
+    outputs; the summary holds the core checks and the torch examples' tables."""
+    import demo
+
+    runs = demo.main(["--quick", "--output", str(tmp_path)])
+    assert {"pca", "karcher_mean", "matrix_completion", "torch_stiefel", "torch_lora"} <= set(runs)
+    _files(tmp_path, "summary.md", "pca.png", "karcher_mean.png", "matrix_completion.png",
+           "matrix_completion_gauge.png", "torch_stiefel.png", "torch_spd.png", "torch_grassmann.png",
+           "torch_lora.png")
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Core: closed-form iMuon directions" in summary and "| no |" not in summary
+    assert "examples/torch_lora.py" in summary
+    assert runs["torch_lora"]["gauge_difference"]["iMuon"] < 1e-10  # gauge invariance, exact polar factors
+    assert "Done in" in capsys.readouterr().out
