@@ -38,6 +38,14 @@ def add_thread_option(parser) -> None:
                              "0 keeps torch's default")
 
 
+def add_common_options(parser, output_help: str = "folder for the tables (.md) and plots (.png)") -> None:
+    """``--max-time``, ``--output``, ``--seed`` and ``--torch-threads``, shared by the Pymanopt examples."""
+    parser.add_argument("--max-time", type=float, default=None, help="seconds per run")
+    parser.add_argument("--output", default=default_output(), help=output_help)
+    parser.add_argument("--seed", type=int, default=0)
+    add_thread_option(parser)
+
+
 def set_torch_threads(count: int) -> int:
     """Set torch's intra-op thread count (``count > 0``); returns the count in effect."""
     import torch
@@ -397,6 +405,24 @@ def plot(groups: dict[str, Sequence[Record]], path: str, *, tol: float | None = 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def grouped_report(records: Sequence[Record], output: str | None, *, heading: str, tol: float,
+                   extra: Sequence[tuple[str, str, str]], stem: str, plot_title: str) -> str:
+    """One table and verdict per problem (``record.problem``) as markdown; with ``output``, writes
+    ``<stem>.md`` and the plot ``<stem>.png`` there. Returns the markdown."""
+    groups: dict[str, list[Record]] = {}
+    for r in records:
+        groups.setdefault(r.problem, []).append(r)
+    lines = [f"## {heading}, tolerance {tol:g}", ""]
+    for name, group in groups.items():
+        lines += [f"### {name}", "", markdown_table(group, tol, extra=list(extra)), "",
+                  "Verdict: " + verdict(group, tol), ""]
+    text = "\n".join(lines)
+    if output:
+        write_text(os.path.join(output, f"{stem}.md"), text)
+        plot(groups, os.path.join(output, f"{stem}.png"), tol=tol, title=plot_title)
+    return text
 
 
 def write_text(path: str, text: str) -> str:

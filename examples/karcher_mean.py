@@ -138,18 +138,10 @@ def run(n: int = 20, count: int = 30, spreads=(0.5, 2.0), condition: float = 10.
 
 
 def report(records: list[cmp.Record], output: str | None, tol: float = TOL, stem: str = "karcher_mean") -> str:
-    groups: dict[str, list[cmp.Record]] = {}
-    for r in records:
-        groups.setdefault(r.problem, []).append(r)
-    lines = [f"## Karcher mean on SPD; error = affine-invariant distance to the mean, tolerance {tol:g}", ""]
-    for name, group in groups.items():
-        lines += [f"### {name}", "", cmp.markdown_table(group, tol, extra=[("rel. cost gap", "cost_gap", ".1e")]),
-                  "", "Verdict: " + cmp.verdict(group, tol), ""]
-    text = "\n".join(lines)
-    if output:
-        cmp.write_text(os.path.join(output, f"{stem}.md"), text)
-        cmp.plot(groups, os.path.join(output, f"{stem}.png"), tol=tol, title="Karcher mean (SPD)")
-    return text
+    """Tables and verdicts as markdown (printed by :func:`main`); writes ``<stem>.md`` and ``<stem>.png``."""
+    return cmp.grouped_report(records, output, heading="Karcher mean on SPD; error = affine-invariant distance to "
+                              "the mean", tol=tol, extra=[("rel. cost gap", "cost_gap", ".1e")], stem=stem,
+                              plot_title="Karcher mean (SPD)")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -158,10 +150,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=None)
     parser.add_argument("--count", type=int, default=None, help="number of matrices N")
     parser.add_argument("--spreads", type=float, nargs="+", default=None)
-    parser.add_argument("--max-time", type=float, default=None, help="seconds per run")
-    parser.add_argument("--output", default=cmp.default_output())
-    parser.add_argument("--seed", type=int, default=0)
-    cmp.add_thread_option(parser)
+    cmp.add_common_options(parser)
     return parser.parse_args(argv)
 
 

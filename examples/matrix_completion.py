@@ -291,11 +291,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=None)
     parser.add_argument("--kappas", type=float, nargs="+", default=None)
     parser.add_argument("--starts", nargs="+", default=("random", "spectral"), choices=("random", "spectral"))
-    parser.add_argument("--max-time", type=float, default=None, help="seconds per run")
     parser.add_argument("--no-gauge", action="store_true", help="skip the gauge experiment")
-    parser.add_argument("--output", default=cmp.default_output())
-    parser.add_argument("--seed", type=int, default=0)
-    cmp.add_thread_option(parser)
+    cmp.add_common_options(parser)
     return parser.parse_args(argv)
 
 

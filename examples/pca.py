@@ -102,18 +102,9 @@ def run(n: int = 1000, p: int = 10, gap: float = 0.01, manifolds=("grassmann", "
 
 def report(records: list[cmp.Record], output: str | None, tol: float = TOL, stem: str = "pca") -> str:
     """Tables and verdicts as markdown (printed by :func:`main`); writes ``<stem>.md`` and ``<stem>.png``."""
-    groups: dict[str, list[cmp.Record]] = {}
-    for r in records:
-        groups.setdefault(r.problem, []).append(r)
-    lines = [f"## Dominant subspace (PCA); error = relative cost error, tolerance {tol:g}", ""]
-    for name, group in groups.items():
-        lines += [f"### {name}", "", cmp.markdown_table(group, tol, extra=[("sin theta", "sin_theta", ".1e")]), "",
-                  "Verdict: " + cmp.verdict(group, tol), ""]
-    text = "\n".join(lines)
-    if output:
-        cmp.write_text(os.path.join(output, f"{stem}.md"), text)
-        cmp.plot(groups, os.path.join(output, f"{stem}.png"), tol=tol, title="Dominant subspace (PCA)")
-    return text
+    return cmp.grouped_report(records, output, heading="Dominant subspace (PCA); error = relative cost error",
+                              tol=tol, extra=[("sin theta", "sin_theta", ".1e")], stem=stem,
+                              plot_title="Dominant subspace (PCA)")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -122,10 +113,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=None)
     parser.add_argument("--p", type=int, default=None)
     parser.add_argument("--gap", type=float, default=None)
-    parser.add_argument("--max-time", type=float, default=None, help="seconds per run")
-    parser.add_argument("--output", default=cmp.default_output(), help="folder for pca.md / pca.png")
-    parser.add_argument("--seed", type=int, default=0)
-    cmp.add_thread_option(parser)
+    cmp.add_common_options(parser, output_help="folder for pca.md / pca.png")
     return parser.parse_args(argv)
 
 

@@ -323,6 +323,38 @@ def _newton_schulz_gram(
     return p
 
 
+def _orthogonalize(
+    x: Any,
+    symmetric: bool,
+    method: str,
+    steps: int | None,
+    dtype: Any,
+    coefficients: Coefficients,
+) -> Any:
+    """The body of :func:`polar` (``symmetric=False``) and :func:`msign` (``symmetric=True``)."""
+    name, methods = ("msign", _MSIGN_METHODS) if symmetric else ("polar", _POLAR_METHODS)
+    t, was_numpy = to_torch(x)
+    _check_matrix(t)
+    if symmetric:
+        _check_square(t)
+    if method not in methods:
+        raise ValueError(f"unknown method {method!r} for {name}; valid choices: {list(methods)}")
+    dtype = _as_dtype(dtype)
+    if method == "newton_schulz":
+        coeffs, margin = _resolve_schedule(coefficients, steps)
+    if t.numel() == 0:
+        return from_torch(torch.zeros_like(t), was_numpy)
+    if method == "newton_schulz":
+        work = dtype if dtype is not None else _promote(t.dtype)
+        src = _sym(t.to(_promote(t.dtype))) if symmetric else t
+        out = _newton_schulz(src, coeffs, margin, work)
+    elif symmetric:
+        out = _msign_eigh(t, _exact_dtype(t, dtype))
+    else:
+        out = _polar_svd(t, _exact_dtype(t, dtype))
+    return from_torch(out.to(t.dtype).contiguous(), was_numpy)
+
+
 # --------------------------------------------------------------------------------------------------
 # public API
 
@@ -362,24 +394,7 @@ def polar(
             ``dtype``.
         TypeError: ``x`` is not a numpy array / torch tensor, or not real floating point.
     """
-    t, was_numpy = to_torch(x)
-    _check_matrix(t)
-    if method not in _POLAR_METHODS:
-        raise ValueError(
-            f"unknown method {method!r} for polar; valid choices: {list(_POLAR_METHODS)}"
-        )
-    dtype = _as_dtype(dtype)
-    if method == "newton_schulz":
-        coeffs, margin = _resolve_schedule(coefficients, steps)
-        if t.numel() == 0:
-            return from_torch(torch.zeros_like(t), was_numpy)
-        work = dtype if dtype is not None else _promote(t.dtype)
-        out = _newton_schulz(t, coeffs, margin, work)
-    else:
-        if t.numel() == 0:
-            return from_torch(torch.zeros_like(t), was_numpy)
-        out = _polar_svd(t, _exact_dtype(t, dtype))
-    return from_torch(out.to(t.dtype).contiguous(), was_numpy)
+    return _orthogonalize(x, False, method, steps, dtype, coefficients)
 
 
 def msign(
@@ -410,22 +425,4 @@ def msign(
             ``steps``/``dtype``/``coefficients``.
         TypeError: ``x`` is not a numpy array / torch tensor, or not real floating point.
     """
-    t, was_numpy = to_torch(x)
-    _check_matrix(t)
-    _check_square(t)
-    if method not in _MSIGN_METHODS:
-        raise ValueError(
-            f"unknown method {method!r} for msign; valid choices: {list(_MSIGN_METHODS)}"
-        )
-    dtype = _as_dtype(dtype)
-    if method == "newton_schulz":
-        coeffs, margin = _resolve_schedule(coefficients, steps)
-        if t.numel() == 0:
-            return from_torch(torch.zeros_like(t), was_numpy)
-        work = dtype if dtype is not None else _promote(t.dtype)
-        out = _newton_schulz(_sym(t.to(_promote(t.dtype))), coeffs, margin, work)
-    else:
-        if t.numel() == 0:
-            return from_torch(torch.zeros_like(t), was_numpy)
-        out = _msign_eigh(t, _exact_dtype(t, dtype))
-    return from_torch(out.to(t.dtype).contiguous(), was_numpy)
+    return _orthogonalize(x, True, method, steps, dtype, coefficients)
