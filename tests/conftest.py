@@ -2,8 +2,18 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The test matrices are small: one intra-op thread is as fast and avoids OpenMP stalls when
+    the cores are shared with other jobs (tests that need more threads set them themselves)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed():
     """Every test starts from the same random state."""
     torch.manual_seed(0)
     yield

@@ -78,16 +78,6 @@ def rng():
     return np.random.default_rng(7)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The matrices here are tiny: one intra-op thread is as fast and avoids OpenMP stalls when
-    the cores are shared with other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def check_lmo(h, z, dual, p, tau, rtol):
     """Optimality <H, Z> = tau * dual(H), feasibility phi(Z) <= tau (1 + rtol), the dual itself."""
     h = np.asarray(h, dtype=np.float64)

@@ -85,16 +85,6 @@ def rng():
     return np.random.default_rng(1234)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The matrices here are tiny: one intra-op thread is as fast and avoids OpenMP stalls when
-    the cores are shared with other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SHAPES = [(6, 6), (9, 4), (4, 9), (1, 5), (5, 1)]
 
 
