@@ -105,12 +105,9 @@ def _with_grad(p: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return p
 
 
-def stiefel_case(shape: tuple[int, ...], g: torch.Generator) -> dict:
-    manifold = geoopt.EuclideanStiefel()
-    x0 = torch.linalg.qr(torch.randn(shape, generator=g, dtype=torch.float64))[0].to(DTYPE)
-
-    def param():
-        return _with_grad(geoopt.ManifoldParameter(x0.clone(), manifold=manifold), g)
+def _imuon_vs_radam(param) -> dict:
+    """Factories ``name -> () -> (optimizer, [parameter])`` for IMuon and RiemannianAdam on fresh copies
+    of the same manifold parameter (``param()`` makes one, with its gradient)."""
 
     def imuon():
         p = param()
@@ -121,6 +118,16 @@ def stiefel_case(shape: tuple[int, ...], g: torch.Generator) -> dict:
         return geoopt.optim.RiemannianAdam([p], lr=LR), [p]
 
     return {"IMuon": imuon, "RiemannianAdam": radam}
+
+
+def stiefel_case(shape: tuple[int, ...], g: torch.Generator) -> dict:
+    manifold = geoopt.EuclideanStiefel()
+    x0 = torch.linalg.qr(torch.randn(shape, generator=g, dtype=torch.float64))[0].to(DTYPE)
+
+    def param():
+        return _with_grad(geoopt.ManifoldParameter(x0.clone(), manifold=manifold), g)
+
+    return _imuon_vs_radam(param)
 
 
 def spd_case(n: int, g: torch.Generator) -> dict:
@@ -134,15 +141,7 @@ def spd_case(n: int, g: torch.Generator) -> dict:
         p.grad = 0.5 * (gr + gr.T)
         return p
 
-    def imuon():
-        p = param()
-        return IMuon([p], lr=LR, ns_steps=NS_STEPS), [p]
-
-    def radam():
-        p = param()
-        return geoopt.optim.RiemannianAdam([p], lr=LR), [p]
-
-    return {"IMuon": imuon, "RiemannianAdam": radam}
+    return _imuon_vs_radam(param)
 
 
 def euclidean_case(m: int, n: int, g: torch.Generator) -> dict:
