@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pymanopt
 import pytest
+import scipy.sparse as sp
 from pymanopt import manifolds as pm
 
 from imuon_manopt import geometry as core
@@ -370,3 +371,85 @@ def test_unsupported_manifold_is_a_type_error_naming_the_alternatives():
         with pytest.raises(TypeError, match="MetricOperator") as info:
             host_geometry(manifold)
         assert "FixedRankEmbedded" in str(info.value) and "geometry=" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixed rank: gradient forms, the Riemannian gradient without 1 / (s_i^2 - s_j^2), closed forms
+
+
+def _fixed_rank_case(s, m=9, n=7, seed=7):
+    rng = np.random.default_rng(seed)
+    k = len(s)
+    u = np.linalg.qr(rng.standard_normal((m, k)))[0]
+    vt = np.linalg.qr(rng.standard_normal((n, k)))[0].T
+    x = (u, np.asarray(s, dtype=float), vt)
+    # Gamma of rank 4, also given in Pymanopt's factored form (U, S, V), Gamma = U @ S @ V.T.
+    big_u, big_v = rng.standard_normal((m, 4)), rng.standard_normal((n, 4))
+    big_s = np.diag(rng.standard_normal(4))
+    gamma = big_u @ big_s @ big_v.T
+    s = x[1]
+    factors = (gamma @ vt.T * s, np.einsum("ik,ij,kj->k", u, gamma, vt), s[:, None] * (u.T @ gamma))
+    return pm.FixedRankEmbedded(m, n, k), x, gamma, (big_u, big_s, big_v), factors
+
+
+def test_fixed_rank_gradient_forms_agree():
+    """(du, ds, dvt), dense Gamma, scipy.sparse Gamma and (U, S, V) give the same core gradient."""
+    manifold, x, gamma, factored, factors = _fixed_rank_case([2.0, 0.7, 0.3])
+    host = host_geometry(manifold)
+    expected = host.core_egrad(x, factors)
+    u, s, vt = x
+    np.testing.assert_allclose(expected[0], gamma @ vt.T * np.sqrt(s), atol=1e-12)  # Gamma A^T
+    np.testing.assert_allclose(expected[1], np.sqrt(s)[:, None] * (u.T @ gamma), atol=1e-12)
+    for form in (gamma, sp.csr_matrix(gamma), factored):
+        _assert_tree_close(host.core_egrad(x, form), expected, atol=1e-12)
+        _assert_tree_close(host.gradients(x, form), host.gradients(x, factors),
+                           atol=1e-12)
+    with pytest.raises(ValueError, match="factor gradients"):
+        host.core_egrad(x, gamma[:, :3])
+
+
+def test_fixed_rank_riemannian_gradient_is_the_projection():
+    """Distinct s: the same as Pymanopt's conversion; repeated s: still the projection of Gamma,
+    where Pymanopt's conversion divides by s_i^2 - s_j^2 = 0."""
+    for s, distinct in (([2.0, 0.7, 0.3], True), ([1.0, 1.0, 1.0], False), ([2.0, 0.5, 0.5], False)):
+        manifold, x, gamma, _, factors = _fixed_rank_case(s)
+        rgrad = host_geometry(manifold).gradients(x, factors)[0]
+        assert type(rgrad) is type(manifold.zero_vector(x))
+        projected = manifold.projection(x, gamma)
+        _assert_tree_close(rgrad, projected, atol=1e-12)
+        if distinct:
+            _assert_tree_close(
+                rgrad, manifold.euclidean_to_riemannian_gradient(x, factors), atol=1e-10
+            )
+        else:
+            with np.errstate(all="ignore"):
+                pymanopt_rgrad = manifold.euclidean_to_riemannian_gradient(x, factors)
+            assert not np.all(np.isfinite(pymanopt_rgrad[1]))
+
+
+@pytest.mark.parametrize("norm", ["spectral", "frobenius"])
+@pytest.mark.parametrize("s", [[2.0, 0.7, 0.3], [1.0, 1.0, 1.0]])
+def test_fixed_rank_closed_form_is_the_core_direction(norm, s):
+    """The numpy closed form used by the solver = core FixedRank direction -> tangent, and gap."""
+    manifold, x, gamma, _, factors = _fixed_rank_case(s)
+    host = host_geometry(manifold)
+    for egrad in (factors, np.outer(gamma[:, 0], gamma[0]), np.zeros_like(gamma)):  # rank 4, 1, 0
+        c = host.core_egrad(x, egrad)
+        xi, gap = host.direction(x, c, norm, "svd")
+        d = intrinsic_direction(core.FixedRank(), host.core_point(x), c, norm)
+        assert type(xi) is type(manifold.zero_vector(x))
+        _assert_tree_close(xi, host.tangent(x, d.xi), atol=1e-12)
+        _assert_tree_close(xi, manifold.projection(x, host.ambient(x, d.xi)), atol=1e-12)
+        np.testing.assert_allclose(gap, float(d.gap), rtol=1e-12, atol=1e-300)
+    assert host.direction(x, c, "nuclear", "svd") is None  # other norms: the core
+    assert host.direction(x, c, "spectral", "newton_schulz") is None
+
+
+def test_fixed_rank_closed_form_refuses_rank_loss_like_the_core():
+    manifold, x, _, _, factors = _fixed_rank_case([1.0, 1e-40, 0.5])
+    host = host_geometry(manifold)
+    c = host.core_egrad(x, factors)
+    with pytest.raises(ValueError, match="rank"):
+        intrinsic_direction(core.FixedRank(), host.core_point(x), c)
+    with pytest.raises(ValueError, match="rank"):
+        host.direction(x, c, "spectral", "svd")

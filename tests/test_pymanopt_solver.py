@@ -89,8 +89,11 @@ def karcher_problem(n: int = 4, count: int = 6, seed: int = 0):
     return pymanopt.Problem(mani, cost, euclidean_gradient=egrad), mats[0].copy(), truth
 
 
-def completion_problem(m: int = 60, n: int = 50, r: int = 3, seed: int = 0):
-    """Exact low-rank completion at condition number 1 with ``5 r (m + n)`` observed entries."""
+def completion_problem(m: int = 60, n: int = 50, r: int = 3, seed: int = 0, gradient: str = "factors"):
+    """Exact low-rank completion at condition number 1 with ``5 r (m + n)`` observed entries.
+
+    ``gradient``: ``"factors"`` (Pymanopt's ``(du, ds, dvt)``) or ``"sparse"`` (the sparse
+    residual, the gradient with respect to the matrix)."""
     rng = np.random.default_rng(seed)
     u = np.linalg.qr(rng.standard_normal((m, r)))[0]
     v = np.linalg.qr(rng.standard_normal((n, r)))[0]
@@ -111,6 +114,8 @@ def completion_problem(m: int = 60, n: int = 50, r: int = 3, seed: int = 0):
     @pymanopt.function.numpy(mani)
     def egrad(u_, s_, vt_):
         res = sp.csr_matrix((residual(u_, s_, vt_), (rows, cols)), shape=(m, n))
+        if gradient == "sparse":
+            return res
         rv = res @ vt_.T
         ur = (res.T @ u_).T
         return rv * s_, np.einsum("ik,ik->k", u_, rv), s_[:, None] * ur
@@ -161,6 +166,66 @@ def test_low_rank_completion_recovers_the_matrix():
     u, s, vt = result.point
     assert np.linalg.norm((u * s) @ vt - truth) <= 1e-6 * np.linalg.norm(truth)
     assert result.stopping_criterion.startswith("Terminated - min grad norm")
+
+
+def _assert_finite_gradient_norms(result):
+    norms = result.log["iterations"]["gradient_norm"]
+    assert len(norms) == result.iterations + 1 and np.all(np.isfinite(norms))
+    assert result.stopping_criterion.startswith("Terminated - min grad norm")
+
+
+@pytest.mark.parametrize("gradient", ["factors", "sparse"])
+def test_completion_with_repeated_singular_values(gradient):
+    """Exact completion of ``U V^T`` (all singular values 1) from a start whose singular values are
+    exactly equal: Pymanopt's conversion of ``(du, ds, dvt)`` divides by ``s_i^2 - s_j^2`` there;
+    the solver's does not, and every gradient norm stays finite down to the solution."""
+    problem, (u0, s0, vt0), truth = completion_problem(gradient=gradient)
+    x0 = (u0, np.full_like(s0, s0.mean()), vt0)
+    if gradient == "factors":
+        with np.errstate(all="ignore"):
+            rgrad = problem.manifold.euclidean_to_riemannian_gradient(x0, problem.euclidean_gradient(x0))
+        assert not np.all(np.isfinite(rgrad[1]))
+    result = IMuon(min_gradient_norm=1e-9, log_verbosity=1, **QUIET).run(problem, initial_point=x0)
+    _assert_finite_gradient_norms(result)
+    u, s, vt = result.point
+    assert np.linalg.norm((u * s) @ vt - truth) <= 1e-8 * np.linalg.norm(truth)
+    np.testing.assert_allclose(s, 1.0, atol=1e-8)
+
+
+@pytest.mark.parametrize("gradient", ["factors", "dense", "factored"])
+def test_fixed_rank_quadratic_with_equal_singular_values(gradient):
+    """``1/2 ||X - T||^2`` with ``T = U_T I V_T^T`` from a start with equal singular values, with the
+    gradient as ``(du, ds, dvt)``, as the dense ``X - T`` or factored ``(U, S, V)``."""
+    rng = np.random.default_rng(6)
+    m, n, r = 30, 20, 4
+    u_t = np.linalg.qr(rng.standard_normal((m, r)))[0]
+    v_t = np.linalg.qr(rng.standard_normal((n, r)))[0]
+    target = u_t @ v_t.T
+    mani = pm.FixedRankEmbedded(m, n, r)
+
+    @pymanopt.function.numpy(mani)
+    def cost(u, s, vt):
+        return 0.5 * float(np.sum(((u * s) @ vt - target) ** 2))
+
+    @pymanopt.function.numpy(mani)
+    def egrad(u, s, vt):
+        if gradient == "factored":  # X - T = [u, u_t] diag(s, -1) [vt^T, v_t]^T
+            return np.hstack((u, u_t)), np.diag(np.concatenate((s, -np.ones(r)))), np.hstack((vt.T, v_t))
+        gamma = (u * s) @ vt - target
+        if gradient == "dense":
+            return gamma
+        return gamma @ vt.T * s, np.einsum("ik,ij,kj->k", u, gamma, vt), s[:, None] * (u.T @ gamma)
+
+    x0 = (
+        np.linalg.qr(rng.standard_normal((m, r)))[0],
+        np.full(r, 0.5),
+        np.linalg.qr(rng.standard_normal((n, r)))[0].T,
+    )
+    problem = pymanopt.Problem(mani, cost, euclidean_gradient=egrad)
+    result = IMuon(min_gradient_norm=1e-8, log_verbosity=1, **QUIET).run(problem, initial_point=x0)
+    _assert_finite_gradient_norms(result)
+    u, s, vt = result.point
+    np.testing.assert_allclose((u * s) @ vt, target, atol=1e-8)
 
 
 @pytest.mark.parametrize("norm, p", [("frobenius", None), ("nuclear", None), ("schatten", 3.0)])
@@ -286,19 +351,42 @@ def test_every_backend(backend):
     assert result.stopping_criterion.startswith("Terminated - min grad norm")
 
 
-def test_fixed_rank_with_autograd():
-    """Autograd cost of (u, s, vt): a rank-2 fit reaches the best rank-2 approximation."""
+@pytest.mark.parametrize("backend", ["autograd", "pytorch", "jax"])
+def test_fixed_rank_with_every_autodiff_backend(backend):
+    """Autodiff cost of (u, s, vt): a rank-2 fit reaches the best rank-2 approximation."""
     rng = np.random.default_rng(4)
     target = rng.standard_normal((8, 6))
     mani = pm.FixedRankEmbedded(8, 6, 2)
+    if backend == "autograd":
 
-    @pymanopt.function.autograd(mani)
-    def cost(u, s, vt):
-        return 0.5 * anp.sum((u @ anp.diag(s) @ vt - target) ** 2)
+        @pymanopt.function.autograd(mani)
+        def cost(u, s, vt):
+            return 0.5 * anp.sum((u @ anp.diag(s) @ vt - target) ** 2)
+
+    elif backend == "pytorch":
+        target_t = torch.from_numpy(target)
+
+        @pymanopt.function.pytorch(mani)
+        def cost(u, s, vt):
+            return 0.5 * torch.sum(((u * s) @ vt - target_t) ** 2)
+
+    else:
+        jnp = pytest.importorskip("jax.numpy")
+
+        @pymanopt.function.jax(mani)
+        def cost(u, s, vt):
+            return 0.5 * jnp.sum(((u * s) @ vt - target) ** 2)
 
     sv = np.linalg.svd(target, compute_uv=False)
     np.random.seed(0)  # noqa: NPY002 - Pymanopt's random_point uses the global RNG
-    result = IMuon(**QUIET).run(pymanopt.Problem(mani, cost))
+    # Contiguous copies: Pymanopt's torch backend warns about random_point's reversed s.
+    x0 = tuple(np.ascontiguousarray(a) for a in mani.random_point())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = IMuon(**QUIET).run(pymanopt.Problem(mani, cost), initial_point=x0)
+    finally:
+        torch.set_num_threads(threads)
     np.testing.assert_allclose(result.cost, 0.5 * np.sum(sv[2:] ** 2), rtol=1e-8)
 
 

@@ -3,10 +3,13 @@
 One iteration at a point ``x`` (spec §1):
 
 1. ``E = problem.euclidean_gradient(x)`` (one gradient evaluation; the Riemannian gradient, for the
-   gradient norm, is ``manifold.euclidean_to_riemannian_gradient(x, E)``);
+   gradient norm, is ``manifold.euclidean_to_riemannian_gradient(x, E)``, except on
+   ``FixedRankEmbedded``, where it is the projection of the gradient with respect to the matrix,
+   computed without Pymanopt's divisions by ``s_i^2 - s_j^2``);
 2. the iMuon direction ``xi`` and the LMO gap ``<E, xi>`` from
    :func:`imuon_manopt.direction.intrinsic_direction` with the manifold's metric operator
-   (:mod:`._pymanopt_geometry`);
+   (:mod:`._pymanopt_geometry`), or from the same closed form evaluated directly in numpy where that
+   is cheaper (``FixedRankEmbedded`` with the spectral or Frobenius norm);
 3. ``x <- manifold.retraction(x, -eta * xi)``, ``eta`` from the step-size rule (:mod:`.step_size`).
 
 With momentum ``beta > 0`` the buffer is a tangent vector, ``m <- beta * transport(m) + grad f``,
@@ -17,7 +20,7 @@ Cost per iteration (default ``step_size="armijo"``, ``momentum=0``): one gradien
 cost evaluations of the line search (usually 1-2; the accepted trial's cost is reused, so the cost
 is never evaluated twice at a point), one Riemannian-gradient conversion and one polar factor / sign
 per block: e.g. a thin SVD of ``n x p`` for Stiefel and Grassmann, an ``n x n`` Cholesky and
-``eigh`` for SPD, thin QRs and SVDs of ``m x k`` and ``k x n`` matrices for fixed rank. Pymanopt's
+``eigh`` for SPD, thin SVDs of an ``m x k`` and an ``n x k`` matrix for fixed rank. Pymanopt's
 ``SteepestDescent`` evaluates the cost at each new point again after its line search. Momentum adds
 a second direction (the gap reported is always the gradient's).
 """
@@ -54,9 +57,11 @@ _CORE_THREADS = 1
 
 def _finite(tree: Any) -> bool:
     """True when every array in a (nested tuple/list of) numpy arrays or scalars is finite."""
+    if isinstance(tree, np.ndarray):
+        return bool(np.isfinite(tree).all())
     if isinstance(tree, (list, tuple)):
         return all(_finite(t) for t in tree)
-    return bool(np.all(np.isfinite(np.asarray(tree))))
+    return bool(np.isfinite(np.asarray(tree)).all())
 
 
 class IMuon(Optimizer):
@@ -66,6 +71,13 @@ class IMuon(Optimizer):
     ``SymmetricPositiveDefinite``, ``FixedRankEmbedded`` and ``Product`` of these (``k > 1`` stacks
     included), with each manifold's own metric, retraction, transport and tangent-vector type; any
     other manifold through ``geometry=``.
+
+    On ``FixedRankEmbedded`` the cost must depend on ``(u, s, vt)`` only through ``u diag(s) vt``;
+    its Euclidean gradient (``euclidean_gradient=`` or an autodiff backend) may be Pymanopt's
+    factor gradients ``(du, ds, dvt)`` or the gradient with respect to the matrix: an ``m x n``
+    array, a ``scipy.sparse`` matrix or the factored ``(U, S, V)`` with ``U @ S @ V.T``. Repeated
+    singular values are fine (the Riemannian gradient is formed without Pymanopt's divisions by
+    ``s_i^2 - s_j^2``).
 
     Args:
         step_size: the step-size rule: ``"armijo"`` (default; backtracking along the iMuon
@@ -178,22 +190,26 @@ class IMuon(Optimizer):
 
     # ---------------------------------------------------------------------------------------------
 
-    def _direction(self, host, x_core, e_core):
+    def _direction(self, host, x, e_core):
+        """``(xi, gap)``: the iMuon direction at ``x`` as a Pymanopt tangent vector, and the LMO
+        gap, for the core Euclidean gradient ``e_core``."""
+        closed_form = host.direction(x, e_core, self._norm, self._polar)
+        if closed_form is not None:
+            return closed_form
         threads = torch.get_num_threads()
         if threads != _CORE_THREADS:
             torch.set_num_threads(_CORE_THREADS)
         try:
             d = intrinsic_direction(
-                host.geometry, x_core, e_core, self._norm, p=self._p, polar=self._polar
+                host.geometry, host.core_point(x), e_core, self._norm, p=self._p, polar=self._polar
             )
         finally:
             if threads != _CORE_THREADS:
                 torch.set_num_threads(threads)
-        return d.xi, float(d.gap)
+        return host.tangent(x, d.xi), float(d.gap)
 
     def _gradient_function(self, problem, host):
         """``x -> (riemannian gradient, core Euclidean gradient)`` with one gradient evaluation."""
-        manifold = problem.manifold
         user_riemannian = (
             getattr(problem, "_euclidean_gradient", None) is None
             and getattr(problem, "_riemannian_gradient", None) is not None
@@ -208,10 +224,7 @@ class IMuon(Optimizer):
             euclidean_gradient = problem.euclidean_gradient
 
             def gradients(x):
-                egrad = euclidean_gradient(x)
-                return manifold.euclidean_to_riemannian_gradient(x, egrad), host.core_egrad(
-                    x, egrad
-                )
+                return host.gradients(x, euclidean_gradient(x))
 
         return gradients
 
@@ -287,11 +300,10 @@ class IMuon(Optimizer):
             stopping_criterion = None
             finite = math.isfinite(cost) and _finite(x)
             if finite and _finite(rgrad) and _finite(e_core):
-                x_core = host.core_point(x)
-                xi_core, gap = self._direction(host, x_core, e_core)
+                xi, gap = self._direction(host, x, e_core)
                 gradient_norm = float(manifold.norm(x, rgrad))
                 finite_direction = (
-                    math.isfinite(gap) and math.isfinite(gradient_norm) and _finite(xi_core)
+                    math.isfinite(gap) and math.isfinite(gradient_norm) and _finite(xi)
                 )
             else:
                 finite_direction = False
@@ -339,14 +351,12 @@ class IMuon(Optimizer):
                     print("")
                 break
 
-            xi = host.tangent(x, xi_core)
             slope = gap
             candidate = None  # the momentum buffer at x, committed only if the step is taken
             if beta > 0.0:
                 candidate = rgrad if buffer is None else beta * buffer + rgrad
                 combined = rgrad + beta * candidate if self._nesterov else candidate
-                xi_m_core, _ = self._direction(host, x_core, host.flat(x, combined))
-                xi_m = host.tangent(x, xi_m_core)
+                xi_m, _ = self._direction(host, x, host.flat(x, combined))
                 slope_m = float(manifold.inner_product(x, rgrad, xi_m))
                 if slope_m > 0.0 and math.isfinite(slope_m):
                     xi, slope = xi_m, slope_m
