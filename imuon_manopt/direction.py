@@ -60,6 +60,8 @@ def _to_torch(tree):
         arr = np.asarray(tree)
         if not np.issubdtype(arr.dtype, np.floating):
             arr = arr.astype(np.float64)
+        elif not arr.flags.writeable:  # e.g. jax's gradients; torch warns on read-only memory
+            arr = arr.copy()
         return to_torch(arr)[0]
     raise TypeError(f"expected numpy arrays or torch tensors (or lists/tuples of them), got {type(tree).__name__}")
 

@@ -149,8 +149,9 @@ def resolve_norm(norm: str | Norm, p: float | None = None) -> Norm:
 
 def _tau_tensor(
     tau: Any, batch: torch.Size, work: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """tau -> (..., 1, 1) tensor in ``work`` broadcastable to ``batch + (1, 1)``."""
+) -> torch.Tensor | float:
+    """tau -> (..., 1, 1) tensor in ``work`` broadcastable to ``batch + (1, 1)``; a number stays a
+    Python float (no tensor is created for the common scalar budget)."""
     if isinstance(tau, (torch.Tensor, np.ndarray)):
         tt, _ = to_torch(tau)
         try:
@@ -170,7 +171,7 @@ def _tau_tensor(
         raise ValueError(
             f"tau must be a non-negative number or a tensor broadcastable to the batch, got {tau!r}"
         )
-    return torch.tensor(float(tau), dtype=work, device=device)
+    return float(tau)
 
 
 def _singular_lmo(
@@ -294,7 +295,7 @@ def lmo(
             zv, dual = _singular_lmo(s, keep, nrm)
             z = (u * zv.unsqueeze(-2)) @ vh
             dual = dual * scale[..., 0, 0]
-        if not (tau_t.ndim == 0 and float(tau_t) == 1.0):
+        if not (isinstance(tau_t, float) and tau_t == 1.0):
             z = z * tau_t
         z = z.to(out_dtype).contiguous()
         dual = dual.to(out_dtype)
