@@ -12,7 +12,8 @@ B. *Per-iteration cost.* iMuon (spectral) and SteepestDescent each run a fixed n
    included) and the evaluations per iteration, and the ratio iMuon / SteepestDescent. With ``--thread-sweep`` this
    is repeated for each torch thread count given.
 
-Run: ``python benchmarks/bench_pymanopt.py`` (``--quick`` for a tiny smoke version, ``--output FILE.md``).
+Run: ``python benchmarks/bench_pymanopt.py`` (``--quick`` for a tiny smoke version, ``--output FILE.md``,
+``--part B`` for the per-iteration measurement only, ``--only completion`` for some problems).
 """
 
 from __future__ import annotations
@@ -126,17 +127,21 @@ def to_tolerance(name, build, *, repeats, max_time, max_iterations, progress):
 def per_iteration(name, build, *, iterations, repeats, threads, progress):
     problem, x0, error, _, _, copy = build()
     cmp.set_torch_threads(threads)
-    out = {}
-    for solver_name in ("iMuon-spectral", "SD"):
-        samples, record = [], None
-        for _ in range(repeats):
+    solvers = ("iMuon-spectral", "SD")
+    samples = {s: [] for s in solvers}
+    records = {}
+    for _ in range(repeats):  # interleaved, so that both solvers see the same machine load
+        for solver_name in solvers:
             solver = cmp.solver_set([solver_name], max_iterations=iterations, max_time=1e9, min_gradient_norm=0.0,
                                     min_step_size=0.0, log=False)[solver_name]()
             record = cmp.run_solver(problem, solver, _copy(x0, copy), error, problem_name=name,
                                     solver_name=solver_name, trace=False)
-            samples.append(record.time / max(record.iterations, 1))
+            samples[solver_name].append(record.time / max(record.iterations, 1))
+            records[solver_name] = record
+    out = {}
+    for solver_name, record in records.items():
         out[solver_name] = {
-            "time_per_it": statistics.median(samples), "iterations": record.iterations,
+            "time_per_it": statistics.median(samples[solver_name]), "iterations": record.iterations,
             "cost_per_it": record.cost_evaluations / max(record.iterations, 1),
             "grad_per_it": record.gradient_evaluations / max(record.iterations, 1),
         }
@@ -150,6 +155,12 @@ def _f(value, spec):
 
 
 def tables(rows_a, rows_b) -> str:
+    return "\n\n".join(part for part in (_table_a(rows_a), _table_b(rows_b)) if part)
+
+
+def _table_a(rows_a) -> str:
+    if not rows_a:
+        return ""
     lines = ["### A. Iterations and time to the tolerance (same problem, same start)", "",
              "| problem | solver | tol | iters to tol | time to tol [s] (median) | cost evals/iter | grad evals/iter "
              "| hess-vec/iter | final error (budget run) |",
@@ -159,10 +170,16 @@ def tables(rows_a, rows_b) -> str:
                      f"{_f(r['time'], '.3f')} | {r['cost_per_it']:.2f} | {r['grad_per_it']:.2f} | "
                      f"{r['hess_per_it']:.1f} | {r['final_error']:.1e} ({r['budget_iterations']} it, "
                      f"{r['budget_time']:.1f} s) |")
-    lines += ["", "### B. Cost of one iteration: iMuon (spectral) vs SteepestDescent", "",
-              "| problem | torch threads | iMuon ms/iter | SD ms/iter | ratio | iMuon cost evals/iter "
-              "| SD cost evals/iter | iMuon grad evals/iter | SD grad evals/iter |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    return "\n".join(lines)
+
+
+def _table_b(rows_b) -> str:
+    if not rows_b:
+        return ""
+    lines = ["### B. Cost of one iteration: iMuon (spectral) vs SteepestDescent", "",
+             "| problem | torch threads | iMuon ms/iter | SD ms/iter | ratio | iMuon cost evals/iter "
+             "| SD cost evals/iter | iMuon grad evals/iter | SD grad evals/iter |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows_b:
         mu, sd = r["time_per_it:iMuon-spectral"], r["time_per_it:SD"]
         lines.append(f"| {r['problem']} | {r['threads']} | {mu * 1e3:.2f} | {sd * 1e3:.2f} | {mu / sd:.2f} | "
@@ -180,6 +197,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--thread-sweep", type=int, nargs="+", default=None,
                         help="torch thread counts for part B (default: --torch-threads only)")
     parser.add_argument("--only", nargs="+", default=None, help="substrings of the problem names to run")
+    parser.add_argument("--part", choices=("A", "B", "both"), default="both",
+                        help="A: iterations and time to the tolerance; B: cost of one iteration (default both)")
     parser.add_argument("--output", default=None, help="write the tables to this markdown file")
     cmp.add_thread_option(parser)
     args = parser.parse_args(argv)
@@ -191,20 +210,26 @@ def main(argv=None) -> dict:
 
     import torch
 
+    parts = ([f"part A: {threads}"] if args.part in ("A", "both") else []) + (
+        [f"part B: {', '.join(map(str, sweep))}"] if args.part in ("B", "both") else [])
+    blas = "/".join(os.environ.get(name, "unset") for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                                "MKL_NUM_THREADS"))
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    command = " ".join(["benchmarks/bench_pymanopt.py", *(sys.argv[1:] if argv is None else argv)])
     header = (f"machine: {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-              f"numpy {np.__version__}, torch {torch.__version__} (intra-op threads {threads} for part A; "
-              f"part B: {', '.join(map(str, sweep))})")
+              f"numpy {np.__version__}, torch {torch.__version__}; torch intra-op threads {'; '.join(parts)}; "
+              f"OPENBLAS/OMP/MKL_NUM_THREADS {blas}; load average at start {load}\ncommand: {command}")
     print(header, flush=True)
     start = time.time()
     cases = problems(args.quick)
     if args.only:
         cases = {k: v for k, v in cases.items() if any(s.lower() in k.lower() for s in args.only)}
     rows_a, rows_b = [], []
-    for name, build in cases.items():
+    for name, build in cases.items() if args.part in ("A", "both") else ():
         cmp.set_torch_threads(threads)
         rows_a += to_tolerance(name, build, repeats=repeats, max_time=max_time,
                                max_iterations=20 if args.quick else 20000, progress=print)
-    for name, build in cases.items():
+    for name, build in cases.items() if args.part in ("B", "both") else ():
         for count in sweep:
             rows_b.append(per_iteration(name, build, iterations=iterations, repeats=repeats, threads=count,
                                         progress=print))
