@@ -383,6 +383,59 @@ def test_bfloat16_parameters_keep_their_dtype(polar):
     assert (step16 - step32).abs().max() < 0.02 * step32.abs().max() + 1e-2 * x16.abs().max()
 
 
+
+def _polar_svd(g):
+    u, _, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    return u @ vh
+
+
+def test_ns_dtype_rounds_only_the_orthogonalization():
+    """``ns_dtype=torch.bfloat16``: the Muon step is the polar factor to bfloat16 accuracy (not to
+    the float32 accuracy of the default), and a Stiefel point still lands on the manifold to float32
+    accuracy because the retraction stays in the working dtype."""
+    # singular values in [0.5, 1]: eight Polar Express steps converge (five leave them in
+    # [0.87, 1.12] by design), so the error left is rounding
+    q1 = torch.linalg.qr(torch.randn(48, 32, dtype=DT))[0]
+    q2 = torch.linalg.qr(torch.randn(32, 32, dtype=DT))[0]
+    g = (q1 @ torch.diag(torch.linspace(0.5, 1.0, 32, dtype=DT)) @ q2.T).float()
+    errors = {}
+    for nsd in (None, torch.bfloat16):
+        w = torch.nn.Parameter(torch.zeros(48, 32))
+        w.grad = g.clone()
+        IMuon([w], lr=1.0, momentum=0.0, ns_steps=8, ns_dtype=nsd).step()
+        assert w.dtype == torch.float32
+        errors[nsd] = float((-w.detach().double() - _polar_svd(g)).norm() / 32**0.5)
+    assert errors[None] < 1e-5
+    assert 1e-3 < errors[torch.bfloat16] < 3e-2
+
+    x = geoopt.ManifoldParameter(
+        _stiefel(None, 64, 8).float(), manifold=geoopt.EuclideanStiefel()
+    )
+    opt = IMuon([x], lr=0.1, ns_dtype=torch.bfloat16)
+    for _ in range(20):
+        x.grad = torch.randn(64, 8)
+        opt.step()
+    gram = x.detach().double().T @ x.detach().double()
+    assert float((gram - torch.eye(8, dtype=DT)).abs().max()) < 1e-5
+
+
+def test_ns_dtype_survives_state_dict_and_old_state_dicts_load():
+    w = torch.nn.Parameter(torch.randn(6, 4))
+    w.grad = torch.randn(6, 4)
+    opt = IMuon([w], lr=0.01, ns_dtype=torch.bfloat16)
+    opt.step()
+    sd = opt.state_dict()
+    fresh = IMuon([w], lr=0.01)
+    fresh.load_state_dict(sd)
+    assert fresh.param_groups[0]["ns_dtype"] is torch.bfloat16
+    for group in sd["param_groups"]:  # a state dict written before the option existed
+        del group["ns_dtype"]
+    old = IMuon([w], lr=0.01)
+    old.load_state_dict(sd)
+    old.step()
+    assert torch.isfinite(w).all()
+
+
 BAD_OPTIONS = [
     (dict(lr=-1.0), "lr=-1.0"),
     (dict(momentum=1.0), "momentum: 1.0"),
@@ -392,6 +445,8 @@ BAD_OPTIONS = [
     (dict(norm="schatten"), "norm='schatten'"),
     (dict(polar="qr"), "polar='qr'"),
     (dict(ns_steps=0), "ns_steps: 0"),
+    (dict(ns_dtype=torch.int32), "ns_dtype: torch.int32"),
+    (dict(ns_dtype="bf16"), "ns_dtype: 'bf16'"),
     (dict(adjust_lr_fn="sqrt"), "adjust_lr_fn='sqrt'"),
     (dict(pair_momentum="ema"), "pair_momentum='ema'"),
     (dict(fallback="adam"), "fallback='adam'"),

@@ -185,6 +185,12 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
             factor, as in Muon) or ``"svd"`` (exact and rank-aware; eigh for SPD). The Newton–Schulz
             schedule is the core's (:func:`imuon_manopt.lmo.polar`).
         ns_steps: Newton–Schulz iterations (default 5).
+        ns_dtype: working dtype of the Newton–Schulz products, e.g. ``torch.bfloat16`` on GPUs
+            with fast bfloat16 matmuls (what ``torch.optim.Muon`` always uses). Default ``None``:
+            the update's working dtype (at least float32), which is also the right choice on CPUs
+            without native bfloat16 arithmetic. The whitening, projection and retraction stay in
+            the working dtype; only the orthogonalization is rounded to ``ns_dtype``. Ignored with
+            ``polar="svd"``.
         adjust_lr_fn: shape-based lr scaling, off by default: ``"original"`` (``lr * sqrt(max(1, a /
             b))``), ``"match_rms_adamw"`` (``lr * 0.2 * sqrt(max(a, b))``, which lets one lr serve
             iMuon and the AdamW fallback), or a callable ``(lr, (a, b)) -> lr``. ``(a, b)`` is the
@@ -242,6 +248,7 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
         p: float | None = None,
         polar: str = "newton_schulz",
         ns_steps: int = 5,
+        ns_dtype: torch.dtype | None = None,
         adjust_lr_fn: str | AdjustLrFn | None = None,
         pairs: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
         pair_momentum: str = "factor",
@@ -266,6 +273,7 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
             p=p,
             polar=polar,
             ns_steps=ns_steps,
+            ns_dtype=ns_dtype,
             adjust_lr_fn=adjust_lr_fn,
             pair_momentum=pair_momentum,
             fallback=fallback,
@@ -319,6 +327,12 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
         steps = opts["ns_steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100:
             raise ValueError(f"{where}invalid ns_steps: {steps!r} (must be an int in [1, 100))")
+        nsd = opts["ns_dtype"]
+        if nsd is not None and not (isinstance(nsd, torch.dtype) and nsd.is_floating_point):
+            raise ValueError(
+                f"{where}invalid ns_dtype: {nsd!r} (must be None or a floating torch dtype such as "
+                "torch.bfloat16)"
+            )
         fn = opts["adjust_lr_fn"]
         if fn is not None and not callable(fn) and fn not in _ADJUST_NAMES:
             raise ValueError(
@@ -492,6 +506,7 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
             p=group["p"],
             polar=polar,
             steps=group["ns_steps"] if polar == "newton_schulz" else None,
+            dtype=group.get("ns_dtype") if polar == "newton_schulz" else None,
         ).xi
 
     @staticmethod
