@@ -15,19 +15,24 @@ Euclidean 1024x1024         IMuon vs torch.optim.Muon, both 5 Newton–Schulz st
 LoRA pair 4096x16 / 16x4096 IMuon (``pairs=[(B, A)]``) vs torch.optim.Muon and AdamW on the two factors
 ==========================  =================================================================================
 
+On ``--device cuda`` the Euclidean and LoRA cases also time ``IMuon(ns_dtype=torch.bfloat16)``, and the Euclidean
+reference is the real ``torch.optim.Muon`` (bfloat16 Newton–Schulz), whose dtype a GPU runs natively.
+
 Timing: ``warmup`` steps of each optimizer, then ``repeats`` rounds in which every optimizer of the case does one
 timed ``step()`` (interleaved, so that a change of machine load hits all of them alike); the median per optimizer
 and the ratios to the reference are reported, with the thread count.
 
 Allocation check (exact): the LoRA pair's ``step()`` runs under a ``TorchDispatchMode`` that sees the output of
 every aten operation; it fails if any output has ``numel >= m * n`` (an ``m x n`` matrix, the product ``B A``,
-would have been formed).
+would have been formed). On CUDA it also reports the peak of allocated device memory during the steps, above what the
+parameters, gradients and state held before them.
 
 Usage::
 
     python benchmarks/bench_optim.py             # full run (a few minutes on 2 CPU cores)
     python benchmarks/bench_optim.py --quick     # smoke run on small shapes
     python benchmarks/bench_optim.py --profile   # also print torch.profiler's top operations of IMuon's steps
+    python benchmarks/bench_optim.py --device cuda
 
 The exit status is 1 when the allocation check fails (timing targets are reported, never enforced).
 """
@@ -57,6 +62,7 @@ from imuon_manopt.optim import IMuon  # noqa: E402
 NS_STEPS = 5
 LR = 1e-3
 DTYPE = torch.float32
+DEVICE = torch.device("cpu")  # set by main(--device); every parameter and gradient is made there
 
 
 def _ns_float32(grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float):
@@ -101,7 +107,7 @@ class Case:
 
 
 def _with_grad(p: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+    p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device)
     return p
 
 
@@ -122,7 +128,7 @@ def _imuon_vs_radam(param) -> dict:
 
 def stiefel_case(shape: tuple[int, ...], g: torch.Generator) -> dict:
     manifold = geoopt.EuclideanStiefel()
-    x0 = torch.linalg.qr(torch.randn(shape, generator=g, dtype=torch.float64))[0].to(DTYPE)
+    x0 = torch.linalg.qr(torch.randn(shape, generator=g, dtype=torch.float64))[0].to(DEVICE, DTYPE)
 
     def param():
         return _with_grad(geoopt.ManifoldParameter(x0.clone(), manifold=manifold), g)
@@ -133,19 +139,19 @@ def stiefel_case(shape: tuple[int, ...], g: torch.Generator) -> dict:
 def spd_case(n: int, g: torch.Generator) -> dict:
     manifold = geoopt.SymmetricPositiveDefinite()
     a = torch.randn(n, n, generator=g, dtype=torch.float64)
-    x0 = (a @ a.T / n + torch.eye(n, dtype=torch.float64)).to(DTYPE)
+    x0 = (a @ a.T / n + torch.eye(n, dtype=torch.float64)).to(DEVICE, DTYPE)
 
     def param():
         p = geoopt.ManifoldParameter(x0.clone(), manifold=manifold)
         gr = torch.randn(n, n, generator=g, dtype=DTYPE)
-        p.grad = 0.5 * (gr + gr.T)
+        p.grad = (0.5 * (gr + gr.T)).to(DEVICE)
         return p
 
     return _imuon_vs_radam(param)
 
 
 def euclidean_case(m: int, n: int, g: torch.Generator) -> dict:
-    x0 = torch.randn(m, n, generator=g, dtype=DTYPE) / n**0.5
+    x0 = (torch.randn(m, n, generator=g, dtype=DTYPE) / n**0.5).to(DEVICE)
 
     def param():
         return _with_grad(torch.nn.Parameter(x0.clone()), g)
@@ -162,12 +168,19 @@ def euclidean_case(m: int, n: int, g: torch.Generator) -> dict:
         p = param()
         return MuonFloat32([p], lr=LR, weight_decay=0.0, ns_steps=NS_STEPS), [p]
 
+    def imuon_bf16():
+        p = param()
+        return IMuon([p], lr=LR, ns_steps=NS_STEPS, ns_dtype=torch.bfloat16), [p]
+
+    if DEVICE.type == "cuda":
+        return {"IMuon": imuon, "IMuon (bf16 NS)": imuon_bf16, "torch.optim.Muon (fp32 NS)": muon32,
+                "torch.optim.Muon (bf16 NS)": muon}
     return {"IMuon": imuon, "torch.optim.Muon (fp32 NS)": muon32, "torch.optim.Muon (bf16 NS)": muon}
 
 
 def lora_factors(m: int, n: int, r: int, g: torch.Generator) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
-    b = torch.nn.Parameter(torch.randn(m, r, generator=g, dtype=DTYPE) / m**0.5)
-    a = torch.nn.Parameter(torch.randn(r, n, generator=g, dtype=DTYPE) / n**0.5)
+    b = torch.nn.Parameter((torch.randn(m, r, generator=g, dtype=DTYPE) / m**0.5).to(DEVICE))
+    a = torch.nn.Parameter((torch.randn(r, n, generator=g, dtype=DTYPE) / n**0.5).to(DEVICE))
     return _with_grad(b, g), _with_grad(a, g)
 
 
@@ -184,7 +197,14 @@ def lora_case(m: int, n: int, r: int, g: torch.Generator) -> dict:
         b, a = lora_factors(m, n, r, g)
         return torch.optim.AdamW([b, a], lr=LR, weight_decay=0.0), [b, a]
 
-    return {"IMuon": imuon, "torch.optim.Muon": muon, "AdamW": adamw}
+    def imuon_bf16():
+        b, a = lora_factors(m, n, r, g)
+        return IMuon([b, a], lr=LR, ns_steps=NS_STEPS, pairs=[(b, a)], ns_dtype=torch.bfloat16), [b, a]
+
+    makers = {"IMuon": imuon, "torch.optim.Muon": muon, "AdamW": adamw}
+    if DEVICE.type == "cuda":
+        makers["IMuon (bf16 NS)"] = imuon_bf16
+    return makers
 
 
 def parse_shape(text: str) -> list[int]:
@@ -202,9 +222,18 @@ def build_cases(quick: bool, g: torch.Generator) -> tuple[list[Case], tuple[int,
         Case(f"SPD {spd}x{spd}", spd_case(spd, g), "RiemannianAdam"),
         Case(f"Euclidean {eu[0]}x{eu[1]} ({NS_STEPS} NS steps)", euclidean_case(*eu, g), "torch.optim.Muon (fp32 NS)",
              1.1, slow=("torch.optim.Muon (bf16 NS)",)),
+    ]
+    if DEVICE.type == "cuda":  # bfloat16 is native there: the real Muon is the reference, and nothing is slow
+        cases[-1].reference, cases[-1].slow = "torch.optim.Muon (bf16 NS)", ()
+    cases += [
         Case(f"LoRA pair {m}x{r} / {r}x{n}", lora_case(m, n, r, g), "torch.optim.Muon"),
     ]
     return cases, (m, r, n)
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def time_case(case: Case, warmup: int, repeats: int) -> None:
@@ -215,14 +244,17 @@ def time_case(case: Case, warmup: int, repeats: int) -> None:
     def rounds(names: list[str], count: int) -> None:
         for _ in range(count):
             for name in names:
+                _sync()
                 t0 = time.perf_counter()
                 opts[name].step()
+                _sync()
                 samples[name].append(time.perf_counter() - t0)
 
     fast = [name for name in opts if name not in case.slow]
     for name in fast:
         for _ in range(warmup):
             opts[name].step()
+    _sync()
     rounds(fast, repeats)
     for name in case.slow:
         opts[name].step()
@@ -252,11 +284,18 @@ def pair_allocation_check(m: int, r: int, n: int, g: torch.Generator, steps: int
     b, a = lora_factors(m, n, r, g)
     opt = IMuon([b, a], lr=LR, ns_steps=NS_STEPS, pairs=[(b, a)])
     mode = LargestOutput()
+    cuda = DEVICE.type == "cuda"
+    if cuda:
+        opt.step()  # state allocated before the measured steps
+        torch.cuda.synchronize(DEVICE)
+        base = torch.cuda.memory_allocated(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
     with mode:
-        for _ in range(steps):  # the first step creates the momentum buffers, the second uses them
+        for _ in range(steps):  # without CUDA: the first step creates the momentum buffers, the second uses them
             opt.step()
+    peak = torch.cuda.max_memory_allocated(DEVICE) - base if cuda else None
     return {"ok": mode.numel < m * n, "largest_numel": mode.numel, "largest_op": mode.op,
-            "largest_shape": mode.shape, "limit": m * n, "shape": (m, r, n)}
+            "largest_shape": mode.shape, "limit": m * n, "shape": (m, r, n), "peak_bytes": peak}
 
 
 def profile_imuon(case: Case, steps: int = 5, rows: int = 12) -> str:
@@ -278,14 +317,15 @@ def markdown(cases: list[Case]) -> str:
         for name, t in case.times.items():
             ratio = t / ref
             target = ""
-            if name == "IMuon" and case.target is not None:
+            if name.startswith("IMuon") and case.target is not None:
                 target = f"<= {case.target}x: {'met' if ratio <= case.target else 'MISSED'}"
             lines.append(f"| {case.name} | {name} | {1e3 * t:.3f} | {ratio:.2f}x {case.reference} | {target} |")
     return "\n".join(lines)
 
 
 def machine() -> str:
-    return (f"{platform.machine()}, {os.cpu_count()} CPU cores visible, torch {torch.__version__} "
+    gpu = f"{torch.cuda.get_device_name(DEVICE)}, " if DEVICE.type == "cuda" else ""
+    return (f"{gpu}{platform.machine()}, {os.cpu_count()} CPU cores visible, torch {torch.__version__} "
             f"({torch.get_num_threads()} intra-op threads), geoopt {geoopt.__version__}, "
             f"Python {platform.python_version()}")
 
@@ -298,7 +338,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of IMuon's steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA build of torch and a GPU")
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (5 if args.quick else 30)
@@ -312,13 +357,17 @@ def main(argv=None) -> dict:
         time_case(case, args.warmup, repeats)
         print(f"  timed {case.name}", flush=True)
     table = markdown(cases)
-    print(f"\nmedian of {repeats} interleaved steps after {args.warmup} warm-up steps, float32\n\n{table}\n")
+    print(f"\nmedian of {repeats} interleaved steps after {args.warmup} warm-up steps, float32 parameters on "
+          f"{DEVICE}\n\n{table}\n")
 
     check = pair_allocation_check(m, r, n, g)
     verdict = "PASS" if check["ok"] else "FAIL"
     print(f"LoRA pair {m}x{r} / {r}x{n}: largest tensor produced during IMuon.step() has {check['largest_numel']} "
           f"entries ({check['largest_op']}, shape {check['largest_shape']}); m*n = {check['limit']}: {verdict} "
           "(no m x n allocation)")
+    if check["peak_bytes"] is not None:
+        print(f"  peak device memory during 2 steps, above parameters, gradients and state: "
+              f"{check['peak_bytes'] / 2**20:.2f} MiB (an m x n float32 matrix: {4 * m * n / 2**20:.0f} MiB)")
     if args.profile:
         for case in cases:
             print(f"\ntorch.profiler, IMuon.step() on {case.name}:\n{profile_imuon(case)}")
