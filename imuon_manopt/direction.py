@@ -35,7 +35,8 @@ class Direction(NamedTuple):
     Attributes:
         xi: the tangent vector, in the geometry's representation (same container and array type as ``x``).
         gap: the LMO gap ``<E, xi> = tau * phi_dual(H)`` as a 0-d tensor (a Python float for numpy input);
-            the natural stationarity measure, zero exactly when the projected gradient is zero.
+            the natural stationarity measure, zero exactly when the projected gradient is zero. ``None``
+            when :func:`intrinsic_direction` was called with ``gap=False``.
     """
 
     xi: Any
@@ -95,6 +96,7 @@ def intrinsic_direction(
     polar: str = "svd",
     steps: int | None = None,
     dtype: torch.dtype | None = None,
+    gap: bool = True,
 ) -> Direction:
     """The iMuon direction ``xi`` at ``x`` for the Euclidean gradient (or momentum) ``egrad``.
 
@@ -108,6 +110,8 @@ def intrinsic_direction(
         polar: ``"svd"`` (exact, eigh for symmetric blocks) or ``"newton_schulz"`` (fast, spectral only).
         steps: Newton–Schulz iterations (default of :func:`imuon_manopt.lmo.polar`).
         dtype: working dtype of the Newton–Schulz path (e.g. ``torch.bfloat16``).
+        gap: compute the gap (default). ``False`` returns ``gap=None`` and skips the pass over the
+            whitened gradient that the Newton–Schulz path needs for it (optimizers that only step).
 
     Returns:
         :class:`Direction` ``(xi, gap)``. ``xi`` has the structure, shapes, array type and dtype of ``x``. The
@@ -136,11 +140,13 @@ def intrinsic_direction(
             f"block from {sorted(_STRUCTURES)}"
         )
     zs, duals = [], []
+    need_duals = gap or nrm.joint  # a joint norm splits its budget by the blocks' duals
     for h, kind in zip(blocks, structure):
-        z, d = lmo(h, nrm.name, p=nrm.p, tau=tau, symmetric=kind == "symmetric", method=polar,
-                   steps=steps, dtype=dtype, return_dual=True)
+        out = lmo(h, nrm.name, p=nrm.p, tau=tau, symmetric=kind == "symmetric", method=polar,
+                  steps=steps, dtype=dtype, return_dual=need_duals)
+        z, d = out if need_duals else (out, None)
         zs.append(skew(z) if kind == "skew" else z)
-        duals.append(d.to(h.dtype))
+        duals.append(None if d is None else d.to(h.dtype))
 
     if nrm.joint:
         q = nrm.q
@@ -148,12 +154,16 @@ def intrinsic_direction(
         total = torch.linalg.vector_norm(flat, ord=q)
         safe = torch.where(total > 0, total, torch.ones_like(total))
         zs = [z * ((d / safe) ** (q - 1))[..., None, None].to(z.dtype) for z, d in zip(zs, duals)]
-        gap = tau * total
-    else:
+        gap = tau * total if gap else None
+    elif gap:
         gap = tau * sum(d.sum() for d in duals)
+    else:
+        gap = None
 
     xi = geometry.tangent(state, geometry.unwhiten(state, tuple(zs)))
     xi = _map(lambda t: t.to(out_dtype), xi)
     if as_numpy:
-        return Direction(_map(lambda t: t.detach().cpu().numpy(), xi), float(gap))
+        return Direction(
+            _map(lambda t: t.detach().cpu().numpy(), xi), None if gap is None else float(gap)
+        )
     return Direction(xi, gap)

@@ -283,8 +283,11 @@ def lmo(
         elif use_ns:
             ns_work = dtype if dtype is not None else _promote(t.dtype)
             z = _newton_schulz(x, schedule[0], schedule[1], ns_work).to(work)
-            scale = _max_abs(x)
-            dual = ((x / scale) * z).sum(dim=(-2, -1)) * scale[..., 0, 0]
+            if return_dual:  # the achieved <H, Z>, only when asked (it costs a pass over H)
+                scale = _max_abs(x)
+                dual = ((x / scale) * z).sum(dim=(-2, -1)) * scale[..., 0, 0]
+            else:
+                dual = None
         elif symmetric:
             q, lam, scale, keep = _eigh_parts(x)
             zv, dual = _singular_lmo(lam.abs(), keep, nrm)
@@ -298,7 +301,7 @@ def lmo(
         if not (isinstance(tau_t, float) and tau_t == 1.0):
             z = z * tau_t
         z = z.to(out_dtype).contiguous()
-        dual = dual.to(out_dtype)
+        dual = None if dual is None else dual.to(out_dtype)
     z = from_torch(z, was_numpy)
     if return_dual:
         return z, from_torch(dual, was_numpy)

@@ -419,3 +419,16 @@ def test_bad_inputs():
         intrinsic_direction(Product([Euclidean(), Euclidean()]), [np.ones((2, 2))], [np.ones((2, 2))])
     with pytest.raises(ValueError):
         intrinsic_direction(Euclidean(), np.ones((3, 3)), np.ones((3, 3)), "spectrall")
+
+
+@pytest.mark.parametrize("polar", ["svd", "newton_schulz"])
+@pytest.mark.parametrize("norm,p", NORMS, ids=[n if p is None else f"{n}{p:g}" for n, p in NORMS])
+def test_without_gap_the_direction_is_unchanged(case, norm, p, polar):
+    """``gap=False`` (what the optimizers use) returns the same ``xi`` and no gap, also for the joint
+    norms whose block budgets depend on the blocks' duals."""
+    e = case.egrad()
+    full = intrinsic_direction(case.geometry, case.point, e, norm, p=p, polar=polar)
+    bare = intrinsic_direction(case.geometry, case.point, e, norm, p=p, polar=polar, gap=False)
+    assert bare.gap is None
+    for a, b in zip(flatten(full.xi), flatten(bare.xi)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -507,6 +507,7 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
             polar=polar,
             steps=group["ns_steps"] if polar == "newton_schulz" else None,
             dtype=group.get("ns_dtype") if polar == "newton_schulz" else None,
+            gap=False,
         ).xi
 
     @staticmethod
