@@ -76,7 +76,7 @@ _NS_MARGIN = {"polar_express": _PE_SAFETY, "muon": 1.0}
 _POLAR_METHODS = ("svd", "newton_schulz")
 _MSIGN_METHODS = ("eigh", "newton_schulz")
 _HALF = (torch.float16, torch.bfloat16)
-# Newton–Schulz on a float32/float64 input whose long side is at least _GRAM_ASPECT times its
+# Newton–Schulz on a CPU float32/float64 input whose long side is at least _GRAM_ASPECT times its
 # short side runs on the short side's Gram matrix, when the short side is at most _GRAM_MAX_SIDE
 # (the O(s^3) float64 part stays small) and s^2 l is at least _GRAM_MIN_WORK (below that the fixed
 # cost of the small float64 problem outweighs the saved products).
@@ -85,9 +85,13 @@ _GRAM_MAX_SIDE = 512
 _GRAM_MIN_WORK = 2**20
 
 
-def _use_gram(s: int, l: int, work: torch.dtype) -> bool:
+def _use_gram(s: int, l: int, work: torch.dtype, device: torch.device) -> bool:
+    # CPU only: on a GPU the plain iteration's long-side products are cheap and the Gram form's
+    # extra small float64 kernels cost more than they save (H100, 1024 x 64 float32: 1.2 ms with
+    # the Gram form, 0.7 ms without; benchmarks/RESULTS.md).
     return (
-        work in (torch.float32, torch.float64)
+        device.type == "cpu"
+        and work in (torch.float32, torch.float64)
         and l >= _GRAM_ASPECT * s
         and s <= _GRAM_MAX_SIDE
         and s * s * l >= _GRAM_MIN_WORK
@@ -266,7 +270,7 @@ def _newton_schulz(
     y = (y / fro).to(work)
     if transpose:
         y = y.mT
-    if _use_gram(s, l, work):
+    if _use_gram(s, l, work, x.device):
         p = _newton_schulz_gram(y, coeffs).to(work)
         # the final product P Y_0, formed in the input's orientation (a contiguous result)
         return y.mT @ p.mT if transpose else p @ y
@@ -294,10 +298,10 @@ def _newton_schulz_gram(
     Every iterate has the form ``Y_k = P_k Y_0`` with ``P_k`` a polynomial in ``G``; with
     ``A_k = Y_k Y_k^T = P_k G P_k^T`` the step is ``P_{k+1} = (a I + b A_k + c A_k^2) P_k``. Only ``G``
     and the final ``P Y_0`` touch the long side: ``4 s^2 l`` flops plus ``O(s^3)`` instead of
-    ``k (4 s^2 l + 2 s^3)``. On the CPU, ``P`` is evaluated on the eigenvalues of ``G``
+    ``k (4 s^2 l + 2 s^3)``. ``P`` is evaluated on the eigenvalues of ``G``
     (``r_{k+1} = r_k (a + b r_k^2 lam + c r_k^4 lam^2)``, ``r_0 = 1``: the scalar map the iteration
-    applies, divided by ``sigma``), which is cheaper there than ``4 k`` small products; elsewhere, and
-    when autograd records ``y``, by the small products themselves. Both run in float64: ``P`` grows
+    applies, divided by ``sigma``), which is cheaper on the CPU than ``4 k`` small products; for
+    batches, and when autograd records ``y``, by the small products themselves. Both run in float64: ``P`` grows
     like ``1 / sigma`` along weak directions, which float32 would square into the round-off of
     ``A_k``. The caller forms the final product ``P Y_0`` in ``y``'s dtype.
 
@@ -306,7 +310,7 @@ def _newton_schulz_gram(
     """
     y64 = y.to(torch.float64)
     gram = y64 @ y64.mT
-    if y.ndim == 2 and y.device.type == "cpu" and not (torch.is_grad_enabled() and y.requires_grad):
+    if y.ndim == 2 and not (torch.is_grad_enabled() and y.requires_grad):
         lam, vec = torch.linalg.eigh(gram)
         lam = lam.clamp_min(0.0)
         r = torch.ones_like(lam)

@@ -141,3 +141,19 @@ def test_main_demo_quick_writes_every_table_and_plot(tmp_path, capsys):
     assert "examples/torch_lora.py" in summary
     assert runs["torch_lora"]["gauge_difference"]["iMuon"] < 1e-10  # gauge invariance, exact polar factors
     assert "Done in" in capsys.readouterr().out
+
+
+def test_custom_metric_example_converges_and_reports_early_stops(capsys):
+    """The worked metric-operator example: the weighted metric reaches the minimizer of the
+    ill-conditioned quadratic to rounding while plain Muon has not, and a run that stops before
+    the last reported iteration is printed with its final error (marked), not an IndexError."""
+    import custom_metric
+
+    custom_metric.main()
+    out = capsys.readouterr().out
+    rows = {int(line.split()[0]): line.split()[1:] for line in out.splitlines() if line[:4].strip().isdigit()}
+    assert float(rows[60][0].rstrip("*")) < 1e-12 < 0.1 < float(rows[60][1])
+    assert "max difference 0.0e+00" in out or float(out.rsplit("difference", 1)[1]) < 1e-12
+    assert custom_metric._at([0.5, 0.125], 2) == "1.250e-01"
+    assert custom_metric._at([0.5, 0.125], 60) == "1.250e-01*"
+    assert custom_metric._at([], 1) == "-"

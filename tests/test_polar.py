@@ -192,7 +192,8 @@ def test_ns_long_thin_inputs_follow_the_composed_polynomial(shape, cond, rng):
     sv = np.geomspace(2.0, 2.0 / cond, s_min)
     x = np.stack([with_singular_values(*shape[-2:], sv, rng) for _ in range(int(np.prod(shape[:-2])))])
     x = x.reshape(shape)
-    assert _use_gram(s_min, max(shape[-2:]), torch.float64)  # the path under test
+    assert _use_gram(s_min, max(shape[-2:]), torch.float64, torch.device("cpu"))  # the path under test
+    assert not _use_gram(s_min, max(shape[-2:]), torch.float64, torch.device("cuda"))
     z = polar(x, method="newton_schulz")
     want = np.stack([np_ns(xi, PE, 5, margin=1.01) for xi in x.reshape(-1, *shape[-2:])]).reshape(shape)
     np.testing.assert_allclose(z, want, atol=1e-9)
