@@ -20,6 +20,7 @@ result is returned in the input dtype.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -260,13 +261,19 @@ def _newton_schulz(
     batch = x.shape[:-2]
     prec = torch.promote_types(_promote(x.dtype), _promote(work))  # precision of the scaling step
     # Out of place throughout: the input is never written to, and autograd can differentiate.
-    # After the max-abs step the largest entry is 1 (also for subnormal inputs), so the Frobenius
-    # norm is >= 1 unless the matrix is zero; a zero matrix is divided by 1 and stays zero. The
-    # scaling runs in the input's memory layout (reductions over a transposed view are slow).
+    # After the max-abs step every entry is <= 1 and the largest is 1 unless the input is zero or
+    # subnormal. The scaling runs in the input's memory layout (reductions over a transposed view
+    # are slow).
     y = x.to(prec)
-    amax = y.abs().amax(dim=(-2, -1), keepdim=True)  # (vector_norm with ord=inf is ~8x slower)
-    y = y / torch.where(amax > 0, amax, 1.0)
-    fro = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True).mul(margin).clamp_min(1.0)
+    if y.device.type == "cpu":
+        amax = y.abs().amax(dim=(-2, -1), keepdim=True)  # (vector_norm with ord=inf is ~8x slower)
+    else:  # one fused kernel: on a GPU small matrices cost launches more than flops
+        amax = torch.linalg.vector_norm(y, math.inf, dim=(-2, -1), keepdim=True)
+    # Floors at the smallest normal number: a zero matrix stays 0 / tiny = 0, and a subnormal one
+    # (max entry < tiny) is still brought to a unit Frobenius norm by the second division.
+    tiny = torch.finfo(prec).tiny
+    y = y / amax.clamp_min(tiny)
+    fro = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True).mul(margin).clamp_min(tiny)
     y = (y / fro).to(work)
     if transpose:
         y = y.mT

@@ -143,6 +143,17 @@ def test_tiny_and_huge_inputs_float32(method, scale, rng):
     np.testing.assert_allclose(z, ref, atol=2e-5)
 
 
+@pytest.mark.parametrize("method", ["svd", "newton_schulz"])
+def test_subnormal_float32_input(method, rng):
+    """Entries below float32's smallest normal number (~1.2e-38) keep only a few bits, but the
+    polar factor of what is stored is still found: orthonormal, and equal to the float64 one."""
+    x = (rng.standard_normal((6, 4)) * 1e-43).astype(np.float32)
+    assert 0 < np.abs(x).max() < np.finfo(np.float32).tiny
+    z = polar(x, method=method, steps=8)
+    ref = polar(x.astype(np.float64) * 1e41)  # the same stored matrix, rescaled exactly in float64
+    np.testing.assert_allclose(z, ref, atol=1e-4)
+
+
 def test_empty_input():
     assert polar(np.zeros((0, 3))).shape == (0, 3)
     assert polar(np.zeros((2, 0, 3)), method="newton_schulz").shape == (2, 0, 3)
