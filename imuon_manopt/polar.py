@@ -200,9 +200,14 @@ def _resolve_schedule(
 
 
 def _max_abs(x: torch.Tensor) -> torch.Tensor:
-    """Per-matrix max |x_ij| (..., 1, 1), with 1 in place of 0 (dividing by it is always safe)."""
-    amax = x.abs().amax(dim=(-2, -1), keepdim=True)
-    return torch.where(amax > 0, amax, torch.ones_like(amax))
+    """Per-matrix max |x_ij| (..., 1, 1), floored at the dtype's smallest normal number: dividing
+    by it is always safe, a zero matrix stays zero, and a subnormal one comes out with entries
+    below 1 (the caller's next normalization, if any, must allow for that)."""
+    if x.device.type == "cpu":
+        amax = x.abs().amax(dim=(-2, -1), keepdim=True)  # (vector_norm with ord=inf is ~8x slower)
+    else:  # one fused kernel: on a GPU small matrices cost launches more than flops
+        amax = torch.linalg.vector_norm(x, math.inf, dim=(-2, -1), keepdim=True)
+    return amax.clamp_min(torch.finfo(x.dtype).tiny)
 
 
 def _sym(x: torch.Tensor) -> torch.Tensor:
@@ -261,20 +266,13 @@ def _newton_schulz(
     batch = x.shape[:-2]
     prec = torch.promote_types(_promote(x.dtype), _promote(work))  # precision of the scaling step
     # Out of place throughout: the input is never written to, and autograd can differentiate.
-    # After the max-abs step every entry is <= 1 and the largest is 1 unless the input is zero or
-    # subnormal. The scaling runs in the input's memory layout (reductions over a transposed view
-    # are slow).
+    # After the max-abs step every entry is <= 1; the Frobenius floor at the smallest normal number
+    # (not at 1) keeps a zero matrix zero and still normalizes a subnormal one. The scaling runs in
+    # the input's memory layout (reductions over a transposed view are slow).
     y = x.to(prec)
-    if y.device.type == "cpu":
-        amax = y.abs().amax(dim=(-2, -1), keepdim=True)  # (vector_norm with ord=inf is ~8x slower)
-    else:  # one fused kernel: on a GPU small matrices cost launches more than flops
-        amax = torch.linalg.vector_norm(y, math.inf, dim=(-2, -1), keepdim=True)
-    # Floors at the smallest normal number: a zero matrix stays 0 / tiny = 0, and a subnormal one
-    # (max entry < tiny) is still brought to a unit Frobenius norm by the second division.
-    tiny = torch.finfo(prec).tiny
-    y = y / amax.clamp_min(tiny)
-    fro = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True).mul(margin).clamp_min(tiny)
-    y = (y / fro).to(work)
+    y = y / _max_abs(y)
+    fro = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True).mul(margin)
+    y = (y / fro.clamp_min(torch.finfo(prec).tiny)).to(work)
     if transpose:
         y = y.mT
     if _use_gram(s, l, work, x.device):
