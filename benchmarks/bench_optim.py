@@ -56,6 +56,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_polar import muon_ns_replica  # noqa: E402
 
 from imuon_manopt.optim import IMuon  # noqa: E402
 
@@ -67,18 +70,7 @@ DEVICE = torch.device("cpu")  # set by main(--device); every parameter and gradi
 
 def _ns_float32(grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float):
     """``torch.optim._muon._zeropower_via_newtonschulz`` without its bfloat16 cast (same operations, float32)."""
-    a, b, c = ns_coefficients
-    x = grad.to(torch.float32)
-    if grad.size(0) > grad.size(1):
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
-    for _ in range(ns_steps):
-        gram = x @ x.T
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.addmm(x, poly, x, beta=a)
-    if grad.size(0) > grad.size(1):
-        x = x.T
-    return x
+    return muon_ns_replica(grad, ns_steps, torch.float32, ns_coefficients, eps)
 
 
 class MuonFloat32(torch.optim.Muon):

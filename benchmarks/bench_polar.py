@@ -51,15 +51,20 @@ QUICK_SHAPES = ["16x16", "24x8", "4x8x8"]
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
-def muon_ns_replica(x: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
-    """torch.optim.Muon's NS, same operations, but in ``dtype`` instead of a fixed bfloat16."""
-    a, b, c = MUON_COEFFS
+def muon_ns_replica(
+    x: torch.Tensor,
+    steps: int,
+    dtype: torch.dtype,
+    coefficients: tuple[float, float, float] = MUON_COEFFS,
+    eps: float = MUON_EPS,
+) -> torch.Tensor:
+    """torch.optim.Muon's NS (``_zeropower_via_newtonschulz``), same operations, but in ``dtype``
+    instead of a fixed bfloat16 (the normalization is out of place, so ``x`` is never written)."""
+    a, b, c = coefficients
     y = x.to(dtype)
-    if y is x:
-        y = y.clone()
     if x.size(0) > x.size(1):
         y = y.T
-    y.div_(y.norm().clamp(min=MUON_EPS))
+    y = y / y.norm().clamp(min=eps)
     for _ in range(steps):
         g = y @ y.T
         u = torch.addmm(g, g, g, beta=b, alpha=c)
