@@ -341,12 +341,5 @@ def dual_norm(
         d = torch.linalg.vector_norm(y, dim=(-2, -1))
     else:
         s = torch.linalg.eigvalsh(y).abs() if symmetric else torch.linalg.svdvals(y)
-        smax = s.amax(dim=-1)
-        if nrm.name == "spectral":
-            d = s.sum(dim=-1)
-        elif nrm.name == "nuclear":
-            d = smax
-        else:  # ||s||_q = s_max ||s / s_max||_q: s^q cannot overflow for large q
-            safe = torch.where(smax > 0, smax, torch.ones_like(smax))
-            d = smax * torch.linalg.vector_norm(s / safe[..., None], ord=nrm.q, dim=-1)
+        d = _singular_lmo(s, torch.ones_like(s, dtype=torch.bool), nrm)[1]  # the dual, over all s
     return from_torch((d * scale[..., 0, 0]).to(t.dtype), was_numpy)
