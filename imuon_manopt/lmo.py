@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ._backend import from_torch, to_torch
+from .geometry.base import sym
 from .polar import (
     Coefficients,
     _as_dtype,
@@ -45,7 +46,6 @@ from .polar import (
     _promote,
     _resolve_schedule,
     _svd_parts,
-    _sym,
     msign,
     polar,
 )
@@ -273,7 +273,7 @@ def lmo(
     else:
         x = t.to(work)
         if symmetric:
-            x = _sym(x)
+            x = sym(x)
         if nrm.name == "frobenius":
             scale = _max_abs(x)
             y = x / scale
@@ -334,7 +334,7 @@ def dual_norm(
         return from_torch(torch.zeros(t.shape[:-2], dtype=t.dtype, device=t.device), was_numpy)
     x = t.to(_promote(t.dtype))
     if symmetric:
-        x = _sym(x)
+        x = sym(x)
     scale = _max_abs(x)
     y = x / scale
     if nrm.name == "frobenius":

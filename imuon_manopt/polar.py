@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ._backend import from_torch, to_torch
+from .geometry.base import sym
 
 __all__ = ["polar", "msign", "NS_COEFFICIENTS", "DEFAULT_NS_STEPS"]
 
@@ -210,10 +211,6 @@ def _max_abs(x: torch.Tensor) -> torch.Tensor:
     return amax.clamp_min(torch.finfo(x.dtype).tiny)
 
 
-def _sym(x: torch.Tensor) -> torch.Tensor:
-    return (x + x.mT) * 0.5
-
-
 # --------------------------------------------------------------------------------------------------
 # torch kernels (no conversion, no validation): also used by lmo.py
 
@@ -231,7 +228,7 @@ def _svd_parts(x: torch.Tensor):
 def _eigh_parts(x: torch.Tensor):
     """``eigh`` of ``sym(x) / scale``. Returns ``(Q, lam, scale, keep)``: the eigenvalues of
     ``sym(x)`` are ``lam * scale``; ``keep`` marks ``|lam|`` above ``eps * n * max|lam|``."""
-    h = _sym(x)
+    h = sym(x)
     scale = _max_abs(h)
     lam, q = torch.linalg.eigh(h / scale)
     mag = lam.abs()
@@ -355,7 +352,7 @@ def _orthogonalize(
         return from_torch(torch.zeros_like(t), was_numpy)
     if method == "newton_schulz":
         work = dtype if dtype is not None else _promote(t.dtype)
-        src = _sym(t.to(_promote(t.dtype))) if symmetric else t
+        src = sym(t.to(_promote(t.dtype))) if symmetric else t
         out = _newton_schulz(src, coeffs, margin, work)
     elif symmetric:
         out = _msign_eigh(t, _exact_dtype(t, dtype))
