@@ -650,12 +650,12 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
             tt = tt[..., None, None]
             return self._min_ratio(x_b - tt * xi_b, x_a - tt * xi_a)
 
-        ok = ratios(t) >= tol
-        if bool(ok.all()):
+        first = ratios(t)
+        if bool((first >= tol).all()):
             return t[..., None, None]
         now = self._min_ratio(x_b, x_a)
         threshold = torch.clamp(now, max=tol)
-        ok = ratios(t) >= threshold
+        ok = first >= threshold
         for _ in range(_MAX_BACKTRACKS):
             if bool(ok.all()):
                 break
