@@ -2,7 +2,7 @@
 
 from .base import Blocks, MetricOperator
 from .euclidean import Euclidean
-from .fixed_rank import FixedRank
+from .fixed_rank import AmbientFixedRank, FixedRank
 from .grassmann import Grassmann
 from .product import Product
 from .spd import SPD
@@ -10,6 +10,7 @@ from .sphere import Sphere
 from .stiefel import Stiefel
 
 __all__ = [
+    "AmbientFixedRank",
     "Blocks",
     "Euclidean",
     "FixedRank",

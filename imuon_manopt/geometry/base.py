@@ -13,7 +13,13 @@ matrix *blocks* and a Riemannian metric ``g_x(u, v) = <G_x u, v>`` on those bloc
 ``unwhiten(state, blocks)``
     ``xi = L^{-T} Z``: from the LMO output back to tangent coordinates;
 ``tangent(state, blocks)``
-    the tangent vector in the representation the host library uses.
+    the tangent vector in the representation the host library uses;
+``flat(state, v)``
+    the metric's lowering map ("flat", tangent vector -> covector): a Euclidean gradient ``c`` in the point's
+    representation with ``<c, w>_F = g_x(v, w)`` for every tangent ``w``. It turns a tangent vector (a
+    transported momentum buffer, a Riemannian gradient) back into the Euclidean-gradient form the template takes:
+    for ``v = grad f`` the direction from ``flat(v)`` equals the direction from the Euclidean gradient. The
+    default is the identity, right for metrics that are the embedded Frobenius one on the tangent space.
 
 Because unitarily invariant LMOs are equivariant under orthogonal changes, any factor ``L`` with
 ``L L^T = G_x`` gives the same direction, so Cholesky or QR factors may replace symmetric square roots.
@@ -73,6 +79,13 @@ class MetricOperator(abc.ABC):
                 f"{type(self).__name__} has {len(blocks)} blocks: override tangent() to assemble them"
             )
         return blocks[0]
+
+    def flat(self, state: Any, v: Any) -> Any:
+        """Tangent vector ``v`` (host representation) -> covector ``c`` with ``<c, w>_F = g_x(v, w)``.
+
+        Default: the identity (the metric is the Frobenius one on the tangent space).
+        """
+        return v
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -31,10 +31,23 @@ RANK_HINT = (
 )
 
 
-def _upper_factor(f: torch.Tensor, how: str, name: str) -> torch.Tensor:
-    """Upper-triangular ``R`` (r x r) with ``R^T R = f^T f`` for a tall ``f`` of shape (..., k, r)."""
+def _upper_factor(
+    f: torch.Tensor, how: str, name: str, *, check: bool = True, with_q: bool = False
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(Q, R)`` with ``R`` upper triangular (r x r), ``R^T R = f^T f``, for a tall ``f`` of shape (..., k, r).
+
+    ``Q`` (``f = Q R``) is returned only with ``with_q`` (``how == "qr"``), else ``None``. With ``check`` a
+    rank-deficient or non-finite ``f`` raises a ``ValueError`` (one host synchronization); without it the
+    triangular solves downstream produce non-finite values that the caller must detect.
+    """
+    q = None
     if how == "qr":
-        r = torch.linalg.qr(f, mode="r")[1]
+        if with_q:
+            q, r = torch.linalg.qr(f)
+        else:
+            r = torch.linalg.qr(f, mode="r")[1]
+        if not check:
+            return q, r
         diag = r.diagonal(dim1=-2, dim2=-1).abs()
         scale = diag.amax(-1, keepdim=True)
         tol = torch.finfo(f.dtype).eps * max(f.shape[-2:]) * 10
@@ -42,10 +55,27 @@ def _upper_factor(f: torch.Tensor, how: str, name: str) -> torch.Tensor:
     else:
         chol, info = torch.linalg.cholesky_ex(f.mT @ f)
         r = chol.mT
+        if not check:
+            return q, r
         bad = (info != 0).any()
     if bool(bad):
         raise ValueError(f"fixed-rank factor {name} is rank-deficient; {RANK_HINT}")
-    return r
+    return q, r
+
+
+def _check_chain(b: torch.Tensor, a: torch.Tensor) -> None:
+    if b.shape[-1] != a.shape[-2] or b.shape[:-2] != a.shape[:-2]:
+        raise ValueError(
+            f"factor shapes do not chain: B {tuple(b.shape)} and A {tuple(a.shape)}; expected B of shape "
+            "(..., m, r) and A of shape (..., r, n)"
+        )
+    r = b.shape[-1]
+    if r == 0:
+        raise ValueError(f"rank r = 0 (B {tuple(b.shape)}, A {tuple(a.shape)}): a fixed-rank point needs r >= 1")
+    if b.shape[-2] < r or a.shape[-1] < r:
+        raise ValueError(
+            f"rank r = {r} exceeds a dimension: B {tuple(b.shape)}, A {tuple(a.shape)}; {RANK_HINT}"
+        )
 
 
 class FixedRank(MetricOperator):
@@ -53,26 +83,22 @@ class FixedRank(MetricOperator):
 
     structure = ("general", "general")
 
-    def __init__(self, factorization: str = "qr") -> None:
+    def __init__(self, factorization: str = "qr", *, check: bool = True) -> None:
         if factorization not in _FACTORIZATIONS:
             raise ValueError(
                 f"unknown factorization {factorization!r}; expected one of {_FACTORIZATIONS}"
             )
         self.factorization = factorization
+        #: raise on a rank-deficient factor in ``at`` (one host synchronization); ``False`` leaves the
+        #: detection (non-finite directions) to the caller, e.g. an optimizer that avoids host syncs.
+        self.check = check
 
     def at(self, x):
         b, a = x
-        if b.shape[-1] != a.shape[-2] or b.shape[:-2] != a.shape[:-2]:
-            raise ValueError(
-                f"factor shapes do not chain: B {tuple(b.shape)} and A {tuple(a.shape)}; expected B of shape "
-                "(..., m, r) and A of shape (..., r, n)"
-            )
-        r = b.shape[-1]
-        if b.shape[-2] < r or a.shape[-1] < r:
-            raise ValueError(
-                f"rank r = {r} exceeds a dimension: B {tuple(b.shape)}, A {tuple(a.shape)}; {RANK_HINT}"
-            )
-        return _upper_factor(b, self.factorization, "B"), _upper_factor(a.mT, self.factorization, "A")
+        _check_chain(b, a)
+        _, r_b = _upper_factor(b, self.factorization, "B", check=self.check)
+        _, r_a = _upper_factor(a.mT, self.factorization, "A", check=self.check)
+        return r_b, r_a
 
     def project(self, state, egrad) -> Blocks:
         e_b, e_a = egrad
@@ -95,5 +121,54 @@ class FixedRank(MetricOperator):
     def tangent(self, state, blocks: Blocks):
         return tuple(blocks)
 
+    def flat(self, state, v):
+        """``(v_B S_A, S_B v_A)`` with ``S_A = R_A^T R_A = A A^T`` and ``S_B = R_B^T R_B = B^T B``."""
+        r_b, r_a = state
+        v_b, v_a = v
+        return (v_b @ r_a.mT) @ r_a, r_b.mT @ (r_b @ v_a)
+
     def __repr__(self) -> str:
         return f"FixedRank(factorization={self.factorization!r})"
+
+
+class AmbientFixedRank(MetricOperator):
+    """The reference LoRA "ambient momentum" step on factor pairs (spec §3); only O(r)-invariant.
+
+    Same point and gradient representation as :class:`FixedRank`. With ``B = Q_B R_B``, ``A^T = Q_A R_A`` and
+    the never-formed ambient matrix ``M = E_B A + B E_A`` (for momentum-combined factor gradients ``E_B``,
+    ``E_A``): ``H_B = M Q_A = E_B R_A^T + B (E_A Q_A)`` and ``H_A = Q_B^T M = (Q_B^T E_B) A + R_B E_A`` (shapes
+    ``(..., m, r)`` and ``(..., r, n)``), then ``xi_B = lmo(H_B) R_A^{-T}`` and ``xi_A = R_B^{-1} lmo(H_A)``.
+    For true factor gradients of ``f(B A) = l(X)`` (``E_B = Gamma A^T``, ``E_A = B^T Gamma``) this is not the
+    invariant direction of :class:`FixedRank`: it whitens ``Gamma P_A + P_B Gamma`` instead of each block, which
+    is what the reference LLM code does. Offered to reproduce LoRA results; :class:`FixedRank` is the default.
+    """
+
+    structure = ("general", "general")
+
+    def __init__(self, *, check: bool = True) -> None:
+        self.check = check
+
+    def at(self, x):
+        b, a = x
+        _check_chain(b, a)
+        q_b, r_b = _upper_factor(b, "qr", "B", check=self.check, with_q=True)
+        q_a, r_a = _upper_factor(a.mT, "qr", "A", check=self.check, with_q=True)
+        return b, a, q_b, r_b, q_a, r_a
+
+    def project(self, state, egrad) -> Blocks:
+        b, a, q_b, r_b, q_a, r_a = state
+        e_b, e_a = egrad
+        return e_b @ r_a.mT + b @ (e_a @ q_a), (q_b.mT @ e_b) @ a + r_b @ e_a
+
+    def whiten(self, state, blocks: Blocks) -> Blocks:
+        return blocks
+
+    def unwhiten(self, state, blocks: Blocks) -> Blocks:
+        *_, r_b, _, r_a = state
+        z_b, z_a = blocks
+        xi_b = torch.linalg.solve_triangular(r_a.mT, z_b, upper=False, left=False)
+        xi_a = torch.linalg.solve_triangular(r_b, z_a, upper=True)
+        return xi_b, xi_a
+
+    def tangent(self, state, blocks: Blocks):
+        return tuple(blocks)

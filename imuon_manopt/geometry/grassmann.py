@@ -6,6 +6,7 @@
 - with ``S = L L^T`` (Cholesky): ``H = Pi(E) L``, ``xi = lmo(H) L^T``, ``Pi(E) = E - Y S^{-1} Y^T E``;
   spectral: ``xi = polar(Pi(E) S^{1/2}) S^{1/2}`` (the same direction, any square root of S).
 - ``representative="orthonormal"`` (Pymanopt's and geoopt's convention, ``S = I``): ``xi = lmo((I - Y Y^T) E)``.
+- lowering map (flat): ``v S^{-1}`` (``v`` for orthonormal representatives);
 - equivariance: at ``Y M`` with gradient ``E M^{-T}`` the direction is ``xi M``.
 """
 
@@ -59,6 +60,13 @@ class Grassmann(MetricOperator):
 
     def tangent(self, state, blocks: Blocks) -> torch.Tensor:
         return blocks[0]
+
+    def flat(self, state, v: torch.Tensor) -> torch.Tensor:
+        """Orthonormal representative: ``v``; general: ``v S^{-1}`` (the metric is ``tr(S^{-1} v^T w)``)."""
+        _, chol = state
+        if chol is None:
+            return v
+        return torch.cholesky_solve(v.mT, chol).mT
 
     def __repr__(self) -> str:
         return f"Grassmann(representative={self.representative!r})"

@@ -57,5 +57,9 @@ class Product(MetricOperator):
     def tangent(self, state, blocks: Blocks) -> list:
         return [f.tangent(s, bl) for f, s, bl in zip(self.factors, state, self._split(blocks))]
 
+    def flat(self, state, v) -> list:
+        v = self._check(v, "tangent vectors")
+        return [f.flat(s, vi) for f, s, vi in zip(self.factors, state, v)]
+
     def __repr__(self) -> str:
         return f"Product({list(self.factors)!r})"

@@ -3,6 +3,7 @@
 - point ``X``: ``(..., n, n)`` symmetric positive definite;
 - tangent vectors: symmetric ``(n, n)``; one symmetric block;
 - metric ``g_X(xi, eta) = tr(X^{-1} xi X^{-1} eta)``; covector ``sym(E)``;
+- lowering map (flat): ``X^{-1} v X^{-1}``;
 - with ``X = L L^T`` (Cholesky): ``H = L^T sym(E) L``, ``xi = L lmo(H) L^T``; spectral:
   ``xi = X^{1/2} sign(X^{1/2} sym(E) X^{1/2}) X^{1/2}`` (the same direction for any square root);
 - the exponential map ``X^{1/2} expm(-t Z) X^{1/2}`` stays positive definite for every step ``t``;
@@ -38,3 +39,8 @@ class SPD(MetricOperator):
 
     def unwhiten(self, state: torch.Tensor, blocks: Blocks) -> Blocks:
         return (sym(state @ blocks[0] @ state.mT),)
+
+    def flat(self, state: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``X^{-1} v X^{-1}`` (two Cholesky solves with ``X = L L^T``)."""
+        c = torch.cholesky_solve(torch.cholesky_solve(v, state).mT, state)
+        return sym(c)

@@ -6,6 +6,7 @@
 - metrics: embedded ``||xi||^2 = ||Omega||^2 + ||K||^2`` (Pymanopt's ``Stiefel``, geoopt's
   ``EuclideanStiefel``); canonical ``||xi||^2 = 1/2 ||Omega||^2 + ||K||^2`` (geoopt's ``CanonicalStiefel``,
   which ``geoopt.Stiefel()`` returns);
+- lowering map (flat): embedded ``v``; canonical ``v - X X^T v / 2``;
 - spectral direction: embedded ``X polar(Omega_E) + polar(K_E)``, canonical
   ``sqrt(2) X polar(Omega_E) + polar(K_E)``. The polar factor of a skew matrix is skew, so the direction is tangent.
 """
@@ -47,6 +48,12 @@ class Stiefel(MetricOperator):
     def tangent(self, state: torch.Tensor, blocks: Blocks) -> torch.Tensor:
         omega, k = blocks
         return state @ omega + k
+
+    def flat(self, state: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Embedded: ``v``. Canonical ``g(v, w) = tr(v^T (I - X X^T / 2) w)``: ``v - X (X^T v) / 2``."""
+        if self.metric == "embedded":
+            return v
+        return v - 0.5 * (state @ (state.mT @ v))
 
     def __repr__(self) -> str:
         return f"Stiefel(metric={self.metric!r})"
