@@ -27,7 +27,8 @@ _FACTORIZATIONS = ("qr", "gram")
 RANK_HINT = (
     "both factors must have full rank r. A LoRA adapter started with B = 0 is not a fixed-rank point: "
     "start from full-rank factors and move their product into the frozen base weight "
-    "(imuon_manopt.optim.full_rank_lora_init_ does this without changing the model's function)"
+    "without changing the model's function: imuon_manopt.optim.full_rank_lora_model_init_(model) for a PEFT "
+    "model (prepare_lora_(model) also returns IMuon's params and pairs), full_rank_lora_init_ for one layer"
 )
 
 

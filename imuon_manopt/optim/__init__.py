@@ -19,13 +19,14 @@ LoRA::
 
 from ._dispatch import register_manifold, supported_manifolds
 from .imuon import IMuon
-from .lora import full_rank_lora_init_, full_rank_lora_model_init_, lora_pairs
+from .lora import full_rank_lora_init_, full_rank_lora_model_init_, lora_pairs, prepare_lora_
 
 __all__ = [
     "IMuon",
     "full_rank_lora_init_",
     "full_rank_lora_model_init_",
     "lora_pairs",
+    "prepare_lora_",
     "register_manifold",
     "supported_manifolds",
 ]

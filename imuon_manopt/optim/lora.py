@@ -7,9 +7,25 @@ computes ``W x + scaling * B A x``. The pair ``(B, A)`` is a fixed-rank point ``
 :class:`~imuon_manopt.optim.IMuon` (``pairs=[(B, A), ...]``).
 
 PEFT's default initialization sets ``B = 0``, which is not a rank-r point: the invariant fixed-rank
-step needs both factors of full rank. :func:`full_rank_lora_init_` draws a full-rank ``B`` (and
-``A`` if needed) and moves the product into the frozen base weight, so the model computes the same
-function.
+step needs both factors of full rank (IMuon raises a ``ValueError`` on its first step otherwise).
+:func:`full_rank_lora_init_` draws a full-rank ``B`` (and ``A`` if needed) and moves the product
+into the frozen base weight, so the model computes the same function. For a PEFT model, one call
+does it all: ``params, pairs = prepare_lora_(model)``, then ``IMuon(params, lr, pairs=pairs)``.
+
+Saving. The full-rank start changes the frozen base weight: ``W_res = W - scaling * B0 A0``, and the
+trained model is ``W_res + scaling * B A``. ``model.save_pretrained(dir)`` stores only ``(B, A)``,
+so loading that adapter onto the original base gives ``W + scaling * B A``: off by
+``scaling * B0 A0``. This is PEFT's PiSSA / OLoRA situation, and PEFT's conversion handles it:
+
+1. right after the full-rank start (before training), ``model.save_pretrained(init_dir)``;
+2. after training, ``model.save_pretrained(out_dir,
+   path_initial_model_for_weight_conversion=init_dir)`` writes the rank-``2r`` LoRA adapter
+   ``([B, -B0], [A; A0])`` (``lora_alpha`` doubled, so the scaling is unchanged), whose product is
+   the whole change ``scaling * (B A - B0 A0)`` of the original weight;
+3. ``PeftModel.from_pretrained(original_base, out_dir)`` reproduces the trained model.
+
+The converted adapter is small and works with every PEFT loader. The alternative is the whole
+merged model: ``model.merge_and_unload().save_pretrained(dir)``.
 """
 
 from __future__ import annotations
@@ -17,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["full_rank_lora_init_", "full_rank_lora_model_init_", "lora_pairs"]
+__all__ = ["full_rank_lora_init_", "full_rank_lora_model_init_", "lora_pairs", "prepare_lora_"]
 
 
 def _chains(b: torch.Tensor, a: torch.Tensor) -> bool:
@@ -195,17 +211,31 @@ def full_rank_lora_model_init_(
     *,
     adapter: str | None = None,
     init_scale: float = 1e-3,
+    trainable_only: bool = True,
     generator: torch.Generator | None = None,
 ) -> int:
     """Apply :func:`full_rank_lora_init_` to every PEFT-style LoRA linear layer of ``model`` (in
-    place).
+    place): both factors full rank, the model's function unchanged.
 
     A layer is a module with ``lora_A`` / ``lora_B`` (``nn.ModuleDict`` per adapter, or single
     ``nn.Linear``), a base weight at ``base_layer.weight`` (PEFT) or ``weight``, an optional
-    ``scaling`` (a dict per adapter or a number; default 1) and an optional ``fan_in_fan_out`` flag.
+    ``scaling`` (a dict per adapter or a number; default 1) and an optional ``fan_in_fan_out`` flag
+    (GPT-2's ``Conv1D`` stores the base weight as ``(in, out)``).
+
+    The frozen base weight changes (``W - scaling * B0 A0``): see the module docstring for what to
+    save. Several adapters on one layer share its base weight, so starting one of them changes the
+    function the others compute; only the adapters being trained should be started (the default
+    ``trainable_only``: inference-only adapters, whose factors are frozen, are left alone).
+
+    Args:
+        model: the model, e.g. a ``peft.PeftModel``.
+        adapter: start only this adapter (e.g. ``"default"``); all by default.
+        init_scale: spectral norm of a replaced ``B`` (see :func:`full_rank_lora_init_`).
+        trainable_only: skip adapters whose ``A`` and ``B`` weights do not both require grad.
+        generator: random generator for the new factors.
 
     Returns:
-        The number of adapters visited.
+        The number of adapters visited (started, or kept because already of full rank).
     """
     count = 0
     for module in model.modules():
@@ -224,6 +254,8 @@ def full_rank_lora_model_init_(
                 continue
             a_mod = lora_a[key] if key is not None else lora_a
             b_mod = lora_b[key] if key is not None else lora_b
+            if trainable_only and not (b_mod.weight.requires_grad and a_mod.weight.requires_grad):
+                continue
             scaling = getattr(module, "scaling", 1.0)
             if isinstance(scaling, dict):
                 scaling = scaling.get(key, 1.0)
@@ -238,3 +270,72 @@ def full_rank_lora_model_init_(
             )
             count += 1
     return count
+
+
+def _is_lora_factor(name: str, adapter: str | None) -> bool:
+    dotted = "." + name
+    for tag in (".lora_A.", ".lora_B."):
+        if tag in dotted:
+            return adapter is None or dotted.rpartition(tag)[2].split(".")[0] == adapter
+    return False
+
+
+def prepare_lora_(
+    model: nn.Module,
+    *,
+    adapter: str | None = None,
+    init_scale: float = 1e-3,
+    generator: torch.Generator | None = None,
+) -> tuple[list[nn.Parameter], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """From a PEFT LoRA model to :class:`~imuon_manopt.optim.IMuon`'s arguments, in one call.
+
+    Starts every trainable adapter at full rank (:func:`full_rank_lora_model_init_`: PEFT's
+    ``B = 0`` is not a rank-r point; the model's function is unchanged, the frozen base weights
+    absorb ``scaling * B0 A0``), then collects the trainable parameters and the ``(B, A)`` pairs
+    (:func:`lora_pairs`)::
+
+        params, pairs = prepare_lora_(model)
+        model.save_pretrained(init_dir)  # the start, needed to save a usable adapter later
+        opt = IMuon(params, lr=1e-2, pairs=pairs)
+
+    Each pair ``(B, A)`` (``B`` (out, r), ``A`` (r, in)) gets the GL(r)-invariant fixed-rank step;
+    other trainable tensors (biases, a ``modules_to_save`` head) get IMuon's usual updates. Saving:
+    see the module docstring (``save_pretrained(..., path_initial_model_for_weight_conversion=...)``).
+
+    Args:
+        model: a ``peft.PeftModel`` (or any model with PEFT-style ``lora_A`` / ``lora_B`` layers).
+        adapter: only this adapter's pairs (e.g. ``"default"``); all trainable ones by default.
+        init_scale: spectral norm of the new ``B`` factors (small: the adapter starts near zero).
+        generator: random generator for the new factors.
+
+    Returns:
+        ``(params, pairs)``: the parameters that require grad, in ``model.parameters()`` order, and
+        the list of ``(B, A)`` pairs.
+
+    Raises:
+        ValueError: the model has no trainable LoRA linear adapter, or a trainable ``lora_A`` /
+            ``lora_B`` weight is not part of a pair (one factor frozen, or a convolution / embedding
+            adapter, which the pairs do not cover).
+    """
+    full_rank_lora_model_init_(model, adapter=adapter, init_scale=init_scale, generator=generator)
+    pairs = lora_pairs(model, adapter=adapter)
+    if not pairs:
+        raise ValueError(
+            f"no trainable LoRA adapter{'' if adapter is None else f' named {adapter!r}'} found in "
+            f"{type(model).__name__}: wrap the model with peft.get_peft_model(model, LoraConfig(...)) "
+            "(or load the adapter with is_trainable=True) first"
+        )
+    paired = {id(t) for pair in pairs for t in pair}
+    params: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) not in paired and _is_lora_factor(name, adapter):
+            raise ValueError(
+                f"{name} (shape {tuple(p.shape)}) is a trainable LoRA factor outside every (B, A) "
+                "pair: IMuon would update it as a plain matrix, which is not invariant to the "
+                "factors' gauge. Train both factors of a linear adapter, or freeze this one "
+                "(p.requires_grad_(False))"
+            )
+        params.append(p)
+    return params, pairs
