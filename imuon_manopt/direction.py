@@ -19,6 +19,7 @@ proportion to ``dual_i^(q-1)`` and the gap is the ``l_q`` norm of the blocks' du
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -85,6 +86,21 @@ def _is_numpy(tree) -> bool:
     return isinstance(tree, np.ndarray)
 
 
+def _prescale(tree):
+    """``(tree * s, s)`` with ``s`` a power of two (0-d tensor) that brings the largest entry into ``(1/2, 1]``
+    (``s = 1`` for a zero or non-finite tree, which then propagates unchanged)."""
+    leaves = [t for t in _leaves(tree) if t.numel()]
+    if not leaves:
+        return tree, 1.0
+    amax = leaves[0].abs().amax()
+    for t in leaves[1:]:
+        amax = torch.maximum(amax, t.abs().amax().to(amax.dtype))
+    # frexp: amax = m 2^e with m in [1/2, 1); the exponent is capped so that 2^-e stays finite for subnormal amax
+    max_exp = int(math.log2(torch.finfo(amax.dtype).max))
+    inv = torch.ldexp(torch.ones_like(amax), -torch.frexp(amax).exponent.clamp_min(-max_exp))
+    return _map(lambda t: t * inv.to(t.dtype), tree), inv
+
+
 def intrinsic_direction(
     geometry: MetricOperator,
     x: Any,
@@ -125,12 +141,17 @@ def intrinsic_direction(
     as_numpy = _is_numpy(x) or _is_numpy(egrad)
     xt, et = _to_torch(x), _to_torch(egrad)
     out_dtype = _leaves(xt)[0].dtype
+    dtypes = {t.dtype for t in _leaves(xt)} | {t.dtype for t in _leaves(et)}
     if out_dtype in _LOW_PRECISION:
         xt = _map(lambda t: t.float(), xt)
         et = _map(lambda t: t.float(), et)
     else:
         et = _map(lambda t: t.to(out_dtype), et)
 
+    # The direction is invariant under a positive scaling of the gradient (and the gap scales with it): divide
+    # the gradient by a power of two near its largest entry (exact), so a huge finite gradient cannot overflow in
+    # the projection or whitening, and multiply the gap back at the end.
+    et, inv_scale = _prescale(et)
     state = geometry.at(xt)
     blocks = geometry.whiten(state, geometry.project(state, et))
     structure = tuple(geometry.structure)
@@ -139,11 +160,19 @@ def intrinsic_direction(
             f"{geometry!r} declares structure {structure} for {len(blocks)} blocks; expected one entry per "
             f"block from {sorted(_STRUCTURES)}"
         )
+    ranks = geometry.block_ranks(state)
+    if ranks is None:
+        ranks = (None,) * len(blocks)
+    # The rank cut follows the precision the inputs were rounded to, not the working dtype.
+    eps = max(torch.finfo(in_dtype).eps for in_dtype in dtypes)
     zs, duals = [], []
     need_duals = gap or nrm.joint  # a joint norm splits its budget by the blocks' duals
-    for h, kind in zip(blocks, structure):
+    for h, kind, rank in zip(blocks, structure, ranks):
+        if kind == "skew":  # a skew matrix has even rank
+            side = h.shape[-1] - h.shape[-1] % 2
+            rank = side if rank is None else min(rank, side)
         out = lmo(h, nrm.name, p=nrm.p, tau=tau, symmetric=kind == "symmetric", method=polar,
-                  steps=steps, dtype=dtype, return_dual=need_duals)
+                  steps=steps, dtype=dtype, return_dual=need_duals, rank=rank, eps=eps)
         z, d = out if need_duals else (out, None)
         zs.append(skew(z) if kind == "skew" else z)
         duals.append(None if d is None else d.to(h.dtype))
@@ -154,9 +183,9 @@ def intrinsic_direction(
         total = torch.linalg.vector_norm(flat, ord=q)
         safe = torch.where(total > 0, total, torch.ones_like(total))
         zs = [z * ((d / safe) ** (q - 1))[..., None, None].to(z.dtype) for z, d in zip(zs, duals)]
-        gap = tau * total if gap else None
+        gap = tau * total / inv_scale if gap else None
     elif gap:
-        gap = tau * sum(d.sum() for d in duals)
+        gap = tau * sum(d.sum() for d in duals) / inv_scale
     else:
         gap = None
 

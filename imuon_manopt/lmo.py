@@ -37,15 +37,20 @@ from .geometry.base import sym
 from .polar import (
     Coefficients,
     _as_dtype,
+    _check_eps,
     _check_matrix,
+    _check_rank,
     _check_square,
     _eigh_parts,
     _exact_dtype,
+    _finite_or_zero,
+    _is_vector,
     _max_abs,
     _newton_schulz,
     _promote,
     _resolve_schedule,
     _svd_parts,
+    _vector_parts,
     msign,
     polar,
 )
@@ -215,6 +220,8 @@ def lmo(
     dtype: torch.dtype | None = None,
     return_dual: bool = False,
     coefficients: Coefficients = None,
+    rank: int | None = None,
+    eps: float | None = None,
 ) -> Any:
     """The LMO ``Z = argmax {<H, Z> : phi(Z) <= tau}``, per matrix over the last two dims.
 
@@ -235,6 +242,14 @@ def lmo(
         steps, dtype, coefficients: Newton–Schulz controls, as in :func:`imuon_manopt.polar.polar`.
             ``dtype`` also sets the exact path's working dtype (promoted to at least float32).
         return_dual: also return the dual norm of each matrix.
+        rank, eps: a known upper bound on the rank of every matrix and the unit round-off the input
+            carries, for the exact paths' rank cut (see :func:`imuon_manopt.polar.polar`; default: no
+            bound, the input dtype's epsilon). The dual is always over all singular values.
+
+    A vector-shaped ``h`` (``m == 1`` or ``n == 1``, or ``1 x 1`` when ``symmetric``) has one singular
+    value, its 2-norm, so every norm's LMO is ``tau * h / ||h||`` (dual ``||h||``), computed directly
+    with either method. Huge finite inputs neither overflow nor fail (every path divides by the max-abs
+    entry first); a matrix with a NaN or infinite entry gives NaN (never a solver error).
 
     Returns:
         ``Z`` of shape ``(..., m, n)`` (same array type, device and dtype as ``h``), or the pair
@@ -260,8 +275,11 @@ def lmo(
     if symmetric:
         _check_square(t, "h")
     dtype = _as_dtype(dtype)
-    use_ns = method == "newton_schulz" and nrm.name == "spectral"
-    schedule = _resolve_schedule(coefficients, steps) if use_ns else None
+    rank = _check_rank(rank)
+    eps = _check_eps(eps, t)
+    vector = _is_vector(t)
+    use_ns = method == "newton_schulz" and nrm.name == "spectral" and not vector
+    schedule = _resolve_schedule(coefficients, steps) if method == "newton_schulz" and nrm.name == "spectral" else None
     work = _exact_dtype(t, dtype)
     out_dtype = t.dtype
     batch = t.shape[:-2]
@@ -274,7 +292,12 @@ def lmo(
         x = t.to(work)
         if symmetric:
             x = sym(x)
-        if nrm.name == "frobenius":
+        if vector:  # one singular value: every norm's LMO is the normalization
+            z, nrm_x = _vector_parts(x)
+            dual = nrm_x[..., 0, 0]
+            if rank == 0:
+                z = torch.zeros_like(z)
+        elif nrm.name == "frobenius":
             scale = _max_abs(x)
             y = x / scale
             f = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True)
@@ -289,12 +312,12 @@ def lmo(
             else:
                 dual = None
         elif symmetric:
-            q, lam, scale, keep = _eigh_parts(x)
+            q, lam, scale, keep = _eigh_parts(x, eps=eps, rank=rank)
             zv, dual = _singular_lmo(lam.abs(), keep, nrm)
             z = (q * (torch.sign(lam) * zv).unsqueeze(-2)) @ q.mT
             dual = dual * scale[..., 0, 0]
         else:
-            u, s, vh, scale, keep = _svd_parts(x)
+            u, s, vh, scale, keep = _svd_parts(x, eps=eps, rank=rank)
             zv, dual = _singular_lmo(s, keep, nrm)
             z = (u * zv.unsqueeze(-2)) @ vh
             dual = dual * scale[..., 0, 0]
@@ -340,6 +363,7 @@ def dual_norm(
     if nrm.name == "frobenius":
         d = torch.linalg.vector_norm(y, dim=(-2, -1))
     else:
-        s = torch.linalg.eigvalsh(y).abs() if symmetric else torch.linalg.svdvals(y)
+        y, mask = _finite_or_zero(y, scale)  # a non-finite matrix has a NaN dual, not a solver error
+        s = (torch.linalg.eigvalsh(y).abs() if symmetric else torch.linalg.svdvals(y)) * mask[..., 0]
         d = _singular_lmo(s, torch.ones_like(s, dtype=torch.bool), nrm)[1]  # the dual, over all s
     return from_torch((d * scale[..., 0, 0]).to(t.dtype), was_numpy)

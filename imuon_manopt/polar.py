@@ -4,8 +4,10 @@ Two ways to compute them, behind one contract:
 
 - ``"svd"`` / ``"eigh"`` (exact, rank-aware): ``polar(X) = U V^T`` over the singular values above
   ``eps * max(m, n) * s_max``; ``msign(S) = Q sign(Lambda) Q^T`` over the eigenvalues with
-  ``|lambda|`` above ``eps * n * max|lambda|``. Directions below the threshold are dropped, so a
-  zero matrix maps to exactly zero and a rank-deficient one gains no spurious directions.
+  ``|lambda|`` above ``eps * n * max|lambda|``, ``eps`` the unit round-off of the *input* dtype.
+  Directions below the threshold are dropped, so a zero matrix maps to exactly zero and a
+  rank-deficient one gains no spurious directions; a caller that knows a rank bound (``rank=``)
+  drops the values beyond it too.
 - ``"newton_schulz"`` (fast, matmul only): odd quintic iterations
   ``X <- a X + b (X X^T) X + c (X X^T)^2 X`` on the short side of the matrix after scaling it to
   Frobenius norm at most 1, with a per-step coefficient schedule (Polar Express by default, or
@@ -215,34 +217,92 @@ def _max_abs(x: torch.Tensor) -> torch.Tensor:
 # torch kernels (no conversion, no validation): also used by lmo.py
 
 
-def _svd_parts(x: torch.Tensor):
+def _rank_tol(n: int, eps: float | None, dtype: torch.dtype) -> float:
+    """Relative rank cut ``eps * max(m, n)``: ``eps`` is the unit round-off the input carries (default: that of
+    ``dtype``, the working dtype), so rounding noise of a rank-deficient input is not mistaken for a direction."""
+    return (torch.finfo(dtype).eps if eps is None else max(float(eps), torch.finfo(dtype).eps)) * n
+
+
+def _cap_rank(keep: torch.Tensor, rank: int | None) -> torch.Tensor:
+    """Drop the values beyond the ``rank``-th (values sorted in decreasing order): the input's rank is known to
+    be at most ``rank``, so anything past it is rounding noise, however large relative to ``eps``."""
+    if rank is None or rank >= keep.shape[-1]:
+        return keep
+    return keep & (torch.arange(keep.shape[-1], device=keep.device) < rank)
+
+
+def _finite_or_zero(y: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y with every non-finite matrix zeroed, mask)``, ``mask`` 1 for finite and NaN for non-finite matrices
+    (..., 1, 1). ``scale`` (the per-matrix max-abs) is non-finite exactly when the matrix is."""
+    bad = ~torch.isfinite(scale)
+    mask = torch.where(bad, torch.full_like(scale, math.nan), torch.ones_like(scale))
+    return torch.where(bad, torch.zeros_like(y), y), mask
+
+
+def _svd_parts(x: torch.Tensor, *, eps: float | None = None, rank: int | None = None):
     """Thin SVD of ``x / scale`` (``scale`` = per-matrix max-abs entry, so huge and tiny inputs
     neither overflow nor underflow). Returns ``(U, s, Vh, scale, keep)``: the singular values of
-    ``x`` are ``s * scale``; ``keep`` marks those above ``eps * max(m, n) * s_max``."""
+    ``x`` are ``s * scale``; ``keep`` marks those above ``eps * max(m, n) * s_max`` among the first
+    ``rank``. A matrix with a NaN or infinite entry gives NaN factors (never a solver error)."""
     scale = _max_abs(x)
-    u, s, vh = torch.linalg.svd(x / scale, full_matrices=False)
-    tol = torch.finfo(s.dtype).eps * max(x.shape[-2:]) * s[..., :1]
-    return u, s, vh, scale, s > tol
+    y = x / scale
+    try:
+        u, s, vh = torch.linalg.svd(y, full_matrices=False)
+    except torch.linalg.LinAlgError:  # non-finite input: solve the finite matrices, NaN for the others
+        y, mask = _finite_or_zero(y, scale)
+        u, s, vh = torch.linalg.svd(y, full_matrices=False)
+        u, s = u * mask, s * mask[..., 0]
+    tol = _rank_tol(max(x.shape[-2:]), eps, s.dtype) * s[..., :1]
+    return u, s, vh, scale, _cap_rank(s > tol, rank)
 
 
-def _eigh_parts(x: torch.Tensor):
+def _eigh_parts(x: torch.Tensor, *, eps: float | None = None, rank: int | None = None):
     """``eigh`` of ``sym(x) / scale``. Returns ``(Q, lam, scale, keep)``: the eigenvalues of
-    ``sym(x)`` are ``lam * scale``; ``keep`` marks ``|lam|`` above ``eps * n * max|lam|``."""
+    ``sym(x)`` are ``lam * scale``; ``keep`` marks ``|lam|`` above ``eps * n * max|lam|`` among the
+    ``rank`` largest in magnitude. Non-finite matrices give NaN factors."""
     h = sym(x)
     scale = _max_abs(h)
-    lam, q = torch.linalg.eigh(h / scale)
+    y = h / scale
+    try:
+        lam, q = torch.linalg.eigh(y)
+    except torch.linalg.LinAlgError:
+        y, mask = _finite_or_zero(y, scale)
+        lam, q = torch.linalg.eigh(y)
+        lam, q = lam * mask[..., 0], q * mask
     mag = lam.abs()
-    tol = torch.finfo(lam.dtype).eps * x.shape[-1] * mag.amax(dim=-1, keepdim=True)
-    return q, lam, scale, mag > tol
+    tol = _rank_tol(x.shape[-1], eps, lam.dtype) * mag.amax(dim=-1, keepdim=True)
+    keep = mag > tol
+    if rank is not None and rank < mag.shape[-1]:  # keep the `rank` largest magnitudes
+        order = mag.argsort(dim=-1, descending=True)
+        keep = keep & torch.zeros_like(keep).scatter(-1, order[..., :rank], True)
+    return q, lam, scale, keep
 
 
-def _polar_svd(x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
-    u, _, vh, _, keep = _svd_parts(x.to(work))
+def _is_vector(x: torch.Tensor) -> bool:
+    """A matrix with one row or one column: its one singular value is its 2-norm."""
+    return min(x.shape[-2:]) == 1
+
+
+def _vector_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x / ||x||_F, ||x||_F)`` per matrix for a vector-shaped ``x`` (..., m, 1) or (..., 1, n): its
+    exact polar factor (zero for a zero vector, NaN for a non-finite one) and its singular value
+    (..., 1, 1), without overflow or underflow."""
+    scale = _max_abs(x)
+    y = x / scale
+    nrm = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True)
+    return y / torch.where(nrm > 0, nrm, torch.ones_like(nrm)), nrm * scale
+
+
+def _polar_svd(x: torch.Tensor, work: torch.dtype, eps: float | None = None, rank: int | None = None):
+    if _is_vector(x):
+        z = _vector_parts(x.to(work))[0]
+        return z if rank is None or rank >= 1 else torch.zeros_like(z)
+    u, _, vh, _, keep = _svd_parts(x.to(work), eps=eps, rank=rank)
     return (u * keep.unsqueeze(-2).to(u.dtype)) @ vh
 
 
-def _msign_eigh(x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
-    q, lam, _, keep = _eigh_parts(x.to(work))
+def _msign_eigh(x: torch.Tensor, work: torch.dtype, eps: float | None = None, rank: int | None = None):
+    q, lam, _, keep = _eigh_parts(x.to(work), eps=eps, rank=rank)
     sgn = torch.sign(lam) * keep.to(lam.dtype)
     return (q * sgn.unsqueeze(-2)) @ q.mT
 
@@ -313,6 +373,8 @@ def _newton_schulz_gram(
     y64 = y.to(torch.float64)
     gram = y64 @ y64.mT
     if y.ndim == 2 and not (torch.is_grad_enabled() and y.requires_grad):
+        if not bool(torch.isfinite(gram).all()):  # eigh would raise; the iteration propagates NaN
+            return torch.full_like(gram, math.nan)
         lam, vec = torch.linalg.eigh(gram)
         lam = lam.clamp_min(0.0)
         r = torch.ones_like(lam)
@@ -329,6 +391,24 @@ def _newton_schulz_gram(
     return p
 
 
+def _check_rank(rank: Any) -> int | None:
+    if rank is None:
+        return None
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 0:
+        raise ValueError(f"rank must be None or a non-negative integer (an upper bound on the input's rank), "
+                         f"got {rank!r}")
+    return int(rank)
+
+
+def _check_eps(eps: Any, t: torch.Tensor) -> float:
+    """The input's unit round-off for the rank cut: ``eps`` if given, else the input dtype's."""
+    if eps is None:
+        return torch.finfo(t.dtype).eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not 0.0 <= float(eps) < 1.0:
+        raise ValueError(f"eps must be None or a float in [0, 1) (the input's unit round-off), got {eps!r}")
+    return float(eps)
+
+
 def _orthogonalize(
     x: Any,
     symmetric: bool,
@@ -336,6 +416,8 @@ def _orthogonalize(
     steps: int | None,
     dtype: Any,
     coefficients: Coefficients,
+    rank: Any = None,
+    eps: Any = None,
 ) -> Any:
     """The body of :func:`polar` (``symmetric=False``) and :func:`msign` (``symmetric=True``)."""
     name, methods = ("msign", _MSIGN_METHODS) if symmetric else ("polar", _POLAR_METHODS)
@@ -346,18 +428,20 @@ def _orthogonalize(
     if method not in methods:
         raise ValueError(f"unknown method {method!r} for {name}; valid choices: {list(methods)}")
     dtype = _as_dtype(dtype)
+    rank = _check_rank(rank)
+    eps = _check_eps(eps, t)
     if method == "newton_schulz":
         coeffs, margin = _resolve_schedule(coefficients, steps)
     if t.numel() == 0:
         return from_torch(torch.zeros_like(t), was_numpy)
-    if method == "newton_schulz":
+    if method == "newton_schulz" and not (_is_vector(t) and not symmetric):
         work = dtype if dtype is not None else _promote(t.dtype)
         src = sym(t.to(_promote(t.dtype))) if symmetric else t
         out = _newton_schulz(src, coeffs, margin, work)
     elif symmetric:
-        out = _msign_eigh(t, _exact_dtype(t, dtype))
-    else:
-        out = _polar_svd(t, _exact_dtype(t, dtype))
+        out = _msign_eigh(t, _exact_dtype(t, dtype), eps, rank)
+    else:  # SVD, or the exact normalization of a vector (its polar factor) for either method
+        out = _polar_svd(t, _exact_dtype(t, dtype), eps, rank)
     return from_torch(out.to(t.dtype).contiguous(), was_numpy)
 
 
@@ -372,6 +456,8 @@ def polar(
     steps: int | None = None,
     dtype: torch.dtype | None = None,
     coefficients: Coefficients = None,
+    rank: int | None = None,
+    eps: float | None = None,
 ) -> Any:
     """Thin polar factor ``U V^T`` of ``x = U diag(s) V^T``, per matrix over the trailing two dims.
 
@@ -391,6 +477,17 @@ def polar(
         coefficients: Newton–Schulz schedule: ``"polar_express"`` (default), ``"muon"``
             (torch.optim.Muon's fixed quintic), or a sequence of ``(a, b, c)`` (one triple per step;
             the last one repeats; a single triple repeats for every step).
+        rank: an upper bound on the rank of every matrix, known from its structure (e.g. ``n - p`` for
+            ``(I - X X^T) E`` with ``X`` of shape ``n x p``): the SVD path keeps at most the ``rank``
+            largest singular values, so the rounding noise in the others never becomes a direction,
+            however it compares with the cut. ``None`` (default): no bound. Ignored by Newton–Schulz.
+        eps: the unit round-off the input carries, for the SVD path's rank cut ``eps * max(m, n) *
+            s_max`` (default: the machine epsilon of ``x``'s dtype, e.g. ``2^-7`` for bfloat16 even
+            though the SVD runs in float32; never below the working dtype's).
+
+    A vector-shaped input (``m == 1`` or ``n == 1``) gets its exact polar factor ``x / ||x||`` with
+    either method. Huge finite inputs are handled (the factor is scale invariant: the input is divided
+    by its max-abs entry first); a matrix with a NaN or infinite entry gives a NaN factor.
 
     Returns:
         ``(..., m, n)``, the same array type, device and dtype as ``x`` (contiguous).
@@ -400,7 +497,7 @@ def polar(
             ``dtype``.
         TypeError: ``x`` is not a numpy array / torch tensor, or not real floating point.
     """
-    return _orthogonalize(x, False, method, steps, dtype, coefficients)
+    return _orthogonalize(x, False, method, steps, dtype, coefficients, rank, eps)
 
 
 def msign(
@@ -410,6 +507,8 @@ def msign(
     steps: int | None = None,
     dtype: torch.dtype | None = None,
     coefficients: Coefficients = None,
+    rank: int | None = None,
+    eps: float | None = None,
 ) -> Any:
     """Matrix sign ``Q sign(Lambda) Q^T`` of the symmetric part of ``x = Q Lambda Q^T``, per matrix.
 
@@ -422,6 +521,8 @@ def msign(
             max|lambda|`` map to 0) or ``"newton_schulz"`` (the Newton–Schulz polar factor of
             ``sym(x)``).
         steps, dtype, coefficients: as in :func:`polar`.
+        rank, eps: the rank bound and the input's round-off for the ``"eigh"`` path's cut, as in
+            :func:`polar` (``rank`` keeps the ``rank`` eigenvalues largest in magnitude).
 
     Returns:
         ``(..., n, n)`` symmetric, same array type, device and dtype as ``x``.
@@ -431,4 +532,4 @@ def msign(
             ``steps``/``dtype``/``coefficients``.
         TypeError: ``x`` is not a numpy array / torch tensor, or not real floating point.
     """
-    return _orthogonalize(x, True, method, steps, dtype, coefficients)
+    return _orthogonalize(x, True, method, steps, dtype, coefficients, rank, eps)

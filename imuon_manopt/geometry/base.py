@@ -14,6 +14,11 @@ matrix *blocks* and a Riemannian metric ``g_x(u, v) = <G_x u, v>`` on those bloc
     ``xi = L^{-T} Z``: from the LMO output back to tangent coordinates;
 ``tangent(state, blocks)``
     the tangent vector in the representation the host library uses;
+``block_ranks(state)``
+    optional: per block, an upper bound on the rank of its (whitened) covector known from the geometry, or
+    ``None`` (default for every block). E.g. Stiefel's ``K = (I - X X^T) E`` has rank at most ``n - p``; the LMO
+    then treats the values beyond the bound as the rounding noise they are, so the direction stays tangent and
+    continuous in the gradient when ``n < 2p``;
 ``flat(state, v)``
     the metric's lowering map ("flat", tangent vector -> covector): a Euclidean gradient ``c`` in the point's
     representation with ``<c, w>_F = g_x(v, w)`` for every tangent ``w``. It turns a tangent vector (a
@@ -80,6 +85,10 @@ class MetricOperator(abc.ABC):
             )
         return blocks[0]
 
+    def block_ranks(self, state: Any) -> tuple[int | None, ...] | None:
+        """Per block, an upper bound on its rank known from the geometry (``None``: no bound); ``None`` for all."""
+        return None
+
     def flat(self, state: Any, v: Any) -> Any:
         """Tangent vector ``v`` (host representation) -> covector ``c`` with ``<c, w>_F = g_x(v, w)``.
 
@@ -111,10 +120,11 @@ def check_same_shape(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> N
 
 
 def sym(a: torch.Tensor) -> torch.Tensor:
-    """Symmetric part ``(a + a^T) / 2`` over the trailing two dims."""
-    return 0.5 * (a + a.mT)
+    """Symmetric part ``(a + a^T) / 2`` over the trailing two dims, as ``a / 2 + a^T / 2`` (no overflow for
+    entries near the dtype's largest value)."""
+    return torch.add(a * 0.5, a.mT, alpha=0.5)
 
 
 def skew(a: torch.Tensor) -> torch.Tensor:
-    """Skew-symmetric part ``(a - a^T) / 2`` over the trailing two dims."""
-    return 0.5 * (a - a.mT)
+    """Skew-symmetric part ``(a - a^T) / 2`` over the trailing two dims, as ``a / 2 - a^T / 2``."""
+    return torch.add(a * 0.5, a.mT, alpha=-0.5)

@@ -6,6 +6,7 @@
 - with ``S = L L^T`` (Cholesky): ``H = Pi(E) L``, ``xi = lmo(H) L^T``, ``Pi(E) = E - Y S^{-1} Y^T E``;
   spectral: ``xi = polar(Pi(E) S^{1/2}) S^{1/2}`` (the same direction, any square root of S).
 - ``representative="orthonormal"`` (Pymanopt's and geoopt's convention, ``S = I``): ``xi = lmo((I - Y Y^T) E)``.
+- rank bound: the block has rank at most ``n - p`` (used by the LMO's rank cut when ``n < 2p``);
 - lowering map (flat): ``v S^{-1}`` (``v`` for orthonormal representatives);
 - equivariance: at ``Y M`` with gradient ``E M^{-T}`` the direction is ``xi M``.
 """
@@ -37,6 +38,13 @@ class Grassmann(MetricOperator):
         gram = x.mT @ x
         chol, info = torch.linalg.cholesky_ex(gram)
         if bool((info != 0).any()):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("Grassmann representative Y has NaN or infinite entries")
+            # a huge representative overflows Y^T Y: factor the Gram of Y / 2^k (k from the largest entry)
+            scale = torch.ldexp(torch.ones((), dtype=x.dtype), torch.frexp(x.abs().amax()).exponent)
+            chol, info = torch.linalg.cholesky_ex((x / scale).mT @ (x / scale))
+            chol = chol * scale
+        if bool((info != 0).any()):
             raise ValueError(
                 "Grassmann representative Y is rank-deficient (Y^T Y is not positive definite); "
                 "a point must have p linearly independent columns"
@@ -57,6 +65,11 @@ class Grassmann(MetricOperator):
     def unwhiten(self, state, blocks: Blocks) -> Blocks:
         _, chol = state
         return blocks if chol is None else (blocks[0] @ chol.mT,)
+
+    def block_ranks(self, state) -> tuple[int | None, ...]:
+        """``Pi(E)`` (and ``Pi(E) L``) has rank at most ``n - p`` (binding when ``n < 2p``)."""
+        n, p = state[0].shape[-2:]
+        return (n - p if n - p < p else None,)
 
     def tangent(self, state, blocks: Blocks) -> torch.Tensor:
         return blocks[0]

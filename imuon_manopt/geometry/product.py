@@ -54,6 +54,12 @@ class Product(MetricOperator):
         return tuple(b for f, s, bl in zip(self.factors, state, self._split(blocks))
                      for b in f.unwhiten(s, bl))
 
+    def block_ranks(self, state) -> tuple[int | None, ...] | None:
+        per = [f.block_ranks(s) for f, s in zip(self.factors, state)]
+        if all(r is None for r in per):
+            return None
+        return tuple(b for f, r in zip(self.factors, per) for b in (r if r is not None else (None,) * len(f.structure)))
+
     def tangent(self, state, blocks: Blocks) -> list:
         return [f.tangent(s, bl) for f, s, bl in zip(self.factors, state, self._split(blocks))]
 

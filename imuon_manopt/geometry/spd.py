@@ -25,6 +25,14 @@ class SPD(MetricOperator):
     def at(self, x: torch.Tensor) -> torch.Tensor:
         chol, info = torch.linalg.cholesky_ex(sym(x))
         if bool((info != 0).any()):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("SPD point has NaN or infinite entries")
+            # entries near the dtype's largest value can overflow inside the factorization: X = 4^k (X / 4^k)
+            exponent = torch.frexp(x.abs().amax()).exponent
+            scale = torch.ldexp(torch.ones((), dtype=x.dtype), exponent + exponent % 2)
+            chol, info = torch.linalg.cholesky_ex(sym(x / scale))
+            chol = chol * scale.sqrt()
+        if bool((info != 0).any()):
             raise ValueError(
                 "SPD point is not positive definite (its Cholesky factorization failed); "
                 "an SPD point must be symmetric with positive eigenvalues"

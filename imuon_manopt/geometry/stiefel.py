@@ -6,6 +6,8 @@
 - metrics: embedded ``||xi||^2 = ||Omega||^2 + ||K||^2`` (Pymanopt's ``Stiefel``, geoopt's
   ``EuclideanStiefel``); canonical ``||xi||^2 = 1/2 ||Omega||^2 + ||K||^2`` (geoopt's ``CanonicalStiefel``,
   which ``geoopt.Stiefel()`` returns);
+- rank bound: ``K`` has rank at most ``n - p``; when ``n < 2p`` the LMO keeps at most ``n - p`` directions of
+  ``K`` (the others are rounding noise, and mapping them to 1 would break tangency);
 - lowering map (flat): embedded ``v``; canonical ``v - X X^T v / 2``;
 - spectral direction: embedded ``X polar(Omega_E) + polar(K_E)``, canonical
   ``sqrt(2) X polar(Omega_E) + polar(K_E)``. The polar factor of a skew matrix is skew, so the direction is tangent.
@@ -44,6 +46,11 @@ class Stiefel(MetricOperator):
         return (omega * self._omega_scale if self._omega_scale != 1.0 else omega), k
 
     unwhiten = whiten  # G^{-1/2} acts the same way on covectors and on LMO outputs here
+
+    def block_ranks(self, state: torch.Tensor) -> tuple[int | None, ...]:
+        """``K = (I - X X^T) E`` has rank at most ``n - p`` (binding when ``n < 2p``)."""
+        n, p = state.shape[-2:]
+        return None, (n - p if n - p < p else None)
 
     def tangent(self, state: torch.Tensor, blocks: Blocks) -> torch.Tensor:
         omega, k = blocks
