@@ -265,13 +265,33 @@ def test_save_and_reload_the_trained_adapter(tmp_path):
     torch.testing.assert_close(_logits(merged, x), trained, atol=1e-12 * scale, rtol=0)
 
 
+def _trainer(model, params, pairs, out, max_steps: int, total_steps: int, save_steps: int | None = None):
+    from transformers import Trainer, TrainingArguments, get_cosine_schedule_with_warmup
+
+    opt = IMuon(params, lr=0.01, pairs=pairs)
+    scheduler = get_cosine_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=total_steps)
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no" if save_steps is None else "steps",
+        save_steps=save_steps or 500,
+        disable_tqdm=True,
+        log_level="error",
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    dataset = [{"input_ids": w, "labels": w} for w in _tokens(batch=16)]
+    return Trainer(model=model, args=args, train_dataset=dataset, optimizers=(opt, scheduler)), opt
+
+
 def test_transformers_trainer_with_imuon(tmp_path):
     """``Trainer(model, args, optimizers=(IMuon(...), scheduler))``: the pairs train, the base stays, the schedule
     drives IMuon's lr."""
-    from transformers import Trainer, TrainingArguments, get_cosine_schedule_with_warmup
-
     windows = _tokens(batch=16)
-    dataset = [{"input_ids": w, "labels": w} for w in windows]
     model = _peft(_base())
     params, pairs = prepare_lora_(model, generator=torch.Generator().manual_seed(5))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -280,21 +300,7 @@ def test_transformers_trainer_with_imuon(tmp_path):
         loss_before = _loss(model, windows).item()
 
     steps = 12
-    opt = IMuon(params, lr=0.01, pairs=pairs)
-    scheduler = get_cosine_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=steps)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=steps,
-        per_device_train_batch_size=4,
-        use_cpu=True,
-        report_to="none",
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, optimizers=(opt, scheduler))
+    trainer, opt = _trainer(model, params, pairs, tmp_path, steps, steps)
     result = trainer.train()
 
     assert result.global_step == steps
@@ -314,6 +320,28 @@ def test_transformers_trainer_with_imuon(tmp_path):
         assert torch.linalg.matrix_rank(b.detach()) == R and torch.linalg.matrix_rank(a.detach()) == R
 
 
+def test_trainer_checkpoint_resume_is_exact(tmp_path):
+    """Stopped at step 6 with a checkpoint (adapter, IMuon's state_dict, scheduler), resumed to 12: the same factors
+    as 12 steps at once. The checkpoint holds only the adapter, so the resumed model rebuilds the same full-rank start
+    (same generator seed) before loading it."""
+    steps, seed = 12, 6
+
+    def fresh():
+        model = _peft(_base())
+        return (model, *prepare_lora_(model, generator=torch.Generator().manual_seed(seed)))
+
+    model, params, pairs = fresh()
+    _trainer(model, params, pairs, tmp_path / "full", steps, steps)[0].train()
+    model, half, pairs = fresh()
+    _trainer(model, half, pairs, tmp_path / "stopped", 6, steps, save_steps=6)[0].train()
+    model, resumed, pairs = fresh()
+    trainer, opt = _trainer(model, resumed, pairs, tmp_path / "resumed", steps, steps)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "stopped" / "checkpoint-6"))
+    assert max((p - q).abs().max().item() for p, q in zip(params, half)) > 1e-3  # 6 steps are not 12
+    for p, q in zip(params, resumed):
+        torch.testing.assert_close(q.detach(), p.detach(), atol=1e-6, rtol=0)
+
+
 def test_readme_peft_example_runs(tmp_path, monkeypatch):
     """The README's PEFT block (fenced ``py``, so the core README test does not need the extra) runs as written."""
     with open(README, encoding="utf-8") as handle:
@@ -326,3 +354,20 @@ def test_readme_peft_example_runs(tmp_path, monkeypatch):
     with open(tmp_path / "lora-out" / "adapter_config.json") as handle:
         assert json.load(handle)["r"] == 2 * 8
     assert all(torch.isfinite(p).all() for p in namespace["params"])
+
+
+def test_full_rank_init_leaves_frozen_adapters_alone():
+    """A second, inactive adapter is frozen: only the trained one is started, and the active function is unchanged."""
+    model = _peft(_base(torch.float64))
+    cfg = LoraConfig(r=2, lora_alpha=2, lora_dropout=0.0, target_modules=TARGETS, fan_in_fan_out=True)
+    model.add_adapter("other", cfg)
+    layer = _peft_layers(model)[0]
+    assert not layer.lora_B["other"].weight.requires_grad and layer.lora_B["default"].weight.requires_grad
+    x = _tokens()
+    before = _logits(model, x)
+    params, pairs = prepare_lora_(model)
+    torch.testing.assert_close(_logits(model, x), before, atol=1e-12 * before.abs().max().item(), rtol=0)
+    assert len(pairs) == 8 and all(b.shape[1] == R for b, _ in pairs)
+    assert all(bool((m.lora_B["other"].weight == 0).all()) for m in _peft_layers(model))
+    assert full_rank_lora_model_init_(model, trainable_only=False) == 16  # on request, the frozen ones too
+    assert not any(bool((m.lora_B["other"].weight == 0).all()) for m in _peft_layers(model))

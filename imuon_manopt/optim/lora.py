@@ -25,7 +25,10 @@ so loading that adapter onto the original base gives ``W + scaling * B A``: off 
 3. ``PeftModel.from_pretrained(original_base, out_dir)`` reproduces the trained model.
 
 The converted adapter is small and works with every PEFT loader. The alternative is the whole
-merged model: ``model.merge_and_unload().save_pretrained(dir)``.
+merged model: ``model.merge_and_unload().save_pretrained(dir)``. Resuming from a checkpoint that
+holds only the adapter (``transformers.Trainer``'s): rebuild the same start first, from the
+original base with the same generator (``prepare_lora_(model,
+generator=torch.Generator().manual_seed(seed))``), then load the adapter and optimizer state.
 """
 
 from __future__ import annotations
