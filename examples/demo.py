@@ -8,10 +8,15 @@
    (``matrix_completion.py``). One progress line per run, tables on screen, tables and plots in ``--output``.
 3. The torch optimizer ``imuon_manopt.optim.IMuon`` against geoopt's RiemannianSGD/RiemannianAdam, AdamW and
    torch.optim.Muon: Stiefel, SPD, Grassmann and LoRA pairs (``torch_*.py``).
+4. LoRA fine-tuning of a small byte-level GPT on real text (``benchmarks/bench_lora_text.py --quick``: pretrained on
+   the standard library's source, fine-tuned on ``pydoc_data.topics``), iMuon against AdamW and torch.optim.Muon,
+   with the gauge experiment; its tables and plots go to ``--output``/lora_text.
 
-About 4-8 minutes on 2 CPU cores; ``--quick`` runs a smoke version in about a minute.
+About 6-10 minutes on 2 CPU cores (plus ~2-3 minutes the first time, to pretrain the GPT of part 4; the checkpoint
+is cached under benchmarks/.cache); ``--quick`` runs a smoke version in about a minute.
 
-Run: ``python examples/demo.py --output demo_output`` (``--quick``, ``--skip-core``, ``--skip-torch``).
+Run: ``python examples/demo.py --output demo_output`` (``--quick``, ``--skip-core``, ``--skip-torch``,
+``--skip-lora-text``).
 """
 
 from __future__ import annotations
@@ -159,12 +164,33 @@ def custom_metric_demo() -> str | None:
     return buffer.getvalue()
 
 
+def lora_text_demo(output: str, quick: bool, threads: int) -> dict:
+    """``benchmarks/bench_lora_text.py --quick`` (best rates of its full run, one seed) into ``output/lora_text``.
+
+    With ``quick`` (the demo's smoke version) the GPT is pretrained for a few steps only and the fine-tuning is
+    short, with its own checkpoint cache inside ``output``; otherwise the benchmark's cached checkpoint is used.
+    """
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(HERE), "benchmarks", "bench_lora_text.py")
+    spec = importlib.util.spec_from_file_location("bench_lora_text", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--quick", "--output", os.path.join(output, "lora_text"), "--threads", str(max(1, threads))]
+    if quick:
+        argv += ["--pretrain-steps", "20", "--steps", "20", "--batch", "8", "--final-windows", "128",
+                 "--curve-windows", "32", "--cache", os.path.join(output, "lora_text", "cache")]
+    return bench.main(argv)
+
+
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="demo_output", help="folder for the tables (.md) and plots (.png)")
     parser.add_argument("--quick", action="store_true", help="a smoke version (< 1 minute)")
     parser.add_argument("--skip-core", action="store_true", help="skip the core checks (section 1)")
     parser.add_argument("--skip-torch", action="store_true", help="skip the torch/geoopt examples (section 5)")
+    parser.add_argument("--skip-lora-text", action="store_true",
+                        help="skip the LoRA fine-tuning on real text (section 6, benchmarks/bench_lora_text.py)")
     cmp.add_thread_option(parser)
     return parser.parse_args(argv)
 
@@ -223,6 +249,12 @@ def main(argv=None) -> dict:
             with contextlib.redirect_stdout(buffer):
                 runs[stem] = module.main(torch_args)
             sections.append(f"## examples/{stem}.py: {title}\n\n" + buffer.getvalue().strip())
+
+    if not args.skip_lora_text:
+        _banner("6. LoRA fine-tuning of a byte-level GPT on real text (benchmarks/bench_lora_text.py --quick)")
+        runs["lora_text"] = lora_text_demo(output, args.quick, args.torch_threads)
+        sections.append("## benchmarks/bench_lora_text.py --quick: LoRA on real text\n\n"
+                        + runs["lora_text"]["text"].split("\n", 2)[2].strip())
     summary = cmp.write_text(os.path.join(output, "summary.md"), "# imuon_manopt demo\n\n" + "\n\n".join(sections))
     elapsed = time.time() - start
     files = sorted(f for f in os.listdir(output) if f.endswith((".md", ".png")))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH_DIR / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -30,3 +32,86 @@ def test_bench_polar_quick(capsys):
         assert rel_err is None or rel_err < 0.5  # NS after 5 steps, or the exact SVD
     printed = capsys.readouterr().out
     assert "| shape |" in printed and "torch.get_num_threads()" in printed
+
+
+def test_bench_lora_text_lr_search_widens_to_an_interior_best():
+    """The half-decade grid search walks from its start to the minimum of a known function (far below the start)
+    and stops once the best rate has an evaluated neighbour on each side; non-finite values count as worst."""
+    import math
+
+    bench = _load("bench_lora_text")
+    assert [bench.grid_lr(i) for i in (-2, -1, 0, 1, 2)] == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+
+    def bowl(lr: float) -> float:  # minimum at lr = 1e-5 on the log scale; "diverges" above 5e-3
+        return math.nan if lr > 5e-3 else (math.log10(lr) + 5.0) ** 2
+
+    best, grid = bench.search_lr(bowl, 1e-2)
+    assert best == 1e-5
+    lrs = sorted(grid)
+    assert lrs[0] < best < lrs[-1]
+    assert grid[3e-2] == math.inf  # the diverged start point is recorded as worst
+    best_up, grid_up = bench.search_lr(lambda lr: -lr, 1e-3, highest=1.0)  # best at the upper bound: stops there
+    assert best_up == 1.0 and max(grid_up) == 1.0
+
+
+def test_bench_lora_text_adapters_match_peft_and_keep_the_function():
+    """The hand-built adapters compute what PEFT's do (same factors, same logits); the full-rank start and the
+    rescale (B M, M^-1 A) leave the model's function unchanged."""
+    import pytest
+
+    bench = _load("bench_lora_text")
+    from transformers import GPT2LMHeadModel
+
+    from imuon_manopt.optim import lora_pairs
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(bench.gpt_config()).eval()
+    x = torch.randint(0, 256, (3, bench.MODEL["n_positions"]), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = base(input_ids=x).logits.to(torch.float64)
+    models = {"manual": bench.add_adapters(base, "manual", torch.float64)}
+    if bench.peft_available():
+        models["peft"] = bench.add_adapters(base, "peft", torch.float64)
+    logits = {}
+    for how, model in models.items():
+        assert len(lora_pairs(model)) == 8
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert len(trainable) == 16 and all(p.ndim == 2 for p in trainable)
+        bench.init_adapters_(model, seed=3)
+        assert all(torch.linalg.matrix_rank(b) == bench.RANK for b, _ in lora_pairs(model))
+        with torch.no_grad():
+            logits[how] = model(input_ids=x).logits
+            torch.testing.assert_close(logits[how], reference, rtol=0, atol=1e-5)  # float32 base weights
+            bench.rescale_(model)
+            torch.testing.assert_close(model(input_ids=x).logits, logits[how], rtol=0, atol=1e-11)
+    if "peft" not in models:
+        pytest.skip("peft is not installed: only the hand-built adapters were checked")
+    for (b1, a1), (b2, a2) in zip(lora_pairs(models["manual"]), lora_pairs(models["peft"])):
+        torch.testing.assert_close(b1, b2, rtol=0, atol=0)
+        torch.testing.assert_close(a1, a2, rtol=0, atol=0)
+    torch.testing.assert_close(logits["manual"], logits["peft"], rtol=0, atol=1e-12)
+
+
+def test_bench_lora_text_tiny(tmp_path):
+    """A tiny configuration end to end: results.md, curves and the gauge experiment. With exact polar factors in
+    float64, iMuon's trajectory from the rescaled factors equals the original one to rounding (GL(r) invariance of
+    the fixed-rank step); AdamW's does not."""
+    bench = _load("bench_lora_text")
+    threads = torch.get_num_threads()
+    try:
+        out = bench.main(["--quick", "--pretrain-steps", "3", "--steps", "4", "--batch", "4", "--threads", "1",
+                          "--final-windows", "32", "--curve-windows", "8", "--eval-every", "2", "--fidelity-svd",
+                          "--adapters", "manual", "--cache", str(tmp_path / "cache"), "--output", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("results.md", "results.json", "heldout_vs_steps.png", "heldout_vs_seconds.png"):
+        assert (tmp_path / name).is_file(), name
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    assert set(out["summary"]) == set(bench.VARIANTS)
+    for row in out["summary"].values():
+        assert row["step_ms"] > 0 and row["opt_ms"] > 0 and len(row["finals"]) == 1
+    exact = out["fidelity"]["iMuon (BM, M^-1A), SVD float64"]
+    assert exact["heldout"] < 1e-10 and exact["minibatch"] < 1e-10
+    assert out["fidelity"]["AdamW (BM, M^-1A)"]["minibatch"] > 1e-6
+    text = (tmp_path / "results.md").read_text()
+    assert "| optimizer | best lr |" in text and "torch.get_num_threads() = 1" in text and "load average" in text
