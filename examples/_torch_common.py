@@ -265,3 +265,148 @@ def report(
     path = plot(runs, panels, os.path.join(output, filename), title)
     print(f"\n### {title}\n\n{table}\n\nplot: {path}")
     return table, path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Real data, learning-rate sweeps and seeds
+
+
+def epoch_batches(n_samples: int, batch: int, epochs: int, seed: int) -> torch.Tensor:
+    """``(epochs * (n_samples // batch), batch)`` sample indices: each epoch a fresh seeded permutation cut into full
+    minibatches (the remainder is dropped). The same order for every optimizer of a seed."""
+    if batch > n_samples:
+        raise ValueError(f"batch={batch} exceeds the {n_samples} samples; pass a smaller batch")
+    g = torch.Generator().manual_seed(seed + 7919)
+    per_epoch = n_samples // batch
+    return torch.cat([torch.randperm(n_samples, generator=g)[: per_epoch * batch].view(per_epoch, batch)
+                      for _ in range(epochs)])
+
+
+def digits(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled handwritten digits: ``(X, y)``, ``X`` (1797, 64) pixel intensities in ``[0, 16]``
+    of 8 x 8 images, ``y`` (1797,) labels 0..9. No download (the data ship with scikit-learn)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("the digits data need scikit-learn: pip install -e '.[examples]'") from exc
+    data = load_digits()
+    return torch.as_tensor(data.data, dtype=dtype), torch.as_tensor(data.target, dtype=torch.long)
+
+
+def half_decade(j: int) -> float:
+    """The ``j``-th point of the half-decade grid ``..., 0.01, 0.03, 0.1, 0.3, 1, ...`` (``j = 0`` is 1)."""
+    return float(f"{3 if j % 2 else 1}e{j // 2}")  # parsed from the decimal, so 0.3 is exactly the float 0.3
+
+
+def half_decade_index(value: float) -> int:
+    """The index ``j`` of the half-decade point nearest to ``value`` (in log scale)."""
+    if not value > 0:
+        raise ValueError(f"a learning rate must be positive, got {value!r}")
+    return min(range(-40, 41), key=lambda j: abs(math.log(half_decade(j) / value)))
+
+
+@dataclass
+class Sweep:
+    """A learning-rate sweep of one optimizer: ``scores[lr]`` (lower is better; ``inf`` for a diverged run)."""
+
+    name: str
+    scores: dict[float, float]
+    best: float
+    inside: bool
+
+    @property
+    def grid(self) -> list[float]:
+        return sorted(self.scores)
+
+    def describe(self) -> str:
+        """``"best (lo-hi, 7 points)"``, with ``"edge!"`` when the best is at an end of the grid."""
+        grid = self.grid
+        where = "" if self.inside else ", edge!"
+        return f"{fmt(self.best)} ({fmt(grid[0])}-{fmt(grid[-1])}, {len(grid)} pts{where})"
+
+
+def sweep_lr(name: str, score: Callable[[float], float], center: float, width: int = 2, max_extend: int = 4,
+             progress: Callable[[str], None] | None = None) -> Sweep:
+    """Tune a learning rate on the half-decade grid.
+
+    Evaluates ``score(lr)`` at the ``2 * width + 1`` half-decade points around ``center``; while the best point is at
+    an end of the grid, one more point is added beyond that end (at most ``max_extend`` times), so that the best
+    point is inside the grid whenever that is reachable (``Sweep.inside`` tells). Non-finite scores count as ``inf``.
+    """
+    c = half_decade_index(center)
+    scores: dict[float, float] = {}
+
+    def evaluate(j: int) -> None:
+        lr = half_decade(j)
+        if lr not in scores:
+            value = float(score(lr))
+            scores[lr] = value if math.isfinite(value) else math.inf
+            if progress is not None:
+                progress(f"  {name:<24s} lr {fmt(lr):>7s}  score {fmt(scores[lr])}")
+
+    lo, hi = c - width, c + width
+    for j in range(lo, hi + 1):
+        evaluate(j)
+    for _ in range(max_extend):
+        best = min(scores, key=lambda lr: (scores[lr], lr))
+        if best == half_decade(lo):  # (also when every run diverged: smaller rates next)
+            lo -= 1
+            evaluate(lo)
+        elif best == half_decade(hi):
+            hi += 1
+            evaluate(hi)
+        else:
+            break
+    best = min(scores, key=lambda lr: (scores[lr], lr))
+    grid = sorted(scores)
+    return Sweep(name, scores, best, grid[0] < best < grid[-1])
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if t.numel() > 1 else 0.0
+
+
+def pm(values: Sequence[float], digits: int = 4) -> str:
+    """``"mean ± std"`` of a few values (seeds), each to ``digits`` significant digits."""
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.{digits}g} ± {std:.2g}"
+
+
+def plot_sweeps(sweeps: Sequence[Sweep], path: str, title: str, ylabel: str, log: bool = False) -> str:
+    """One panel: each optimizer's sweep score against the learning rate (log axis); returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    for s in sweeps:
+        xs = s.grid
+        ys = [s.scores[x] for x in xs]
+        line = ax.plot(xs, [y if math.isfinite(y) else float("nan") for y in ys], "o-", label=s.name, linewidth=1.2)
+        ax.plot([s.best], [s.scores[s.best]], "*", color=line[0].get_color(), markersize=11)
+    ax.set_xscale("log")
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("learning rate (peak of the cosine schedule)")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_text(path: str, text: str) -> str:
+    """Write ``text`` to ``path`` (creating the folder); returns the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as handle:
+        handle.write(text)
+    return path

@@ -41,15 +41,41 @@ def _files(folder, *names):
 def test_pca_quick(tmp_path, capsys):
     records = pca.main(["--quick", "--max-time", "3", "--output", str(tmp_path)], progress=_quiet)
     _files(tmp_path, "pca.md", "pca.png")
-    assert "| iMuon-spectral |" in capsys.readouterr().out
-    for manifold in ("Grassmann", "Stiefel"):
-        (imuon,) = _by(records, "iMuon-spectral", manifold)
-        assert imuon.error < 1e-6, (manifold, imuon.error)
-        assert imuon.info["sin_theta"] < 1e-3
-        assert imuon.trace_error.size > 2 and imuon.trace_error[0] > imuon.trace_error[-1]
-        # the same start for everyone: identical initial errors
-        first = {r.trace_error[0] for r in records if manifold in r.problem}
-        assert max(first) - min(first) < 1e-12
+    printed = capsys.readouterr().out
+    assert "| iMuon-spectral |" in printed and "### PCA digits Grassmann(64,10)" in printed
+    for data in ("gap=", "digits"):
+        for manifold in ("Grassmann", "Stiefel"):
+            group = [r for r in records if data in r.problem and manifold in r.problem]
+            assert {r.solver for r in group} == set(pca.SOLVERS)
+            (imuon,) = _by(group, "iMuon-spectral")
+            assert imuon.error < 1e-6, (data, manifold, imuon.error)
+            assert imuon.info["sin_theta"] < 1e-3
+            assert abs(imuon.info["captured"] - 1.0) < 1e-6
+            assert imuon.trace_error.size > 2 and imuon.trace_error[0] > imuon.trace_error[-1]
+            # the same start for everyone: identical initial errors
+            first = {r.trace_error[0] for r in group}
+            assert max(first) - min(first) < 1e-12
+
+
+def test_pca_digits_reaches_sklearn_pca_subspace():
+    """iMuon on the digits' covariance finds the subspace of scikit-learn's PCA (an independent SVD of the data)."""
+    from sklearn.datasets import load_digits
+    from sklearn.decomposition import PCA
+
+    pixels = load_digits().data / 16.0
+    reference = PCA(n_components=10, svd_solver="full").fit(pixels)
+    centered = pixels - pixels.mean(axis=0)
+    n = 1797  # scikit-learn's variances divide by n - 1, the example's covariance by n
+    optimum = float(reference.explained_variance_.sum()) * (n - 1) / n
+    for manifold in ("grassmann", "stiefel"):
+        problem, x0, error, _ = pca.make_digits_problem(10, manifold)
+        solver = cmp.imuon("spectral", **cmp.stopping(max_iterations=500, max_time=20.0, min_gradient_norm=1e-10))
+        x = cmp.run_solver(problem, solver, x0, error, trace=False, keep_point=True).point
+        assert np.allclose(x.T @ x, np.eye(10), atol=1e-10)
+        cosines = np.linalg.svd(reference.components_ @ x, compute_uv=False)
+        assert cosines.min() > 1 - 1e-12, manifold  # sin(theta_max) < ~1.4e-6
+        captured = float(np.sum((centered @ x) ** 2)) / n  # variance of the data along span(X)
+        assert abs(captured - optimum) < 1e-10 * optimum, manifold
 
 
 def test_karcher_quick(tmp_path):
