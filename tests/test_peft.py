@@ -371,3 +371,36 @@ def test_full_rank_init_leaves_frozen_adapters_alone():
     assert all(bool((m.lora_B["other"].weight == 0).all()) for m in _peft_layers(model))
     assert full_rank_lora_model_init_(model, trainable_only=False) == 16  # on request, the frozen ones too
     assert not any(bool((m.lora_B["other"].weight == 0).all()) for m in _peft_layers(model))
+
+
+def test_embedding_adapter_is_a_pair_too(tmp_path):
+    """PEFT's embedding LoRA (here on GPT-2's position table ``wpe``): ``W + scaling * (B A)^T`` with ``B =
+    lora_embedding_B`` (dim, r) and ``A = lora_embedding_A`` (r, num_embeddings), started with ``A = 0``."""
+    x = _tokens()
+    original = _base(torch.float64)
+    cfg = LoraConfig(r=R, lora_alpha=2 * R, lora_dropout=0.0, target_modules=[*TARGETS, "wpe"], fan_in_fan_out=True)
+    model = get_peft_model(copy.deepcopy(original), cfg).eval()
+    emb = model.base_model.model.transformer.wpe
+    b, a = emb.lora_embedding_B["default"], emb.lora_embedding_A["default"]
+    assert bool((a == 0).all())
+    pairs = lora_pairs(model)
+    assert len(pairs) == 9 and any(p[0] is b and p[1] is a for p in pairs)
+
+    before = _logits(model, x)
+    params, pairs = prepare_lora_(model, init_scale=0.5, generator=torch.Generator().manual_seed(7))
+    scale = before.abs().max().item()
+    torch.testing.assert_close(_logits(model, x), before, atol=1e-12 * scale, rtol=0)
+    assert torch.linalg.matrix_rank(a.detach()) == R
+    positions = torch.arange(32)
+    with torch.no_grad():  # the layout, on the layer's own forward
+        delta = emb(positions) - emb.base_layer(positions)
+    torch.testing.assert_close(delta, emb.scaling["default"] * (b @ a).T[positions])
+
+    losses = _train(model, IMuon(params, lr=0.01, polar="svd", pairs=pairs), x, 10)
+    assert losses[-1] < losses[0] and not torch.equal(a.detach(), a.detach().new_zeros(a.shape))
+    trained = _logits(model, x)
+    # PEFT 0.21's conversion (path_initial_model_for_weight_conversion) handles only lora_A/lora_B names, so a model
+    # with embedding adapters is saved merged
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    merged = GPT2LMHeadModel.from_pretrained(tmp_path / "merged", dtype=torch.float64).eval()
+    torch.testing.assert_close(_logits(merged, x), trained, atol=1e-12 * scale, rtol=0)

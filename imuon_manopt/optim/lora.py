@@ -4,10 +4,13 @@ Layout (Hugging Face PEFT, ``nn.Linear`` adapters): ``lora_A[adapter]`` is ``nn.
 ``lora_A[adapter].weight`` is ``A`` of shape ``(r, in)``; ``lora_B[adapter]`` is
 ``nn.Linear(r, out)``, so ``lora_B[adapter].weight`` is ``B`` of shape ``(out, r)``; the layer
 computes ``W x + scaling * B A x``. The pair ``(B, A)`` is a fixed-rank point ``X = B A`` for
-:class:`~imuon_manopt.optim.IMuon` (``pairs=[(B, A), ...]``).
+:class:`~imuon_manopt.optim.IMuon` (``pairs=[(B, A), ...]``). Embedding adapters: ``B =
+lora_embedding_B[adapter]`` (embedding_dim, r), ``A = lora_embedding_A[adapter]`` (r, num_embeddings),
+and the layer's weight is ``W + scaling * (B A)^T``.
 
-PEFT's default initialization sets ``B = 0``, which is not a rank-r point: the invariant fixed-rank
-step needs both factors of full rank (IMuon raises a ``ValueError`` on its first step otherwise).
+PEFT's default initialization sets ``B = 0`` (``A = 0`` for embeddings), which is not a rank-r
+point: the invariant fixed-rank step needs both factors of full rank (IMuon raises a ``ValueError``
+on its first step otherwise).
 :func:`full_rank_lora_init_` draws a full-rank ``B`` (and ``A`` if needed) and moves the product
 into the frozen base weight, so the model computes the same function. For a PEFT model, one call
 does it all: ``params, pairs = prepare_lora_(model)``, then ``IMuon(params, lr, pairs=pairs)``.
@@ -25,9 +28,12 @@ so loading that adapter onto the original base gives ``W + scaling * B A``: off 
 3. ``PeftModel.from_pretrained(original_base, out_dir)`` reproduces the trained model.
 
 The converted adapter is small and works with every PEFT loader. The alternative is the whole
-merged model: ``model.merge_and_unload().save_pretrained(dir)``. Resuming from a checkpoint that
-holds only the adapter (``transformers.Trainer``'s): rebuild the same start first, from the
-original base with the same generator (``prepare_lora_(model,
+merged model: ``model.merge_and_unload().save_pretrained(dir)``; it is the only one for embedding
+adapters, which PEFT's conversion (0.21) does not cover (it converts ``lora_A`` / ``lora_B`` only
+and writes a wrong adapter otherwise).
+
+Resuming from a checkpoint that holds only the adapter (``transformers.Trainer``'s): rebuild the
+same start first, from the original base with the same generator (``prepare_lora_(model,
 generator=torch.Generator().manual_seed(seed))``), then load the adapter and optimizer state.
 """
 
@@ -43,26 +49,45 @@ def _chains(b: torch.Tensor, a: torch.Tensor) -> bool:
     return b.ndim == 2 and a.ndim == 2 and b.shape[1] == a.shape[0]
 
 
-def _module_pairs(
+#: (A attribute, B attribute, stored transposed?) of PEFT's LoRA layers: linear adapters (``None``: the
+#: layer's ``fan_in_fan_out`` flag says) and embedding adapters (``lora_embedding_B @ lora_embedding_A``
+#: is ``(embedding_dim, num_embeddings)``, the transpose of the base ``nn.Embedding`` weight).
+_KINDS: tuple[tuple[str, str, bool | None], ...] = (
+    ("lora_A", "lora_B", None),
+    ("lora_embedding_A", "lora_embedding_B", True),
+)
+
+
+def _factor(obj) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    w = getattr(obj, "weight", None)
+    return w if isinstance(w, torch.Tensor) else None
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    return any(hasattr(module, a) and hasattr(module, b) for a, b, _ in _KINDS)
+
+
+def _layer_adapters(
     module: nn.Module, adapter: str | None
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Pairs held by a module with ``lora_A`` / ``lora_B`` (dicts of adapters, or single ones)."""
-    lora_a, lora_b = module.lora_A, module.lora_B
-
-    def weight(obj) -> torch.Tensor | None:
-        if isinstance(obj, torch.Tensor):
-            return obj
-        w = getattr(obj, "weight", None)
-        return w if isinstance(w, torch.Tensor) else None
-
-    if isinstance(lora_a, (nn.ModuleDict, nn.ParameterDict, dict)) and isinstance(
-        lora_b, (nn.ModuleDict, nn.ParameterDict, dict)
-    ):
-        keys = [k for k in lora_a.keys() if k in lora_b and (adapter is None or k == adapter)]
-        candidates = [(weight(lora_b[k]), weight(lora_a[k])) for k in keys]
-    else:
-        candidates = [(weight(lora_b), weight(lora_a))]
-    return [(b, a) for b, a in candidates if b is not None and a is not None]
+) -> list[tuple[str | None, torch.Tensor, torch.Tensor, bool]]:
+    """``(name, B, A, transposed)`` of every adapter of a LoRA layer (dicts of adapters, or single ones);
+    ``transposed``: the base weight is stored as ``(in, out)``."""
+    found = []
+    for a_attr, b_attr, transposed in _KINDS:
+        lora_a, lora_b = getattr(module, a_attr, None), getattr(module, b_attr, None)
+        if lora_a is None or lora_b is None:
+            continue
+        dicts = (nn.ModuleDict, nn.ParameterDict, dict)
+        if isinstance(lora_a, dicts) and isinstance(lora_b, dicts):
+            keys = [k for k in lora_a.keys() if k in lora_b and (adapter is None or k == adapter)]
+            items = [(k, _factor(lora_b[k]), _factor(lora_a[k])) for k in keys]
+        else:
+            items = [(None, _factor(lora_b), _factor(lora_a))]
+        flag = bool(getattr(module, "fan_in_fan_out", False)) if transposed is None else transposed
+        found += [(k, b, a, flag) for k, b, a in items if b is not None and a is not None]
+    return found
 
 
 def lora_pairs(
@@ -73,11 +98,13 @@ def lora_pairs(
     Two discovery rules, in this order (duplicates are dropped):
 
     1. modules with attributes ``lora_A`` and ``lora_B`` — PEFT's ``nn.ModuleDict`` of ``nn.Linear``
-       per adapter, a single ``nn.Linear`` each, or parameters / ``nn.ParameterDict`` s;
+       per adapter, a single ``nn.Linear`` each, or parameters / ``nn.ParameterDict`` s — and PEFT's
+       embedding adapters, ``B = lora_embedding_B[adapter]`` (embedding_dim, r) and
+       ``A = lora_embedding_A[adapter]`` (r, num_embeddings);
     2. parameter names: every ``...lora_A.<rest>`` whose ``...lora_B.<rest>`` also exists.
 
     Only 2-D pairs whose shapes chain (``B`` (out, r), ``A`` (r, in)) are kept; PEFT's convolution
-    adapters (4-D weights) and embedding adapters (``lora_embedding_A/B``) are not collected.
+    adapters (4-D weights) are not collected.
 
     Args:
         model: the module to search.
@@ -100,8 +127,8 @@ def lora_pairs(
         found.append((b, a))
 
     for module in model.modules():
-        if hasattr(module, "lora_A") and hasattr(module, "lora_B"):
-            for b, a in _module_pairs(module, adapter):
+        if _is_lora_layer(module):
+            for _, b, a, _ in _layer_adapters(module, adapter):
                 add(b, a)
 
     named = dict(model.named_parameters())
@@ -221,9 +248,12 @@ def full_rank_lora_model_init_(
     place): both factors full rank, the model's function unchanged.
 
     A layer is a module with ``lora_A`` / ``lora_B`` (``nn.ModuleDict`` per adapter, or single
-    ``nn.Linear``), a base weight at ``base_layer.weight`` (PEFT) or ``weight``, an optional
-    ``scaling`` (a dict per adapter or a number; default 1) and an optional ``fan_in_fan_out`` flag
-    (GPT-2's ``Conv1D`` stores the base weight as ``(in, out)``).
+    ``nn.Linear``) or PEFT's embedding adapters ``lora_embedding_A`` / ``lora_embedding_B`` (whose
+    base weight is ``(num_embeddings, embedding_dim)``, the transpose of ``B A``), a base weight at
+    ``base_layer.weight`` (PEFT) or ``weight``, an optional ``scaling`` (a dict per adapter or a
+    number; default 1) and an optional ``fan_in_fan_out`` flag (GPT-2's ``Conv1D`` stores the base
+    weight as ``(in, out)``). PEFT starts embedding adapters with ``A = 0`` (and a random ``B``): the
+    zero factor is the one replaced.
 
     The frozen base weight changes (``W - scaling * B0 A0``): see the module docstring for what to
     save. Several adapters on one layer share its base weight, so starting one of them changes the
@@ -242,33 +272,29 @@ def full_rank_lora_model_init_(
     """
     count = 0
     for module in model.modules():
-        if not (hasattr(module, "lora_A") and hasattr(module, "lora_B")):
+        if not _is_lora_layer(module):
+            continue
+        adapters = _layer_adapters(module, adapter)
+        if trainable_only:
+            adapters = [x for x in adapters if x[1].requires_grad and x[2].requires_grad]
+        if not adapters:
             continue
         weight = _base_weight(module)
         if weight is None:
             raise ValueError(
-                f"{type(module).__name__} has lora_A/lora_B but no base weight (base_layer.weight "
-                "or weight)"
+                f"{type(module).__name__} has LoRA factors but no base weight (base_layer.weight or weight)"
             )
-        lora_a, lora_b = module.lora_A, module.lora_B
-        keys = list(lora_a.keys()) if isinstance(lora_a, (nn.ModuleDict, dict)) else [None]
-        for key in keys:
-            if key is not None and (key not in lora_b or (adapter is not None and key != adapter)):
-                continue
-            a_mod = lora_a[key] if key is not None else lora_a
-            b_mod = lora_b[key] if key is not None else lora_b
-            if trainable_only and not (b_mod.weight.requires_grad and a_mod.weight.requires_grad):
-                continue
+        for key, b, a, transposed in adapters:
             scaling = getattr(module, "scaling", 1.0)
             if isinstance(scaling, dict):
                 scaling = scaling.get(key, 1.0)
             full_rank_lora_init_(
                 weight,
-                b_mod.weight,
-                a_mod.weight,
+                b,
+                a,
                 float(scaling),
                 init_scale=init_scale,
-                fan_in_fan_out=bool(getattr(module, "fan_in_fan_out", False)),
+                fan_in_fan_out=transposed,
                 generator=generator,
             )
             count += 1
@@ -277,7 +303,7 @@ def full_rank_lora_model_init_(
 
 def _is_lora_factor(name: str, adapter: str | None) -> bool:
     dotted = "." + name
-    for tag in (".lora_A.", ".lora_B."):
+    for tag in (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B."):
         if tag in dotted:
             return adapter is None or dotted.rpartition(tag)[2].split(".")[0] == adapter
     return False
@@ -317,8 +343,8 @@ def prepare_lora_(
 
     Raises:
         ValueError: the model has no trainable LoRA linear adapter, or a trainable ``lora_A`` /
-            ``lora_B`` weight is not part of a pair (one factor frozen, or a convolution / embedding
-            adapter, which the pairs do not cover).
+            ``lora_B`` weight is not part of a pair (one factor frozen, or a convolution adapter,
+            which the pairs do not cover).
     """
     full_rank_lora_model_init_(model, adapter=adapter, init_scale=init_scale, generator=generator)
     pairs = lora_pairs(model, adapter=adapter)
