@@ -55,6 +55,7 @@ __all__ = [
     "CommStats",
     "apply_full",
     "comm_stats",
+    "full",
     "is_sharded",
     "keep_manifolds",
     "like",
@@ -93,6 +94,12 @@ _DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}
 def local(t: torch.Tensor) -> torch.Tensor:
     """The rank's part of ``t``: ``t.to_local()`` for a ``DTensor``, else ``t`` itself."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: ``t.full_tensor()`` for a ``DTensor`` (a collective: every rank of its mesh must call it,
+    in the same order), else ``t`` itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def is_sharded(p: torch.Tensor) -> bool:
