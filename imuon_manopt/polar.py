@@ -89,7 +89,7 @@ _GRAM_MAX_SIDE = 512
 _GRAM_MIN_WORK = 2**20
 
 
-def _use_gram(s: int, l: int, work: torch.dtype, device: torch.device) -> bool:
+def _use_gram(s: int, l: int, work: torch.dtype, device: torch.device, count: int = 1) -> bool:
     # CPU only: on a GPU the plain iteration's long-side products are cheap and the Gram form's
     # extra small float64 kernels cost more than they save (H100, 1024 x 64 float32: 1.2 ms with
     # the Gram form, 0.7 ms without; benchmarks/RESULTS.md).
@@ -98,7 +98,7 @@ def _use_gram(s: int, l: int, work: torch.dtype, device: torch.device) -> bool:
         and work in (torch.float32, torch.float64)
         and l >= _GRAM_ASPECT * s
         and s <= _GRAM_MAX_SIDE
-        and s * s * l >= _GRAM_MIN_WORK
+        and count * s * s * l >= _GRAM_MIN_WORK  # count: matrices in the batch (one call's fixed costs)
     )
 
 
@@ -332,7 +332,7 @@ def _newton_schulz(
     y = (y / fro.clamp_min(torch.finfo(prec).tiny)).to(work)
     if transpose:
         y = y.mT
-    if _use_gram(s, l, work, x.device):
+    if _use_gram(s, l, work, x.device, math.prod(batch)):
         p = _newton_schulz_gram(y, coeffs).to(work)
         # the final product P Y_0, formed in the input's orientation (a contiguous result)
         return y.mT @ p.mT if transpose else p @ y

@@ -130,7 +130,7 @@ def test_optimizer_on_cuda_keeps_every_parameter_feasible():
     b = torch.nn.Parameter(torch.randn(128, 4, device="cuda") / 128**0.5)
     a = torch.nn.Parameter(torch.randn(4, 96, device="cuda") / 96**0.5)
     params = [*mparams.values(), w, bias, b, a]
-    opt = IMuon(params, lr=0.05, pairs=[(b, a)], ns_dtype=torch.bfloat16)
+    opt = IMuon(params, lr=0.05, pairs=[(b, a)], polar={"method": "newton_schulz", "dtype": torch.bfloat16})
     for _ in range(50):
         for t in params:
             g = torch.randn_like(t)

@@ -59,7 +59,7 @@ def test_ambient_mode_is_only_orthogonally_invariant():
     g = torch.tensor([[2.0, 1.0], [0.0, 0.5]], dtype=DT)
 
     def ambient(b, a):
-        return IMuon([b, a], lr=0.02, polar="svd", pairs=[(b, a)], pair_momentum="ambient")
+        return IMuon([{"params": [b, a], "pair_momentum": "ambient"}], lr=0.02, polar="svd", pairs=[(b, a)])
 
     x_ref = _train_pair(b0, a0, target, 4, ambient)
     torch.testing.assert_close(_train_pair(b0 @ q, q.T @ a0, target, 4, ambient), x_ref)

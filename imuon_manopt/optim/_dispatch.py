@@ -1,27 +1,32 @@
 """geoopt manifold classes -> iMuon metric operators.
 
-Dispatch is on the *concrete* class of ``ManifoldParameter.manifold`` (walking its MRO, so geoopt's
-``...Exact`` variants inherit their parent's rule): ``geoopt.Stiefel()`` returns a
-``CanonicalStiefel``, whose canonical metric gives a different iMuon direction than
-``EuclideanStiefel`` (spec §2).
+Dispatch is on the *concrete* class of ``ManifoldParameter.manifold`` (walking its MRO, so geoopt's ``...Exact``
+variants inherit their parent's rule): ``geoopt.Stiefel()`` returns a ``CanonicalStiefel``, whose canonical metric
+gives a different iMuon direction than ``EuclideanStiefel`` (spec §2).
 
-A rule has two parts:
+A rule says which :class:`imuon_manopt.geometry.MetricOperator` describes the manifold's metric (in geoopt's point
+representation) and how to translate between the two libraries' representations; it holds no metric formula. The
+metric's lowering map (tangent vector -> covector) is the geometry's own :meth:`MetricOperator.flat`.
 
-``geometry(manifold)``
-    the :class:`imuon_manopt.geometry.MetricOperator` of the manifold's metric, in geoopt's
-    representation;
-``flat(x, v)``
-    the metric's "lowering" map: a tangent vector ``v`` (e.g. a momentum buffer of Riemannian
-    gradients) -> a Euclidean covector ``c`` with ``<c, w>_F = g_x(v, w)`` for every tangent ``w``.
-    It turns the transported momentum back into the Euclidean-gradient form the iMuon template
-    takes. For metrics that are the embedded (Frobenius) one on the tangent space it is the
-    identity.
+``covector_update``
+    geoopt's ``retr`` / ``retr_transp`` / ``proju`` of the manifold take a *Euclidean covector*, not a tangent vector:
+    ``CanonicalStiefel``'s Cayley retraction moves along ``proju(u) = u - X u^T X``, which for a tangent ``u = X Omega
+    + K`` is ``2 X Omega + K``. The optimizer hands such a manifold ``flat(xi)`` (for which ``proju(flat(xi)) = xi``),
+    so the retraction moves along ``xi`` and transports the momentum along the same curve.
+``matrix_shape``
+    the ``(a, b)`` shape a step lives in, for ``adjust_lr_fn``: the trailing two dims, or ``(n, 1)`` for row-wise
+    spheres whatever the batch.
+``polish``
+    an optional map applied after the retraction (one Newton–Schulz step back to orthonormality for the Cayley
+    retraction, which is orthogonal only in exact arithmetic).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import geoopt
 import torch
@@ -32,67 +37,53 @@ FlatMap = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GeometryFactory = Callable[[geoopt.Manifold], MetricOperator]
 
 
+def _trailing_shape(shape: torch.Size) -> tuple[int, int]:
+    return (shape[-2], shape[-1]) if len(shape) >= 2 else (shape[-1], 1)
+
+
+def _column_shape(shape: torch.Size) -> tuple[int, int]:
+    return (shape[-1], 1)
+
+
 @dataclass(frozen=True)
 class ManifoldRule:
     """How :class:`~imuon_manopt.optim.IMuon` treats parameters on one geoopt manifold class."""
 
     geometry: GeometryFactory
-    flat: FlatMap
     label: str
+    covector_update: bool = False
+    matrix_shape: Callable[[torch.Size], tuple[int, int]] = _trailing_shape
     polish: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-
-def _identity_flat(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return v
-
-
-def _canonical_stiefel_flat(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    # g_x(v, w) = tr(v^T (I - 1/2 X X^T) w): the covector is (I - 1/2 X X^T) v.
-    return v - 0.5 * (x @ (x.mT @ v))
+    flat: FlatMap | None = None  # deprecated override of the geometry's flat (register_manifold(flat=...))
 
 
 def _stiefel_polish(x: torch.Tensor) -> torch.Tensor:
-    # One Newton-Schulz step towards the polar factor, X (3 I - X^T X) / 2: removes the O(eps)
-    # orthonormality
-    # error the Cayley retraction accumulates over many steps (it is exactly orthogonal only in
-    # exact
-    # arithmetic). It moves X by O(||X^T X - I||), i.e. by rounding error.
+    # One Newton-Schulz step towards the polar factor, X (3 I - X^T X) / 2: removes the O(eps) orthonormality error
+    # the Cayley retraction accumulates over many steps. It moves X by O(||X^T X - I||), i.e. by rounding error.
     return 1.5 * x - 0.5 * (x @ (x.mT @ x))
-
-
-def _spd_flat(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    # Affine-invariant metric g_X(v, w) = tr(X^{-1} v X^{-1} w): the covector is X^{-1} v X^{-1}.
-    chol = torch.linalg.cholesky(0.5 * (x + x.mT))
-    c = torch.cholesky_solve(torch.cholesky_solve(v, chol).mT, chol)
-    return 0.5 * (c + c.mT)
 
 
 def _sphere_geometry(manifold: geoopt.Manifold) -> MetricOperator:
     if getattr(manifold, "projector", None) is not None:
         raise TypeError(
-            "IMuon supports geoopt.Sphere without `intersection`/`complement` subspaces only; the "
-            "sphere "
+            "IMuon supports geoopt.Sphere without `intersection`/`complement` subspaces only; the sphere "
             f"{manifold!r} is restricted to a subspace"
         )
     return Sphere()
 
 
 _RULES: dict[type, ManifoldRule] = {
-    geoopt.EuclideanStiefel: ManifoldRule(
-        lambda m: Stiefel("embedded"), _identity_flat, "geoopt.EuclideanStiefel (embedded metric)"
-    ),
+    geoopt.EuclideanStiefel: ManifoldRule(lambda m: Stiefel("embedded"), "geoopt.EuclideanStiefel (embedded metric)"),
     geoopt.CanonicalStiefel: ManifoldRule(
         lambda m: Stiefel("canonical"),
-        _canonical_stiefel_flat,
         "geoopt.CanonicalStiefel (canonical metric; what geoopt.Stiefel() returns)",
+        covector_update=True,
         polish=_stiefel_polish,
     ),
     geoopt.SymmetricPositiveDefinite: ManifoldRule(
-        lambda m: SPD(), _spd_flat, "geoopt.SymmetricPositiveDefinite (affine-invariant metric)"
+        lambda m: SPD(), "geoopt.SymmetricPositiveDefinite (affine-invariant metric)"
     ),
-    geoopt.Sphere: ManifoldRule(
-        _sphere_geometry, _identity_flat, "geoopt.Sphere (row-wise unit spheres)"
-    ),
+    geoopt.Sphere: ManifoldRule(_sphere_geometry, "geoopt.Sphere (row-wise unit spheres)", matrix_shape=_column_shape),
 }
 
 
@@ -104,9 +95,7 @@ def _register_builtin_grassmann() -> None:
     _RULES.setdefault(
         GrassmannManifold,
         ManifoldRule(
-            lambda m: Grassmann("orthonormal"),
-            _identity_flat,
-            "imuon_manopt.manifolds.Grassmann (orthonormal representatives)",
+            lambda m: Grassmann("orthonormal"), "imuon_manopt.manifolds.Grassmann (orthonormal representatives)"
         ),
     )
 
@@ -119,19 +108,16 @@ def register_manifold(
     geometry: MetricOperator | GeometryFactory,
     flat: FlatMap | None = None,
 ) -> None:
-    """Teach :class:`~imuon_manopt.optim.IMuon` a new geoopt manifold class (or override a built-in
-    rule).
+    """Teach :class:`~imuon_manopt.optim.IMuon` a new geoopt manifold class (or override a built-in rule).
 
     Args:
-        manifold_cls: a subclass of ``geoopt.Manifold``; its subclasses inherit the rule unless
-            registered themselves.
-        geometry: an :class:`imuon_manopt.geometry.MetricOperator` instance for the manifold's
-            metric (in the manifold's point representation), or a callable ``manifold ->
-            MetricOperator``.
-        flat: the metric's lowering map ``(x, v) -> covector`` used to feed transported momentum (a
-            tangent vector) back to the iMuon template; default: the identity, right when the
-            manifold's metric is the embedded Frobenius metric on its tangent space (``egrad2rgrad``
-            is an orthogonal projection).
+        manifold_cls: a subclass of ``geoopt.Manifold``; its subclasses inherit the rule unless registered themselves.
+        geometry: an :class:`imuon_manopt.geometry.MetricOperator` instance for the manifold's metric (in the
+            manifold's point representation), or a callable ``manifold -> MetricOperator``. Its ``flat`` (the metric's
+            lowering map) turns transported momentum back into a covector, and its ``at`` / ``project`` /
+            ``tangent`` must accept a leading batch dimension (parameters of one shape are stepped together).
+        flat: deprecated: a lowering map ``(x, v) -> covector`` overriding ``geometry.flat``; implement
+            ``MetricOperator.flat`` instead.
     """
     if not (isinstance(manifold_cls, type) and issubclass(manifold_cls, geoopt.Manifold)):
         raise TypeError(f"manifold_cls must be a geoopt.Manifold subclass, got {manifold_cls!r}")
@@ -144,11 +130,16 @@ def register_manifold(
         factory = geometry
     else:
         raise TypeError(
-            "geometry must be an imuon_manopt.geometry.MetricOperator or a callable manifold -> "
-            "MetricOperator, "
+            "geometry must be an imuon_manopt.geometry.MetricOperator or a callable manifold -> MetricOperator, "
             f"got {type(geometry).__name__}"
         )
-    _RULES[manifold_cls] = ManifoldRule(factory, flat or _identity_flat, manifold_cls.__name__)
+    if flat is not None:
+        warnings.warn(
+            "register_manifold(flat=...) is deprecated: implement MetricOperator.flat on the geometry",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+    _RULES[manifold_cls] = ManifoldRule(factory, manifold_cls.__name__, flat=flat)
 
 
 def supported_manifolds() -> list[str]:
@@ -165,6 +156,17 @@ def is_euclidean(manifold: geoopt.Manifold | None) -> bool:
     return manifold is None or isinstance(manifold, geoopt.Euclidean)
 
 
+def batch_key(manifold: geoopt.Manifold) -> Any:
+    """Parameters whose manifolds have equal keys may be stepped as one batch: the class and its plain settings;
+    a manifold holding tensors (e.g. a curvature) is keyed by identity."""
+    if any(True for _ in manifold.parameters()) or any(True for _ in manifold.buffers()):
+        return ("instance", id(manifold))
+    simple = tuple(
+        sorted((k, repr(v)) for k, v in vars(manifold).items() if not k.startswith("_") and k != "training")
+    )
+    return (type(manifold), simple)
+
+
 def lookup(manifold: geoopt.Manifold) -> tuple[ManifoldRule, MetricOperator]:
     """The rule and metric operator of ``manifold``; a ``TypeError`` naming the supported ones."""
     for cls in type(manifold).__mro__:
@@ -173,14 +175,11 @@ def lookup(manifold: geoopt.Manifold) -> tuple[ManifoldRule, MetricOperator]:
             return rule, rule.geometry(manifold)
     names = "; ".join(supported_manifolds())
     raise TypeError(
-        "IMuon does not support the manifold "
-        f"{type(manifold).__module__}.{type(manifold).__name__} "
-        f"({manifold!r}). Supported: {names}. To add a manifold, implement the metric-operator "
-        "interface "
-        "imuon_manopt.geometry.MetricOperator (at, project, whiten, unwhiten, tangent) for its "
-        "metric and "
+        f"IMuon does not support the manifold {type(manifold).__module__}.{type(manifold).__name__} "
+        f"({manifold!r}). Supported: {names}. To add a manifold, implement the metric-operator interface "
+        "imuon_manopt.geometry.MetricOperator (at, project, whiten, unwhiten, tangent, flat) for its metric and "
         "register it with imuon_manopt.optim.register_manifold(ManifoldClass, geometry)."
     )
 
 
-__all__ = ["ManifoldRule", "is_euclidean", "lookup", "register_manifold", "supported_manifolds"]
+__all__ = ["ManifoldRule", "batch_key", "is_euclidean", "lookup", "register_manifold", "supported_manifolds"]

@@ -1,37 +1,38 @@
-"""iMuon as a ``torch.optim`` optimizer for plain tensors, geoopt manifold parameters and LoRA
-factor pairs.
+"""iMuon as a ``torch.optim`` optimizer for plain tensors, geoopt manifold parameters and LoRA factor pairs.
 
-:class:`IMuon` is a geoopt ``OptimMixin`` + ``torch.optim.Optimizer``. Each parameter is routed by
-what it is:
+:class:`IMuon` is a geoopt ``OptimMixin`` + ``torch.optim.Optimizer``. Each parameter is routed by what it is:
 
-- plain tensor (or geoopt ``Euclidean``) with ``ndim >= 2``: Muon, ``p - lr * lmo(E~)``; tensors
-  with ``ndim > 2`` (convolutions) are viewed as ``(shape[0], -1)``;
-- plain tensor with ``ndim < 2`` (biases, norms, scalars): the group's ``fallback`` (AdamW by
-  default, or SGD);
-- ``ManifoldParameter`` on a supported manifold: ``retr(p, -lr * xi)`` with ``xi`` the iMuon
-  direction of the manifold's metric (spec §2); a batch ``(..., n, p)`` is one core call;
-- a ``(B, A)`` pair listed in ``pairs``: ``B - lr * xi_B``, ``A - lr * xi_A``, the invariant
-  fixed-rank step, with ``lr`` backtracked if a factor would lose rank.
+- plain tensor (or geoopt ``Euclidean``) with ``ndim >= 2``: Muon, ``p - lr * lmo(E~)``; tensors with ``ndim > 2``
+  (convolutions) are viewed as ``(shape[0], -1)``;
+- plain tensor with ``ndim < 2`` (biases, norms, scalars): the group's ``fallback``, torch's own AdamW (default) or
+  SGD (:mod:`imuon_manopt.optim._fallback`);
+- ``ManifoldParameter`` on a supported manifold: ``retr(p, -lr * xi)`` with ``xi`` the iMuon direction of the
+  manifold's metric (spec §2);
+- a ``(B, A)`` pair listed in ``pairs``: ``B - lr * xi_B``, ``A - lr * xi_A``, the invariant fixed-rank step, with
+  ``lr`` backtracked if the product would lose rank.
+
+Grouped steps. Parameters of one param group that share a kind, geometry, shape, dtype and device are stacked and
+take one batched direction, one batched LMO and one batched retraction (:mod:`imuon_manopt.optim._steps`); the
+Python work per step grows with the number of such groups, not of parameters. The grouping is structure, rebuilt
+from the parameters when the param groups, the pairs or the set of parameters with gradients change; the state
+stays per parameter (``state[p]["momentum_buffer"]`` etc.), so ``state_dict()`` keeps its layout.
 
 Momentum (spec §3), with ``beta = momentum``:
 
-- plain matrices: Nesterov on the Euclidean gradient, ``buf = beta * buf + E``, ``E~ = E + beta *
-  buf`` (``E~ = buf`` without Nesterov);
-- manifold parameters: the buffer is a tangent vector, the running sum of Riemannian gradients
-  ``egrad2rgrad(x, E)``, carried to the new point by the manifold's vector transport
-  (``retr_transp``); the Nesterov combination is turned back into a Euclidean covector by the metric
-  (``G_x``) before the iMuon template;
-- pairs: buffers on the factor gradients ``E_B``, ``E_A`` (GL(r)-equivariant).
-  ``pair_momentum="ambient"`` selects the reference LoRA mode of spec §3 (ambient momentum ``E~_B A
-  + B E~_A``, only O(r)-invariant).
+- plain matrices: Nesterov on the Euclidean gradient, ``buf = beta * buf + E``, ``E~ = E + beta * buf`` (``E~ =
+  buf`` without Nesterov);
+- manifold parameters: the buffer is a tangent vector, the running sum of Riemannian gradients ``egrad2rgrad(x,
+  E)``, carried to the new point by the manifold's vector transport (``retr_transp``); the Nesterov combination is
+  lowered to a Euclidean covector by the geometry's ``flat`` before the iMuon template;
+- pairs: buffers on the factor gradients ``E_B``, ``E_A`` (GL(r)-equivariant). ``pair_momentum="ambient"`` selects
+  the reference LoRA mode of spec §3 (:class:`imuon_manopt.geometry.AmbientFixedRank`, only O(r)-invariant).
 
-The spectral LMO is scale invariant, so this sum-form momentum gives the same directions as
-``torch.optim.Muon``'s EMA form (whose combined update is ``(1 - beta)`` times this one).
+The spectral LMO is scale invariant, so this sum-form momentum gives the same directions as ``torch.optim.Muon``'s
+EMA form (whose combined update is ``(1 - beta)`` times this one). Buffers are kept in at least float32.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,202 +40,114 @@ from typing import Any
 import torch
 from geoopt.optim.mixin import OptimMixin
 
-from ..direction import intrinsic_direction
-from ..geometry import Euclidean, FixedRank, MetricOperator
-from ..geometry.base import Blocks
+from ..geometry import FixedRank, MetricOperator
 from ..lmo import resolve_norm
-from . import _dispatch
+from . import _dispatch, _options, _steps
+from ._fallback import fallback_outputs, host_step, work_dtype
+
+try:  # sharded (FSDP2) parameters: gather, compute on full tensors, scatter back
+    from ._distributed import apply_full, local
+except ImportError:  # pragma: no cover - the plain path
+
+    def apply_full(params, inputs, fn, *, owner: bool = True):
+        """Without sharding the group function runs on the tensors themselves."""
+        return fn(inputs)
+
+    def local(t):
+        """The local part of a (possibly sharded) tensor: the tensor itself without sharding."""
+        return t
+
 
 __all__ = ["IMuon"]
 
-AdjustLrFn = Callable[[float, tuple[int, int]], float]
-
-_POLARS = ("svd", "newton_schulz")
-_ADJUST_NAMES = ("original", "match_rms_adamw")
-_FALLBACKS = ("adamw", "sgd")
-_PAIR_MOMENTUM = ("factor", "ambient")
-_NONFINITE = ("raise", "skip")
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-#: Halvings of a pair's step before the pair stays put for this step (2^-12 ~ 2.4e-4 of the step).
-_MAX_BACKTRACKS = 12
+AdjustLrFn = _options.AdjustLrFn
 #: Feasibility tolerances of the first-step manifold check, by parameter dtype.
 _CHECK_TOL = {torch.float64: 1e-5, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
-_EUCLIDEAN = Euclidean()
-_FIXED_RANK = FixedRank()
-
-
-def _work_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype the update is computed in: at least float32."""
-    return torch.float32 if t.dtype in _LOW_PRECISION else t.dtype
-
-
-def _adjusted_lr(lr: float, fn: str | AdjustLrFn | None, shape: tuple[int, int]) -> float:
-    """Shape-based learning-rate scaling (``torch.optim.Muon``'s conventions, or a callable)."""
-    if fn is None:
-        return lr
-    a, b = shape
-    if fn == "original":
-        return lr * math.sqrt(max(1.0, a / b))
-    if fn == "match_rms_adamw":
-        return lr * 0.2 * math.sqrt(max(a, b))
-    return float(fn(lr, (a, b)))
-
-
-def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """Are all entries of all ``tensors`` finite? One host sync per (device, dtype).
-
-    The max-norm propagates NaN and Inf and cannot overflow, so one fused ``_foreach_norm`` per
-    (device, dtype) bucket checks a whole list; on the CPU, where the fused infinity norm is slow,
-    ``abs().amax()`` per tensor does the same.
-    """
-    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for t in tensors:
-        if t.numel():
-            buckets.setdefault((t.device, t.dtype), []).append(t)
-    for ts in buckets.values():
-        if ts[0].device.type == "cpu":
-            norms = [t.abs().amax() for t in ts]
-        else:
-            norms = torch._foreach_norm(ts, math.inf)
-        top = norms[0] if len(norms) == 1 else torch.stack(norms).max()  # max propagates NaN
-        if not math.isfinite(float(top)):
-            return False
-    return True
-
-
-class _AmbientLoRA(MetricOperator):
-    """The reference LoRA "ambient momentum" step (spec §3), only O(r)-invariant.
-
-    With ``B = Q_B R_B`` and ``A^T = Q_A R_A`` and the (never formed) ambient matrix ``M = E_B A + B
-    E_A``: ``H_B = M Q_A = E_B R_A^T + B (E_A Q_A)``, ``H_A = Q_B^T M = (Q_B^T E_B) A + R_B E_A``,
-    and ``xi_B = lmo(H_B) R_A^{-T}``, ``xi_A = R_B^{-1} lmo(H_A)``.
-    """
-
-    structure = ("general", "general")
-
-    def at(self, x):
-        b, a = x
-        _FIXED_RANK.at(x)  # shape and rank checks, with the library's error messages
-        q_b, r_b = torch.linalg.qr(b)
-        q_a, r_a = torch.linalg.qr(a.mT)
-        return b, a, q_b, r_b, q_a, r_a
-
-    def project(self, state, egrad) -> Blocks:
-        b, a, q_b, r_b, q_a, r_a = state
-        e_b, e_a = egrad
-        return e_b @ r_a.mT + b @ (e_a @ q_a), (q_b.mT @ e_b) @ a + r_b @ e_a
-
-    def whiten(self, state, blocks: Blocks) -> Blocks:
-        return blocks
-
-    def unwhiten(self, state, blocks: Blocks) -> Blocks:
-        *_, r_b, _, r_a = state
-        z_b, z_a = blocks
-        xi_b = torch.linalg.solve_triangular(r_a.mT, z_b, upper=False, left=False)
-        xi_a = torch.linalg.solve_triangular(r_b, z_a, upper=True)
-        return xi_b, xi_a
-
-    def tangent(self, state, blocks: Blocks):
-        return tuple(blocks)
-
-
-_AMBIENT_LORA = _AmbientLoRA()
 
 
 @dataclass
-class _Plan:
-    """Everything one ``step`` would write: new parameter values and new state entries."""
+class _Group:
+    """Parameters stepped together (one batched call): ``kind`` is ``matrix``, ``manifold``, ``pair`` or
+    ``fallback``; for pairs ``params`` holds the B factors, then the A factors."""
 
-    params: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    state: list[tuple[dict, str, torch.Tensor]] = field(default_factory=list)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [v for _, v in self.params] + [v for *_, v in self.state if v.is_floating_point()]
+    kind: str
+    group: dict[str, Any]
+    params: list[torch.Tensor]
+    shape2d: tuple[int, int] = (0, 0)
+    rule: _dispatch.ManifoldRule | None = None
+    geometry: MetricOperator | None = None
+    pair_ids: list[int] = field(default_factory=list)
 
 
 class IMuon(OptimMixin, torch.optim.Optimizer):
-    r"""Intrinsic Muon: spectral steepest descent in each parameter's own geometry
-    (arXiv:2605.09238).
+    r"""Intrinsic Muon: spectral steepest descent in each parameter's own geometry (arXiv:2605.09238).
 
-    One step per parameter (see the module docstring for the routing and the momentum rules):
-    ``x <- R_x(-lr * xi)``, where ``xi = G^{-1/2} lmo(G^{-1/2} P_x(E~))`` is the iMuon direction of
-    the parameter's manifold and metric for the (momentum-combined) Euclidean gradient ``E~`` (spec
-    §1–§3). The manifold is read from ``ManifoldParameter.manifold`` and dispatched on its concrete
-    class: ``geoopt.EuclideanStiefel``, ``geoopt.CanonicalStiefel`` (what ``geoopt.Stiefel()``
-    returns; its canonical metric changes the direction), ``geoopt.SymmetricPositiveDefinite``
-    (affine-invariant), ``geoopt.Sphere`` (row-wise) and ``imuon_manopt.manifolds.Grassmann``; more
-    via :func:`~imuon_manopt.optim.register_manifold`. The retraction and vector transport are the
-    manifold's own (``retr`` / ``retr_transp``).
+    One step per parameter (see the module docstring for the routing, grouping and momentum rules): ``x <-
+    R_x(-lr * xi)``, where ``xi = G^{-1/2} lmo(G^{-1/2} P_x(E~))`` is the iMuon direction of the parameter's manifold
+    and metric for the (momentum-combined) Euclidean gradient ``E~`` (spec §1–§3). The manifold is read from
+    ``ManifoldParameter.manifold`` and dispatched on its concrete class: ``geoopt.EuclideanStiefel``,
+    ``geoopt.CanonicalStiefel`` (what ``geoopt.Stiefel()`` returns; its canonical metric changes the direction),
+    ``geoopt.SymmetricPositiveDefinite`` (affine-invariant), ``geoopt.Sphere`` (row-wise) and
+    ``imuon_manopt.manifolds.Grassmann``; more via :func:`~imuon_manopt.optim.register_manifold`. The retraction and
+    vector transport are the manifold's own (``retr`` / ``retr_transp``).
 
     Args:
-        params: parameters or param-group dicts (every option below except ``pairs`` and
-            ``nonfinite`` can be set per group).
+        params: parameters or param-group dicts (every option below except ``pairs``, ``nonfinite`` and
+            ``stabilize`` can be set per group; groups also take ``use_imuon`` and ``pair_momentum``, see below).
         lr: learning rate (step length in the chosen norm; ``tau`` of the LMO is 1).
         momentum: ``beta`` in ``[0, 1)`` (default 0.95); 0 disables the buffers.
         nesterov: Nesterov combination ``E~ = E + beta * buf`` (default) instead of ``E~ = buf``.
-        weight_decay: decoupled decay ``p <- (1 - lr * wd) p`` (unadjusted ``lr``) for plain tensors
-            (the iMuon matrices and the fallback) and for pairs (applied to the product: both
-            factors are scaled by ``sqrt(1 - lr * wd)``, which keeps the rank and the gauge
-            invariance). A group with ``weight_decay > 0`` may not hold manifold parameters: decay
-            leaves the manifold, so this raises a ``ValueError`` (put them in a group with
-            ``weight_decay=0``).
-        norm: the LMO's norm, ``"spectral"`` (default), ``"frobenius"``, ``"nuclear"`` or
-            ``"schatten"``.
-        p: the Schatten exponent for ``norm="schatten"``.
-        polar: orthogonalizer, ``"newton_schulz"`` (default: fast on accelerators, approximate polar
-            factor, as in Muon) or ``"svd"`` (exact and rank-aware; eigh for SPD). The Newton–Schulz
-            schedule is the core's (:func:`imuon_manopt.lmo.polar`).
-        ns_steps: Newton–Schulz iterations (default 5).
-        ns_dtype: working dtype of the Newton–Schulz products, e.g. ``torch.bfloat16`` on GPUs
-            with fast bfloat16 matmuls (what ``torch.optim.Muon`` always uses). Default ``None``:
-            the update's working dtype (at least float32), which is also the right choice on CPUs
-            without native bfloat16 arithmetic. The whitening, projection and retraction stay in
-            the working dtype; only the orthogonalization is rounded to ``ns_dtype``. Ignored with
-            ``polar="svd"``.
-        adjust_lr_fn: shape-based lr scaling, off by default: ``"original"`` (``lr * sqrt(max(1, a /
-            b))``), ``"match_rms_adamw"`` (``lr * 0.2 * sqrt(max(a, b))``, which lets one lr serve
-            iMuon and the AdamW fallback), or a callable ``(lr, (a, b)) -> lr``. ``(a, b)`` is the
-            matrix shape the step lives in: the ``(shape[0], -1)`` view for plain tensors, the
-            trailing two dims for manifold parameters (``(n, 1)`` for a sphere), ``(m, n)`` of the
-            product for a pair. A callable makes ``state_dict()`` picklable only if the callable is.
-        pairs: fixed-rank factor pairs ``[(B, A), ...]`` with ``X = B @ A``, ``B`` (..., m, r),
-            ``A`` (..., r, n), both plain tensors of the same group in ``params``. Pairs are
-            structure, not state: pass the same pairs when rebuilding the optimizer before
-            ``load_state_dict``. See :func:`lora_pairs`.
-        pair_momentum: ``"factor"`` (default; buffers on ``E_B``, ``E_A``, GL(r)-invariant) or
-            ``"ambient"`` (the reference LoRA mode, only O(r)-invariant).
-        fallback: update for plain tensors with ``ndim < 2``: ``"adamw"`` (default; ``betas``,
-            ``eps``, decoupled ``weight_decay``) or ``"sgd"`` (``momentum`` and ``nesterov`` of the
-            group).
-        fallback_lr: the fallback's learning rate at the group's initial ``lr`` (default: the
-            group's ``lr``). It follows later changes of ``lr`` (schedulers) proportionally:
-            ``fallback_lr * lr / lr_at_init``.
-        betas, eps: the AdamW fallback's moment coefficients and denominator offset.
-        use_imuon: group option; ``False`` sends every plain tensor of the group to the fallback
-            (e.g. embeddings and output heads, as is common with Muon). Manifold parameters and
-            pairs cannot use the fallback.
-        nonfinite: a non-finite gradient (or update) ``"raise"`` s ``FloatingPointError`` (default)
-            or ``"skip"`` s the step; either way no parameter or state entry is changed (all updates
-            are computed into temporaries and checked before anything is written).
-            ``last_step_skipped`` tells which.
-        stabilize: geoopt's option: every ``stabilize`` steps, project manifold parameters back onto
-            their manifold (``projx``) and momentum buffers onto the tangent space.
+        weight_decay: decoupled decay ``p <- (1 - lr * wd) p`` (unadjusted ``lr``) for plain tensors (the iMuon
+            matrices and the fallback) and for pairs (applied to the product: both factors are scaled by ``sqrt(1 -
+            lr * wd)``, which keeps the rank and the gauge invariance). A group with ``weight_decay > 0`` may not
+            hold manifold parameters (decay leaves the manifold): ``ValueError``.
+        norm: the LMO's norm, ``"spectral"`` (default), ``"frobenius"``, ``"nuclear"``, or ``("schatten", p)``.
+        polar: orthogonalizer, ``"newton_schulz"`` (default: fast, approximate polar factor, as in Muon; the core's
+            Polar Express schedule, :func:`imuon_manopt.lmo.polar`) or ``"svd"`` (exact and rank-aware; eigh for
+            SPD), or a dict ``{"method": "newton_schulz", "steps": 5, "dtype": torch.bfloat16}``: ``steps``
+            iterations (default 5) with the products in ``dtype`` (default: the update's working dtype; bfloat16
+            suits GPUs with fast bfloat16 matmuls, as ``torch.optim.Muon`` always uses it). Only the
+            orthogonalization is rounded to ``dtype``; whitening, projection and retraction stay in the working dtype.
+        adjust_lr_fn: shape-based lr scaling, off by default: ``"original"`` (``lr * sqrt(max(1, a / b))``),
+            ``"match_rms_adamw"`` (``lr * 0.2 * sqrt(max(a, b))``, which lets one lr serve iMuon and the AdamW
+            fallback), or a callable ``(lr, (a, b)) -> lr``. ``(a, b)`` is the matrix shape the step lives in: the
+            ``(shape[0], -1)`` view for plain tensors, the trailing two dims for manifold parameters (``(n, 1)`` for a
+            sphere, whatever its batch), ``(m, n)`` of the product for a pair.
+        pairs: fixed-rank factor pairs ``[(B, A), ...]`` with ``X = B @ A``, ``B`` (..., m, r), ``A`` (..., r, n),
+            ``r >= 1``, both plain tensors of the same group in ``params``. Pairs are structure, not state: pass the
+            same pairs when rebuilding the optimizer before ``load_state_dict``. See :func:`lora_pairs`.
+        fallback: update for plain tensors with ``ndim < 2`` (and for groups with ``use_imuon=False``): ``"adamw"``
+            (default), ``"sgd"`` (the group's ``momentum`` and ``nesterov``), or a dict ``{"name": "adamw", "lr":
+            ..., "betas": (0.9, 0.999), "eps": 1e-8}``. ``lr`` is the fallback's learning rate at the group's initial
+            ``lr`` (default: the group's ``lr``) and follows later changes of ``lr`` proportionally. Weight decay is
+            decoupled for both.
+        nonfinite: what a non-finite gradient or update does: ``"raise"`` a ``FloatingPointError`` (default) or
+            ``"skip"`` the step (``last_step_skipped`` tells). Either way no parameter or state entry changes: every
+            update is computed into temporaries and committed only when all of them are finite. On a CPU this is
+            decided at once. On other devices it is decided on the device, without a host synchronization (a masked
+            write commits all or nothing); ``"raise"`` then raises at a later ``step()`` once the device has finished
+            the bad one, or at :meth:`check_finite` (which waits), and ``last_step_skipped`` waits for the device.
+        stabilize: geoopt's option: every ``stabilize`` steps (calls of ``step``), project manifold parameters back
+            onto their manifold (``projx``) and momentum buffers onto the tangent space.
+
+    Param-group options besides these: ``use_imuon=False`` sends every plain tensor of the group to the fallback
+    (e.g. embeddings and output heads, as is common with Muon); ``pair_momentum="ambient"`` selects the reference
+    LoRA mode for the group's pairs. Deprecated constructor keywords (``p``, ``ns_steps``, ``ns_dtype``,
+    ``pair_momentum``, ``fallback_lr``, ``betas``, ``eps``, ``use_imuon``) still work with a ``DeprecationWarning``.
 
     Notes:
-        - The update is computed in at least float32 (bfloat16/float16 parameters are upcast) and
-          written back in the parameter's dtype; momentum buffers are stored in the parameter's
-          dtype.
-        - Parameters whose ``grad`` is ``None`` are skipped (a pair is skipped when both factors
-          have none; a single missing factor gradient counts as zero).
-        - A manifold parameter is checked to lie on its manifold (``check_point_on_manifold``) on
-          its first step.
-        - A pair with a rank-deficient factor (PEFT's ``B = 0`` start) raises a ``ValueError``; use
-          :func:`full_rank_lora_init_` first. A pair step is halved (per matrix of a batch, at most
-          12 times, then not taken) while the product's ``s_min / s_max`` (gauge-invariant, from
-          the r x r core of the factors' QR) would fall below ``sqrt(eps)`` of the working dtype
-          (or below its current value, if already lower).
-        - ``CanonicalStiefel`` points get one Newton–Schulz polishing step after the Cayley
-          retraction, which removes the orthonormality error rounding accumulates over long runs.
+        - Updates and optimizer state (momentum, AdamW moments) are kept in at least float32: half-precision
+          parameters are upcast, and written back in their dtype.
+        - Parameters whose ``grad`` is ``None`` are skipped (a pair is skipped when both factors have none; a single
+          missing factor gradient counts as zero).
+        - A manifold parameter is checked to lie on its manifold (``check_point_on_manifold``), and a pair to have
+          full-rank factors, on its first step (one host synchronization, once).
+        - A pair step is shortened (per pair, to the largest of ``lr * 2^-k``, ``k <= 12``, or not taken) while the
+          product's ``s_min / s_max`` would fall below ``sqrt(eps)`` of the working dtype (or below its current
+          value, if already lower).
+        - ``CanonicalStiefel``: geoopt's Cayley retraction takes a covector, so the optimizer hands it ``flat(xi)``
+          and the point moves along ``xi`` (momentum is transported along the same curve); one Newton–Schulz
+          polishing step after it removes the orthonormality error rounding accumulates over long runs.
     """
 
     def __init__(
@@ -244,190 +157,35 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
         momentum: float = 0.95,
         nesterov: bool = True,
         weight_decay: float = 0.0,
-        norm: str = "spectral",
-        p: float | None = None,
-        polar: str = "newton_schulz",
-        ns_steps: int = 5,
-        ns_dtype: torch.dtype | None = None,
+        norm: str | tuple[str, float] = "spectral",
+        polar: str | dict[str, Any] = "newton_schulz",
         adjust_lr_fn: str | AdjustLrFn | None = None,
         pairs: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
-        pair_momentum: str = "factor",
-        fallback: str = "adamw",
-        fallback_lr: float | None = None,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        use_imuon: bool = True,
+        fallback: str | dict[str, Any] = "adamw",
         nonfinite: str = "raise",
         stabilize: int | None = None,
+        **deprecated: Any,
     ) -> None:
-        if nonfinite not in _NONFINITE:
-            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
-        if stabilize is not None and (not isinstance(stabilize, int) or stabilize < 1):
-            raise ValueError(f"stabilize must be None or a positive int, got {stabilize!r}")
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            norm=norm,
-            p=p,
-            polar=polar,
-            ns_steps=ns_steps,
-            ns_dtype=ns_dtype,
-            adjust_lr_fn=adjust_lr_fn,
-            pair_momentum=pair_momentum,
-            fallback=fallback,
-            fallback_lr=fallback_lr,
-            betas=tuple(betas),
-            eps=eps,
-            use_imuon=use_imuon,
+        _options.check_optimizer_options(nonfinite, stabilize)
+        defaults = dict(_options.GROUP_DEFAULTS)
+        defaults.update(
+            lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn
         )
-        self._check_options(defaults, where="")
+        defaults.update(_options.take_deprecated(deprecated))
+        defaults = _options.fold({**defaults, **_options.fold(dict(norm=norm, polar=polar, fallback=fallback))})
+        _options.check_options(defaults)
         self.nonfinite = nonfinite
-        self.last_step_skipped = False
-        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._pair_index: dict[torch.Tensor, int] = {}
-        self._prepare_pairs(pairs)
-        self._rules: dict[torch.Tensor, tuple[_dispatch.ManifoldRule, MetricOperator]] = {}
+        self._skipped = False
+        self._pending: list[tuple[torch.Tensor, Any, int]] = []  # device mode: (flag on the host, event, step)
+        self._calls = 0
+        self._pairs, self._pair_index = _options.prepare_pairs(pairs)
+        self._rules: dict[torch.Tensor, tuple[_dispatch.ManifoldRule, MetricOperator, Any]] = {}
+        self._structure_key: Any = None
+        self._groups: list[_Group] = []
         super().__init__(params, defaults, stabilize=stabilize)
         self._check_pairs_membership()
 
-    # ------------------------------------------------------------------ validation
-
-    @staticmethod
-    def _check_options(opts: dict[str, Any], where: str) -> None:
-        """``ValueError`` naming the bad value for every option of a param group."""
-        lr = opts["lr"]
-        if isinstance(lr, torch.Tensor):
-            if lr.numel() != 1:
-                raise ValueError(
-                    f"{where}lr must be a float or a 1-element tensor, got shape {tuple(lr.shape)}"
-                )
-            lr = float(lr)
-        if not isinstance(lr, (int, float)) or not lr >= 0.0 or not math.isfinite(lr):
-            raise ValueError(
-                f"{where}invalid learning rate: lr={opts['lr']!r} (must be finite and >= 0)"
-            )
-        mom = opts["momentum"]
-        if not isinstance(mom, (int, float)) or not 0.0 <= mom < 1.0:
-            raise ValueError(f"{where}invalid momentum: {mom!r} (must be in [0, 1))")
-        wd = opts["weight_decay"]
-        if not isinstance(wd, (int, float)) or not wd >= 0.0 or not math.isfinite(wd):
-            raise ValueError(f"{where}invalid weight_decay: {wd!r} (must be finite and >= 0)")
-        if not isinstance(opts["nesterov"], bool):
-            raise ValueError(f"{where}nesterov must be a bool, got {opts['nesterov']!r}")
-        try:
-            resolve_norm(opts["norm"], opts["p"])
-        except (ValueError, TypeError) as err:
-            raise ValueError(
-                f"{where}invalid norm={opts['norm']!r} with p={opts['p']!r}: {err}"
-            ) from err
-        if opts["polar"] not in _POLARS:
-            raise ValueError(f"{where}unknown polar={opts['polar']!r}; expected one of {_POLARS}")
-        steps = opts["ns_steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100:
-            raise ValueError(f"{where}invalid ns_steps: {steps!r} (must be an int in [1, 100))")
-        nsd = opts["ns_dtype"]
-        if nsd is not None and not (isinstance(nsd, torch.dtype) and nsd.is_floating_point):
-            raise ValueError(
-                f"{where}invalid ns_dtype: {nsd!r} (must be None or a floating torch dtype such as "
-                "torch.bfloat16)"
-            )
-        fn = opts["adjust_lr_fn"]
-        if fn is not None and not callable(fn) and fn not in _ADJUST_NAMES:
-            raise ValueError(
-                f"{where}unknown adjust_lr_fn={fn!r}; expected None, one of {_ADJUST_NAMES} or a "
-                "callable "
-                "(lr, (a, b)) -> lr"
-            )
-        if opts["pair_momentum"] not in _PAIR_MOMENTUM:
-            raise ValueError(
-                f"{where}unknown pair_momentum={opts['pair_momentum']!r}; expected one of "
-                f"{_PAIR_MOMENTUM}"
-            )
-        if opts["fallback"] not in _FALLBACKS:
-            raise ValueError(
-                f"{where}unknown fallback={opts['fallback']!r}; expected one of {_FALLBACKS}"
-            )
-        flr = opts["fallback_lr"]
-        if flr is not None and (
-            not isinstance(flr, (int, float)) or not flr >= 0.0 or not math.isfinite(flr)
-        ):
-            raise ValueError(
-                f"{where}invalid fallback_lr: {flr!r} (must be None or finite and >= 0)"
-            )
-        betas = opts["betas"]
-        if (
-            not isinstance(betas, (tuple, list))
-            or len(betas) != 2
-            or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)
-        ):
-            raise ValueError(f"{where}invalid betas: {betas!r} (must be two numbers in [0, 1))")
-        if not isinstance(opts["eps"], (int, float)) or not opts["eps"] >= 0.0:
-            raise ValueError(f"{where}invalid eps: {opts['eps']!r} (must be >= 0)")
-        if not isinstance(opts["use_imuon"], bool):
-            raise ValueError(f"{where}use_imuon must be a bool, got {opts['use_imuon']!r}")
-
-    def _prepare_pairs(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
-        if pairs is None:
-            return
-        if (
-            isinstance(pairs, tuple)
-            and len(pairs) == 2
-            and all(isinstance(t, torch.Tensor) for t in pairs)
-        ):
-            raise ValueError(
-                "pairs must be a list of (B, A) tuples, e.g. pairs=[(B, A)], not a single pair"
-            )
-        for i, pair in enumerate(pairs):
-            if not (
-                isinstance(pair, (tuple, list))
-                and len(pair) == 2
-                and all(isinstance(t, torch.Tensor) for t in pair)
-            ):
-                raise ValueError(f"pairs[{i}] must be a (B, A) tuple of two tensors, got {pair!r}")
-            b, a = pair
-            if b is a:
-                raise ValueError(f"pairs[{i}]: B and A are the same tensor")
-            if (
-                b.ndim < 2
-                or a.ndim != b.ndim
-                or b.shape[:-2] != a.shape[:-2]
-                or b.shape[-1] != a.shape[-2]
-            ):
-                raise ValueError(
-                    f"pairs[{i}]: shapes do not chain: B {tuple(b.shape)}, A {tuple(a.shape)}; "
-                    "expected "
-                    "B (..., m, r) and A (..., r, n) with the same leading dims"
-                )
-            m, r, n = b.shape[-2], b.shape[-1], a.shape[-1]
-            if r > min(m, n):
-                raise ValueError(
-                    f"pairs[{i}]: rank r = {r} exceeds min(m, n) = {min(m, n)} (B "
-                    f"{tuple(b.shape)}, "
-                    f"A {tuple(a.shape)}): such factors cannot both have full rank"
-                )
-            if b.dtype != a.dtype or b.device != a.device:
-                raise ValueError(
-                    f"pairs[{i}]: B and A must share dtype and device, got {b.dtype}/{b.device} "
-                    "and "
-                    f"{a.dtype}/{a.device}"
-                )
-            for name, t in (("B", b), ("A", a)):
-                if not t.is_floating_point():
-                    raise ValueError(f"pairs[{i}]: {name} must be floating point, got {t.dtype}")
-                if not _dispatch.is_euclidean(getattr(t, "manifold", None)):
-                    raise ValueError(
-                        f"pairs[{i}]: {name} is a ManifoldParameter on {t.manifold!r}; pair "
-                        "factors must be "
-                        "plain tensors"
-                    )
-                if t in self._pair_index:
-                    raise ValueError(
-                        f"pairs[{i}]: {name} already belongs to pairs[{self._pair_index[t]}]"
-                    )
-                self._pair_index[t] = i
-            self._pairs.append((b, a))
+    # ------------------------------------------------------------------ construction
 
     def _check_pairs_membership(self) -> None:
         group_of = {p: gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
@@ -435,15 +193,13 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
             for name, t in (("B", b), ("A", a)):
                 if t not in group_of:
                     raise ValueError(
-                        f"pairs[{i}]: {name} (shape {tuple(t.shape)}) is not among the optimizer's "
-                        "params; "
-                        "pass both factors in params as well"
+                        f"pairs[{i}]: {name} (shape {tuple(t.shape)}) is not among the optimizer's params; pass both "
+                        "factors in params as well"
                     )
             if group_of[b] != group_of[a]:
                 raise ValueError(
-                    f"pairs[{i}]: B is in param group {group_of[b]} and A in group {group_of[a]}; "
-                    "a pair's "
-                    "factors must share one group (its options apply to the pair)"
+                    f"pairs[{i}]: B is in param group {group_of[b]} and A in group {group_of[a]}; a pair's factors "
+                    "must share one group (its options apply to the pair)"
                 )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -451,345 +207,392 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
         gi = len(getattr(self, "param_groups", []))
         params = param_group["params"]
         if isinstance(params, set):
-            raise TypeError(
-                "optimizer parameters must be an ordered collection (a list), not a set"
-            )
+            raise TypeError("optimizer parameters must be an ordered collection (a list), not a set")
         params = [params] if isinstance(params, torch.Tensor) else list(params)
-        opts = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        if "betas" in opts:
-            opts["betas"] = tuple(opts["betas"])
-        self._check_options(opts, where=f"param group {gi}: ")
+        where = f"param group {gi}: "
+        param_group = _options.fold({k: v for k, v in param_group.items() if k != "params"}, where)
+        opts = {**self.defaults, **param_group}
+        _options.check_options(opts, where=where)
         for pi, p in enumerate(params):
-            where = f"param group {gi}, parameter {pi} (shape {tuple(p.shape)})"
+            what = f"param group {gi}, parameter {pi} (shape {tuple(p.shape)})"
             if not isinstance(p, torch.Tensor) or not p.is_floating_point() or p.is_complex():
                 raise TypeError(
-                    f"{where}: IMuon needs real floating-point tensors, got "
-                    f"{getattr(p, 'dtype', type(p).__name__)}"
+                    f"{what}: IMuon needs real floating-point tensors, got {getattr(p, 'dtype', type(p).__name__)}"
                 )
             manifold = getattr(p, "manifold", None)
             if _dispatch.is_euclidean(manifold):
                 continue
             if p in self._pair_index:
-                raise ValueError(
-                    f"{where} is a pair factor and a ManifoldParameter on {manifold!r}"
-                )
-            self._rules[p] = _dispatch.lookup(manifold)
+                raise ValueError(f"{what} is a pair factor and a ManifoldParameter on {manifold!r}")
+            rule, geometry = _dispatch.lookup(manifold)
+            self._rules[p] = (rule, geometry, _dispatch.batch_key(manifold))
             if opts["weight_decay"] > 0:
                 raise ValueError(
-                    f"{where} lies on {manifold!r} and its group has "
-                    f"weight_decay={opts['weight_decay']}: "
-                    "decoupled decay would leave the manifold. Put manifold parameters in a param "
-                    "group with "
-                    "weight_decay=0."
+                    f"{what} lies on {manifold!r} and its group has weight_decay={opts['weight_decay']}: decoupled "
+                    "decay would leave the manifold. Put manifold parameters in a param group with weight_decay=0."
                 )
             if not opts["use_imuon"]:
                 raise ValueError(
-                    f"{where} lies on {manifold!r}: use_imuon=False (the Euclidean fallback) "
-                    "would leave the manifold"
+                    f"{what} lies on {manifold!r}: use_imuon=False (the Euclidean fallback) would leave the manifold"
                 )
-        param_group = dict(param_group)
         param_group["params"] = params
         param_group.setdefault("lr_at_init", float(opts["lr"]))
         super().add_param_group(param_group)
-
-    # ------------------------------------------------------------------ stepping
-
-    def _direction(
-        self, geometry: MetricOperator, x: Any, egrad: Any, group: dict[str, Any]
-    ) -> Any:
-        polar = group["polar"]
-        return intrinsic_direction(
-            geometry,
-            x,
-            egrad,
-            group["norm"],
-            p=group["p"],
-            polar=polar,
-            steps=group["ns_steps"] if polar == "newton_schulz" else None,
-            dtype=group.get("ns_dtype") if polar == "newton_schulz" else None,
-            gap=False,
-        ).xi
+        self._structure_key = None
 
     @staticmethod
-    def _nesterov(
-        group: dict[str, Any], state: dict, e: torch.Tensor, key: str = "momentum_buffer"
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``buf = beta * buf + e``; returns ``(e~, new buf)`` (``(e, None)`` without momentum)."""
-        beta = group["momentum"]
-        if beta == 0:
-            return e, None
-        old = state.get(key)
-        buf = e.clone() if old is None else torch.add(e, old.to(e.dtype), alpha=beta)
-        return (torch.add(e, buf, alpha=beta) if group["nesterov"] else buf), buf
+    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
+        """``load_state_dict``: torch casts floating state to the parameter's dtype; IMuon keeps its buffers in at
+        least float32 (half-precision buffers of older state dicts are upcast) and step counts as they are."""
+        if key == "step" or not isinstance(value, torch.Tensor):
+            return value
+        if value.is_floating_point() and param.is_floating_point():
+            return value.to(dtype=work_dtype(param), device=param.device)
+        return value.to(device=param.device)
 
-    def _euclidean_update(self, group, p: torch.Tensor, g: torch.Tensor, plan: _Plan) -> None:
-        state = self.state[p]
-        wdt = _work_dtype(p)
-        x, e = p.detach().to(wdt), g.to(wdt)
-        e, buf = self._nesterov(group, state, e)
-        if buf is not None:
-            plan.state.append((state, "momentum_buffer", buf.to(p.dtype)))
-        shape2d = (x.shape[0], math.prod(x.shape[1:]))
-        if x.ndim == 2:
-            xi = self._direction(_EUCLIDEAN, x, e, group)
-        else:
-            xi = self._direction(_EUCLIDEAN, x.reshape(shape2d), e.reshape(shape2d), group).reshape(
-                x.shape
-            )
-        lr = float(group["lr"])
-        step_lr = _adjusted_lr(lr, group["adjust_lr_fn"], shape2d)
-        wd = group["weight_decay"]
-        base = x * (1.0 - lr * wd) if wd > 0 else x
-        plan.params.append((p, torch.add(base, xi, alpha=-step_lr)))
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``; options missing from older state dicts take the constructor's values."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self._structure_key = None
 
-    def _manifold_update(self, group, p: torch.Tensor, g: torch.Tensor, plan: _Plan) -> None:
-        state = self.state[p]
-        rule, geometry = self._rules[p]
-        manifold = p.manifold
-        wdt = _work_dtype(p)
-        x, e = p.detach().to(wdt), g.to(wdt)
-        if "step" not in state:
-            tol = _CHECK_TOL.get(p.dtype, 1e-5)
-            ok, reason = manifold.check_point_on_manifold(x, explain=True, atol=tol, rtol=tol)
-            if not ok:
-                raise ValueError(
-                    f"parameter of shape {tuple(p.shape)} is not on its manifold {manifold!r}: "
-                    f"{reason}. "
-                    "Initialize it on the manifold (e.g. manifold.random(...) or "
-                    "manifold.projx(...))"
-                )
-        if group["momentum"] > 0:
-            r = manifold.egrad2rgrad(x, e)
-            r, buf = self._nesterov(group, state, r)
-            e = rule.flat(x, r)
-        else:
-            buf = None
-        xi = self._direction(geometry, x, e, group)
-        shape2d = (x.shape[-2], x.shape[-1]) if x.ndim >= 2 else (x.shape[-1], 1)
-        step_lr = _adjusted_lr(float(group["lr"]), group["adjust_lr_fn"], shape2d)
-        if buf is None:
-            new_x = manifold.retr(x, -step_lr * xi)
-        else:
-            new_x, new_buf = manifold.retr_transp(x, -step_lr * xi, buf)
-            plan.state.append((state, "momentum_buffer", new_buf.to(p.dtype)))
-        if rule.polish is not None:
-            new_x = rule.polish(new_x)
-        plan.params.append((p, new_x))
+    # ------------------------------------------------------------------ structure
 
-    @staticmethod
-    def _min_ratio(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """``s_min / s_max`` of the product ``B A`` (..., m, n) of a pair, from its r x r core
-        ``R_B R_A^T`` (``B = Q_B R_B``, ``A^T = Q_A R_A``): independent of the gauge
-        ``(B M, M^-1 A)``, never forms ``m x n``."""
-        r_b = torch.linalg.qr(b, mode="r")[1]
-        r_a = torch.linalg.qr(a.mT, mode="r")[1]
-        s = torch.linalg.svdvals(r_b @ r_a.mT)
-        top = s[..., 0]
-        return torch.where(
-            top > 0,
-            s[..., -1] / torch.where(top > 0, top, torch.ones_like(top)),
-            torch.zeros_like(top),
-        )
+    def _scan(self) -> Any:
+        """The structure key (which parameters have gradients, grouping options); checks every gradient."""
+        key = []
+        for gi, group in enumerate(self.param_groups):
+            flags = []
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    flags.append(False)
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError("IMuon does not support sparse gradients")
+                if g.shape != p.shape:
+                    raise ValueError(
+                        f"param group {gi}, parameter {pi}: gradient of shape {tuple(g.shape)} for a parameter of "
+                        f"shape {tuple(p.shape)}; the gradient must have the parameter's shape"
+                    )
+                flags.append(True)
+            key.append((id(group["params"]), tuple(flags), group["use_imuon"], group["norm"], group["p"]))
+        return tuple(key)
 
-    def _pair_update(
-        self,
-        group,
-        b: torch.Tensor,
-        a: torch.Tensor,
-        g_b: torch.Tensor | None,
-        g_a: torch.Tensor | None,
-        plan: _Plan,
-        index: int,
-    ) -> None:
-        wdt = _work_dtype(b)
-        x_b, x_a = b.detach().to(wdt), a.detach().to(wdt)
-        e_b = torch.zeros_like(x_b) if g_b is None else g_b.to(wdt)
-        e_a = torch.zeros_like(x_a) if g_a is None else g_a.to(wdt)
-        s_b, s_a = self.state[b], self.state[a]
-        e_b, buf_b = self._nesterov(group, s_b, e_b)
-        e_a, buf_a = self._nesterov(group, s_a, e_a)
-        if buf_b is not None:
-            plan.state.append((s_b, "momentum_buffer", buf_b.to(b.dtype)))
-            plan.state.append((s_a, "momentum_buffer", buf_a.to(a.dtype)))
-        geometry = _FIXED_RANK if group["pair_momentum"] == "factor" else _AMBIENT_LORA
-        try:
-            xi_b, xi_a = self._direction(geometry, (x_b, x_a), (e_b, e_a), group)
-        except ValueError as err:
-            raise ValueError(
-                f"pairs[{index}] (B {tuple(b.shape)}, A {tuple(a.shape)}): {err}"
-            ) from err
-        lr = float(group["lr"])
-        step_lr = _adjusted_lr(lr, group["adjust_lr_fn"], (b.shape[-2], a.shape[-1]))
-        t = self._backtrack(x_b, x_a, xi_b, xi_a, step_lr)
-        new_b = x_b - t * xi_b
-        new_a = x_a - t * xi_a
-        wd = group["weight_decay"]
-        if wd > 0:
-            scale = math.sqrt(max(0.0, 1.0 - lr * wd))
-            new_b, new_a = new_b * scale, new_a * scale
-        plan.params.append((b, new_b))
-        plan.params.append((a, new_a))
+    def _build(self) -> list[_Group]:
+        out: list[_Group] = []
+        for group in self.param_groups:
+            joint = resolve_norm(group["norm"], group["p"]).joint  # joint norms couple a batch: one per group
+            buckets: dict[Any, _Group] = {}
+            fallback: list[torch.Tensor] = []
+            for p in group["params"]:
+                if p in self._pair_index:
+                    i = self._pair_index[p]
+                    b, a = self._pairs[i]
+                    if p is not b or (b.grad is None and a.grad is None):
+                        continue
+                    key = ("pair", b.shape, a.shape, b.dtype, b.device) + ((i,) if joint else ())
+                    grp = buckets.setdefault(key, _Group("pair", group, [], (b.shape[-2], a.shape[-1])))
+                    grp.params.append(b)
+                    grp.pair_ids.append(i)
+                    continue
+                if p.grad is None:
+                    continue
+                if p in self._rules:
+                    rule, geometry, mkey = self._rules[p]
+                    key = ("manifold", mkey, p.shape, p.dtype, p.device) + ((id(p),) if joint else ())
+                    new = _Group("manifold", group, [], rule=rule, geometry=geometry)
+                    buckets.setdefault(key, new).params.append(p)
+                elif p.ndim >= 2 and group["use_imuon"]:
+                    key = ("matrix", p.shape, p.dtype, p.device) + ((id(p),) if joint else ())
+                    shape2d = (p.shape[0], p[0].numel())
+                    buckets.setdefault(key, _Group("matrix", group, [], shape2d)).params.append(p)
+                else:
+                    fallback.append(p)
+            for grp in buckets.values():
+                if grp.kind == "pair":
+                    grp.params = grp.params + [self._pairs[i][1] for i in grp.pair_ids]
+                out.append(grp)
+            if fallback:
+                out.append(_Group("fallback", group, fallback))
+        return out
 
-    def _backtrack(self, x_b, x_a, xi_b, xi_a, step_lr: float) -> torch.Tensor:
-        """Per-matrix step lengths ``t`` (shape ``(..., 1, 1)``): halve ``step_lr`` where the pair
-        would lose rank.
+    def _structure(self) -> list[_Group]:
+        key = self._scan()
+        if key != self._structure_key:
+            self._groups = self._build()
+            self._structure_key = key
+        return self._groups
 
-        The guard looks at the product ``B A`` (its ``s_min / s_max``), so it is invariant to the
-        gauge like the step itself. A candidate is accepted when that ratio is at least ``sqrt(eps)``
-        of the working dtype or, for a product that is already below that, at least its current
-        ratio (it may not degrade further). After ``_MAX_BACKTRACKS`` halvings a matrix of the batch
-        that still fails does not move (``t = 0``, always accepted).
+    # ------------------------------------------------------------------ first-step checks
+
+    def _check_new(self, grp: _Group) -> None:
+        """Manifold membership and full-rank pairs, once per parameter (before anything is written)."""
+        state = self.state
+        if grp.kind == "manifold":
+            for p in grp.params:
+                if "step" in state[p]:
+                    continue
+                x = p.detach().to(work_dtype(p))
+                tol = _CHECK_TOL.get(p.dtype, 1e-5)
+                ok, reason = p.manifold.check_point_on_manifold(x, explain=True, atol=tol, rtol=tol)
+                if not ok:
+                    raise ValueError(
+                        f"parameter of shape {tuple(p.shape)} is not on its manifold {p.manifold!r}: {reason}. "
+                        "Initialize it on the manifold (e.g. manifold.random(...) or manifold.projx(...))"
+                    )
+        elif grp.kind == "pair":
+            n = len(grp.pair_ids)
+            for j, i in enumerate(grp.pair_ids):
+                b, a = grp.params[j], grp.params[n + j]
+                if "step" in state[b]:
+                    continue
+                try:
+                    FixedRank().at((local(b).detach().to(work_dtype(b)), local(a).detach().to(work_dtype(a))))
+                except ValueError as err:
+                    raise ValueError(f"pairs[{i}] (B {tuple(b.shape)}, A {tuple(a.shape)}): {err}") from err
+
+    # ------------------------------------------------------------------ one group's update
+
+    def _buffers(self, params: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Momentum buffers (local, working dtype); zeros where none exists yet (the same as no buffer)."""
+        out = []
+        for p, x in zip(params, like):
+            buf = self.state[p].get("momentum_buffer")
+            out.append(torch.zeros_like(x) if buf is None else local(buf).to(x.dtype))
+        return out
+
+    def _update(self, grp: _Group, lazy: bool, writes: list, checks: list) -> None:
+        """Append ``(param or (state, key), new local tensor)`` for every tensor the group would change, and to
+        ``checks`` the tensors whose finiteness decides the step.
+
+        Momentum of plain matrices and pairs is elementwise and runs here, on local tensors; everything that needs
+        whole matrices runs in the group's function through ``apply_full`` (the one call site for sharded
+        parameters: without sharding it is ``fn(inputs)``). Their buffers need no check of their own: a non-finite
+        buffer makes ``E~`` and hence the new parameter non-finite.
         """
-        batch = x_b.shape[:-2]
-        t = torch.full(batch, float(step_lr), dtype=x_b.dtype, device=x_b.device)
-        if step_lr == 0:
-            return t[..., None, None]
-        tol = math.sqrt(torch.finfo(x_b.dtype).eps)
-
-        def ratios(tt):
-            tt = tt[..., None, None]
-            return self._min_ratio(x_b - tt * xi_b, x_a - tt * xi_a)
-
-        first = ratios(t)
-        if bool((first >= tol).all()):
-            return t[..., None, None]
-        now = self._min_ratio(x_b, x_a)
-        threshold = torch.clamp(now, max=tol)
-        ok = first >= threshold
-        for _ in range(_MAX_BACKTRACKS):
-            if bool(ok.all()):
-                break
-            t = torch.where(ok, t, 0.5 * t)
-            ok = ratios(t) >= threshold
-        t = torch.where(ok, t, torch.zeros_like(t))
-        return t[..., None, None]
-
-    def _fallback_lr(self, group) -> float:
-        lr = float(group["lr"])
-        flr = group["fallback_lr"]
-        if flr is None:
-            return lr
-        lr0 = group.get("lr_at_init", lr)
-        return flr * (lr / lr0) if lr0 > 0 else flr
-
-    def _fallback_update(self, group, p: torch.Tensor, g: torch.Tensor, plan: _Plan) -> None:
-        state = self.state[p]
-        wdt = _work_dtype(p)
-        x, e = p.detach().to(wdt), g.to(wdt)
-        lr = self._fallback_lr(group)
-        wd = group["weight_decay"]
-        base = x * (1.0 - lr * wd) if wd > 0 else x
-        if group["fallback"] == "sgd":
-            d, buf = self._nesterov(group, state, e)
-            if buf is not None:
-                plan.state.append((state, "momentum_buffer", buf.to(p.dtype)))
-            plan.params.append((p, base - lr * d))
+        group, params = grp.group, grp.params
+        p0 = params[0]
+        wdt = work_dtype(p0)
+        grads = [None if p.grad is None else local(p.grad) for p in params]
+        xs = [local(p).detach() for p in params]
+        if grp.kind == "fallback":
+            new, entries = fallback_outputs(group, xs, grads, [self.state[p] for p in params], not lazy)
+            writes.extend(zip(params, new))
+            checks.extend(new)
+            for key, values in entries.items():
+                writes.extend(((self.state[p], key), v) for p, v in zip(params, values))
+                checks.extend(values)
             return
-        beta1, beta2 = group["betas"]
-        step = state.get("step", 0) + 1
-        m = state.get("exp_avg")
-        v = state.get("exp_avg_sq")
-        m = (1.0 - beta1) * e if m is None else beta1 * m.to(wdt) + (1.0 - beta1) * e
-        v = (1.0 - beta2) * e * e if v is None else beta2 * v.to(wdt) + (1.0 - beta2) * e * e
-        bc1 = 1.0 - beta1**step
-        bc2 = 1.0 - beta2**step
-        denom = v.sqrt() / math.sqrt(bc2) + group["eps"]
-        plan.params.append((p, base - (lr / bc1) * m / denom))
-        plan.state.append((state, "exp_avg", m.to(p.dtype)))
-        plan.state.append((state, "exp_avg_sq", v.to(p.dtype)))
+        es = [torch.zeros_like(x, dtype=wdt) if g is None else g.to(wdt) for g, x in zip(grads, xs)]
+        beta = group["momentum"]
+        if grp.kind == "manifold":
+            fn = _steps.manifold_fn(group, p0.manifold, grp.rule, grp.geometry, p0.shape, wdt, p0.dtype)
+            inputs = list(zip(xs, es, self._buffers(params, es))) if beta > 0 else list(zip(xs, es))
+            outputs = apply_full(params, inputs, fn, owner=True)
+            for p, out in zip(params, outputs):
+                writes.append((p, out[0]))
+                checks.extend(out)
+                if beta > 0:
+                    writes.append(((self.state[p], "momentum_buffer"), out[1]))
+            return
+        if beta > 0:
+            es, bufs = _steps.nesterov(es, self._buffers(params, es), beta, group["nesterov"])
+            writes.extend(((self.state[p], "momentum_buffer"), v) for p, v in zip(params, bufs))
+        if grp.kind == "matrix":
+            fn = _steps.matrix_fn(group, grp.shape2d, wdt, p0.dtype)
+            outputs = apply_full(params, list(zip(xs, es)), fn, owner=True)
+            news = [out[0] for out in outputs]
+        else:  # pairs: one item (B, A, E~_B, E~_A) per pair; small, so computed on every rank
+            n = len(grp.pair_ids)
+            fn = _steps.pair_fn(group, grp.shape2d, wdt, p0.dtype, lazy)
+            items = [(params[j], params[n + j], params[j], params[n + j]) for j in range(n)]
+            inputs = [(xs[j], xs[n + j], es[j], es[n + j]) for j in range(n)]
+            outputs = apply_full(items, inputs, fn, owner=False)
+            news = [out[0] for out in outputs] + [out[1] for out in outputs]
+        writes.extend(zip(params, news))
+        checks.extend(news)
 
-    def _nonfinite_grads(self, items: list[tuple[int, int, torch.Tensor, torch.Tensor]]) -> str:
-        bad = [
-            f"group {gi} parameter {pi} (shape {tuple(p.shape)})"
-            for gi, pi, p, g in items
-            if not bool(torch.isfinite(g).all())
-        ]
-        return ", ".join(bad) if bad else "the computed update"
+    # ------------------------------------------------------------------ step
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One iMuon step for every parameter with a gradient.
 
         Args:
-            closure: re-evaluates the model and returns the loss (run under
-                ``torch.enable_grad()``).
+            closure: re-evaluates the model and returns the loss (run under ``torch.enable_grad()``).
 
         Returns:
             The closure's loss, or ``None``.
 
         Raises:
-            FloatingPointError: a gradient or update is not finite and ``nonfinite="raise"``
-                (nothing changed).
-            ValueError: a manifold parameter is off its manifold, or a pair has a rank-deficient
-                factor.
+            FloatingPointError: a gradient or update is not finite and ``nonfinite="raise"`` (nothing changed; on
+                a non-CPU device possibly at a later step, see ``nonfinite``).
+            ValueError: a gradient of the wrong shape, a manifold parameter off its manifold, or a pair with a
+                rank-deficient factor on its first step.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.last_step_skipped = False
+        self._poll(wait=False)
+        groups = self._structure()
+        self._calls += 1
+        if groups:
+            device_mode = any(p.device.type != "cpu" for grp in groups for p in grp.params[:1])
+            for grp in groups:
+                self._check_new(grp)
+            writes: list = []
+            checks: list = []
+            failed = False
+            try:
+                for grp in groups:
+                    self._update(grp, lazy=not device_mode, writes=writes, checks=checks)
+            except torch.linalg.LinAlgError:  # a factorization met non-finite values (CPU): the nonfinite path
+                failed = True
+            if device_mode and not failed:
+                self._commit_masked(groups, writes, self._finite(checks))
+            else:
+                self._skipped = False
+                if failed or not bool(self._finite(checks)):
+                    self._count_and_stabilize()
+                    return self._reject(loss, self._diagnose(groups, failed))
+                self._commit(groups, writes)
+        self._count_and_stabilize()
+        return loss
 
-        items: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+    # ------------------------------------------------------------------ finiteness and commit
+
+    @staticmethod
+    def _finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+        """All entries finite? A 0-d bool tensor on the first tensor's device, without a host synchronization.
+
+        Outputs of one batched call are views of one tensor: each such base is reduced once (``aminmax``, which
+        propagates NaN and cannot overflow). This is the one place where the step's finiteness is decided."""
+        bases: dict[int, torch.Tensor] = {}
+        for t in tensors:
+            if t.is_floating_point() and t.numel():
+                base = t._base if t._base is not None else t
+                bases[id(base)] = base
+        if not bases:
+            return torch.ones((), dtype=torch.bool)
+        device = tensors[0].device
+        flags = []
+        for base in bases.values():
+            lo, hi = torch.aminmax(base)
+            flags.append((torch.isfinite(lo) & torch.isfinite(hi)).to(device))
+        return flags[0] if len(flags) == 1 else torch.stack(flags).all()
+
+    def _commit(self, groups: list[_Group], writes: list) -> None:
+        dst, src = [], []
+        for target, value in writes:
+            if isinstance(target, torch.Tensor):
+                dst.append(local(target).detach())
+                src.append(value)
+                continue
+            state, key = target
+            old = state.get(key)
+            if old is not None and old.dtype == value.dtype and old.shape == value.shape:
+                dst.append(local(old))
+                src.append(value)
+            else:
+                state[key] = value.clone()
+        if dst:
+            torch._foreach_copy_(dst, src)
+        for grp in groups:
+            for p in grp.params:
+                st = self.state[p]
+                st["step"] = host_step(st.get("step", 0)) + 1
+
+    def _commit_masked(self, groups: list[_Group], writes: list, ok: torch.Tensor) -> None:
+        """Device mode: commit every write where the whole step is finite (``ok``), keep the old values elsewhere."""
+        for target, value in writes:
+            if isinstance(target, torch.Tensor):
+                old = local(target).detach()
+                old.copy_(torch.where(ok.to(old.device), value.to(old.dtype), old))
+                continue
+            state, key = target
+            old = state.get(key)
+            if old is None or old.dtype != value.dtype or old.shape != value.shape:
+                state[key] = torch.where(ok.to(value.device), value, torch.zeros_like(value))
+            else:
+                old.copy_(torch.where(ok.to(old.device), value, old))
+        for grp in groups:
+            for p in grp.params:
+                st = self.state[p]
+                step = st.get("step", 0)
+                if not isinstance(step, torch.Tensor) or step.device != p.device:
+                    step = torch.as_tensor(step, dtype=torch.float32, device=p.device).clone()
+                st["step"] = step.add_(ok.to(step.device))
+        host = torch.empty((), dtype=torch.bool, pin_memory=ok.is_cuda)
+        host.copy_(ok, non_blocking=True)
+        event = None
+        if ok.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._pending.append((host, event, self._calls))
+
+    def _poll(self, wait: bool) -> None:
+        """Device mode: read the finiteness flags of finished steps (``wait``: of all steps) and apply the policy."""
+        while self._pending:
+            host, event, call = self._pending[0]
+            if event is not None:
+                if wait:
+                    event.synchronize()
+                elif not event.query():
+                    return
+            self._pending.pop(0)
+            self._skipped = not bool(host)
+            if self._skipped and self.nonfinite == "raise":
+                self._pending.clear()
+                self._reject(None, f"non-finite gradient or update in step {call} (that step was not applied)")
+
+    def check_finite(self) -> bool:
+        """Wait for the device and apply the ``nonfinite`` policy to every step taken so far; ``True`` when the last
+        step was applied. Needed only off the CPU, where the check is otherwise deferred (see ``nonfinite``)."""
+        self._poll(wait=True)
+        return not self._skipped
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the last ``step()`` was skipped (``nonfinite="skip"``); waits for the device off the CPU."""
+        self._poll(wait=True)
+        return self._skipped
+
+    @last_step_skipped.setter
+    def last_step_skipped(self, value: bool) -> None:
+        self._skipped = bool(value)
+
+    def _diagnose(self, groups: list[_Group], linalg_failed: bool) -> str:
+        bad = []
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("IMuon does not support sparse gradients")
-                items.append((gi, pi, p, p.grad))
-        if not items:
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    bad.append(f"group {gi} parameter {pi} (shape {tuple(p.shape)})")
+        if bad:
+            return f"non-finite gradient in {', '.join(bad)}"
+        cause = "a factorization met non-finite values" if linalg_failed else "finite gradients"
+        return f"non-finite update ({cause}; check the learning rate and the parameters' conditioning)"
+
+    def _reject(self, loss: Any, what: str) -> Any:
+        if self.nonfinite == "skip":
+            self._skipped = True
             return loss
-        if not _all_finite([g for *_, g in items]):
-            return self._reject(loss, f"non-finite gradient in {self._nonfinite_grads(items)}")
+        raise FloatingPointError(
+            f"IMuon: {what}; no parameter or optimizer state was changed. Pass nonfinite='skip' to skip such steps "
+            "instead of raising."
+        )
 
-        plan = _Plan()
-        grads = {p: g for _, _, p, g in items}
-        done: set[int] = set()
-        for gi, _, p, g in items:
-            group = self.param_groups[gi]
-            if id(p) in done:
-                continue
-            if p in self._pair_index:
-                index = self._pair_index[p]
-                b, a = self._pairs[index]
-                done.update((id(b), id(a)))
-                self._pair_update(group, b, a, grads.get(b), grads.get(a), plan, index)
-            elif p in self._rules:
-                self._manifold_update(group, p, g, plan)
-            elif p.ndim >= 2 and group["use_imuon"]:
-                self._euclidean_update(group, p, g, plan)
-            else:
-                self._fallback_update(group, p, g, plan)
-            done.add(id(p))
+    # ------------------------------------------------------------------ stabilize
 
-        if not _all_finite(plan.tensors()):
-            return self._reject(
-                loss,
-                "non-finite update (finite gradients; check the learning rate and the "
-                "parameters' conditioning)",
-            )
-        for p, new in plan.params:
-            p.copy_(new)
-        for state, key, value in plan.state:
-            state[key] = value
-        for _, _, p, _ in items:
-            state = self.state[p]
-            state["step"] = state.get("step", 0) + 1
+    def _count_and_stabilize(self) -> None:
+        """geoopt's schedule: every ``stabilize`` calls of ``step`` (with or without gradients)."""
         for group in self.param_groups:
             group["step"] = group.get("step", 0) + 1
             if group["stabilize"] is not None and group["step"] % group["stabilize"] == 0:
                 self.stabilize_group(group)
-        return loss
-
-    def _reject(self, loss: Any, what: str) -> Any:
-        if self.nonfinite == "skip":
-            self.last_step_skipped = True
-            return loss
-        raise FloatingPointError(
-            f"IMuon: {what}; no parameter or optimizer state was changed. Pass nonfinite='skip' to "
-            "skip such "
-            "steps instead of raising."
-        )
 
     @torch.no_grad()
     def stabilize_group(self, group: dict[str, Any]) -> None:
@@ -797,9 +600,15 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
         for p in group["params"]:
             if p not in self._rules:
                 continue
+            rule, geometry, _ = self._rules[p]
             manifold = p.manifold
-            p.copy_(manifold.projx(p.detach().to(_work_dtype(p))))
+            p.copy_(manifold.projx(p.detach().to(work_dtype(p))))
             buf = self.state[p].get("momentum_buffer")
             if buf is not None:
-                x = p.detach().to(_work_dtype(p))
-                buf.copy_(manifold.proju(x, buf.to(x.dtype)))
+                x = p.detach().to(work_dtype(p))
+                v = buf.to(x.dtype)
+                if rule.covector_update:  # geoopt's proju takes a covector here: proju(flat(v)) = v on tangents
+                    v = geometry.flat(geometry.at(x), v)
+                buf.copy_(manifold.proju(x, v))
+
+

@@ -1,0 +1,79 @@
+"""The fallback for tensors iMuon does not step (``ndim < 2``, or ``use_imuon=False``): torch's own AdamW or SGD.
+
+The update is torch's public functional implementation (``torch.optim.adamw.adamw`` / ``torch.optim.sgd.sgd``,
+``foreach``) run on *copies* of the parameters and state in the working dtype (at least float32), so nothing is
+written before the optimizer has checked the whole step. SGD's weight decay is decoupled here (``p <- (1 - lr wd)
+p``, as AdamW's), so that one ``weight_decay`` means the same for every kind of parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim.adamw import adamw
+from torch.optim.sgd import sgd
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def work_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype updates and optimizer state live in: at least float32 (half types overflow, e.g. ``g^2``)."""
+    return torch.float32 if t.dtype in LOW_PRECISION else t.dtype
+
+
+def fallback_lr(group: dict[str, Any]) -> float:
+    """``fallback_lr`` follows later changes of ``lr`` (schedulers) proportionally; default: the group's ``lr``."""
+    lr = float(group["lr"])
+    flr = group["fallback_lr"]
+    if flr is None:
+        return lr
+    lr0 = group.get("lr_at_init", lr)
+    return flr * (lr / lr0) if lr0 > 0 else flr
+
+
+def _copy(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if t is None else t.to(like.dtype, copy=True)
+
+
+def host_step(value: Any) -> int:
+    """A stored step count (an int, or a tensor written in device mode) as an int."""
+    return int(value.item()) if isinstance(value, torch.Tensor) else int(value)
+
+
+def fallback_outputs(
+    group: dict[str, Any],
+    xs: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[dict[str, Any]],
+    capturable: bool,
+) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """New parameter values (working dtype) and new state entries for one group's fallback tensors.
+
+    ``xs`` and ``grads`` are the (local) parameter and gradient tensors; ``states`` their state dicts, read only.
+    ``capturable`` keeps AdamW's step counters on the parameters' device (no host synchronization).
+    """
+    new_x = [x.to(work_dtype(x), copy=True) for x in xs]
+    g = [gr.to(x.dtype) for gr, x in zip(grads, new_x)]
+    lr = fallback_lr(group)
+    wd = group["weight_decay"]
+    if group["fallback"] == "sgd":
+        beta = group["momentum"]
+        if wd > 0:
+            torch._foreach_mul_(new_x, 1.0 - lr * wd)
+        bufs = [None if beta == 0 or "momentum_buffer" not in s else _copy(s["momentum_buffer"], x)
+                for s, x in zip(states, new_x)]
+        sgd(new_x, g, bufs, foreach=True, weight_decay=0.0, momentum=beta, lr=lr, dampening=0.0,
+            nesterov=group["nesterov"] and beta > 0, maximize=False)
+        return new_x, ({"momentum_buffer": bufs} if beta > 0 else {})
+    m = [_copy(s.get("exp_avg"), x) for s, x in zip(states, new_x)]
+    v = [_copy(s.get("exp_avg_sq"), x) for s, x in zip(states, new_x)]
+    if capturable:
+        steps = [torch.as_tensor(s.get("step", 0), dtype=torch.float32, device=x.device).clone()
+                 for s, x in zip(states, new_x)]
+    else:
+        steps = [torch.tensor(float(host_step(s.get("step", 0)))) for s in states]
+    beta1, beta2 = group["betas"]
+    adamw(new_x, g, m, v, [], steps, foreach=True, capturable=capturable, amsgrad=False, beta1=beta1,
+          beta2=beta2, lr=lr, weight_decay=wd, eps=group["eps"], maximize=False)
+    return new_x, {"exp_avg": m, "exp_avg_sq": v}

@@ -1,0 +1,246 @@
+"""Options of :class:`~imuon_manopt.optim.IMuon`: defaults, folding of the compact forms, validation, pairs.
+
+A param group stores its options under fixed keys (the ``state_dict()`` layout, unchanged since the first
+release): ``lr momentum nesterov weight_decay norm p polar ns_steps ns_dtype adjust_lr_fn pair_momentum fallback
+fallback_lr betas eps use_imuon``. The constructor and param-group dicts also take the compact forms
+
+- ``norm=("schatten", 3.0)`` for ``norm="schatten", p=3.0``;
+- ``polar={"method": "newton_schulz", "steps": 5, "dtype": torch.bfloat16}`` for ``polar``, ``ns_steps``,
+  ``ns_dtype``;
+- ``fallback={"name": "adamw", "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}`` for ``fallback``,
+  ``fallback_lr``, ``betas``, ``eps``;
+
+which :func:`fold` spreads onto the stored keys. The old constructor keywords (``p``, ``ns_steps``, ``ns_dtype``,
+``pair_momentum``, ``fallback_lr``, ``betas``, ``eps``, ``use_imuon``) keep working with a ``DeprecationWarning``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..lmo import resolve_norm
+from . import _dispatch
+
+AdjustLrFn = Callable[[float, tuple[int, int]], float]
+
+POLARS = ("svd", "newton_schulz")
+ADJUST_NAMES = ("original", "match_rms_adamw")
+FALLBACKS = ("adamw", "sgd")
+PAIR_MOMENTUM = ("factor", "ambient")
+NONFINITE = ("raise", "skip")
+
+#: Stored group options and their defaults (besides ``lr``, which has none).
+GROUP_DEFAULTS: dict[str, Any] = dict(
+    momentum=0.95,
+    nesterov=True,
+    weight_decay=0.0,
+    norm="spectral",
+    p=None,
+    polar="newton_schulz",
+    ns_steps=5,
+    ns_dtype=None,
+    adjust_lr_fn=None,
+    pair_momentum="factor",
+    fallback="adamw",
+    fallback_lr=None,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    use_imuon=True,
+)
+
+#: Old constructor keywords -> what replaces them.
+DEPRECATED_KEYWORDS = {
+    "p": "norm=('schatten', p)",
+    "ns_steps": "polar={'method': 'newton_schulz', 'steps': ...}",
+    "ns_dtype": "polar={'method': 'newton_schulz', 'dtype': ...}",
+    "pair_momentum": "a param group option: {'params': ..., 'pair_momentum': 'ambient'}",
+    "fallback_lr": "fallback={'name': ..., 'lr': ...}",
+    "betas": "fallback={'name': 'adamw', 'betas': ...}",
+    "eps": "fallback={'name': 'adamw', 'eps': ...}",
+    "use_imuon": "a param group option: {'params': ..., 'use_imuon': False}",
+}
+
+
+def take_deprecated(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The old keywords among ``kwargs``, each with a ``DeprecationWarning``; a ``TypeError`` for unknown ones."""
+    unknown = sorted(set(kwargs) - set(DEPRECATED_KEYWORDS))
+    if unknown:
+        raise TypeError(f"IMuon got unexpected keyword argument(s) {unknown}")
+    for key in kwargs:
+        warnings.warn(
+            f"IMuon({key}=...) is deprecated; use {DEPRECATED_KEYWORDS[key]}", DeprecationWarning, stacklevel=3
+        )
+    return dict(kwargs)
+
+
+def fold(opts: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Spread the compact forms of ``norm``, ``polar`` and ``fallback`` onto the stored keys (in a copy)."""
+    opts = dict(opts)
+    norm = opts.get("norm")
+    if isinstance(norm, (tuple, list)):
+        if len(norm) != 2:
+            raise ValueError(f"{where}invalid norm={norm!r}: expected a name or a (name, p) pair")
+        opts["norm"], opts["p"] = norm[0], norm[1]
+    polar = opts.get("polar")
+    if isinstance(polar, dict):
+        extra = set(polar) - {"method", "steps", "dtype"}
+        if extra or "method" not in polar:
+            raise ValueError(
+                f"{where}invalid polar={polar!r}: expected a name or a dict with 'method' and optionally 'steps', "
+                "'dtype'"
+            )
+        opts["polar"] = polar["method"]
+        if "steps" in polar:
+            opts["ns_steps"] = polar["steps"]
+        if "dtype" in polar:
+            opts["ns_dtype"] = polar["dtype"]
+    fallback = opts.get("fallback")
+    if isinstance(fallback, dict):
+        extra = set(fallback) - {"name", "lr", "betas", "eps"}
+        if extra or "name" not in fallback:
+            raise ValueError(
+                f"{where}invalid fallback={fallback!r}: expected 'adamw', 'sgd' or a dict with 'name' and "
+                "optionally 'lr', 'betas', 'eps'"
+            )
+        opts["fallback"] = fallback["name"]
+        for src, dst in (("lr", "fallback_lr"), ("betas", "betas"), ("eps", "eps")):
+            if src in fallback:
+                opts[dst] = fallback[src]
+    if "betas" in opts and isinstance(opts["betas"], list):
+        opts["betas"] = tuple(opts["betas"])
+    return opts
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_options(opts: dict[str, Any], where: str = "") -> None:
+    """``ValueError`` naming the bad value for every stored option of a param group."""
+    lr = opts["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"{where}lr must be a float or a 1-element tensor, got shape {tuple(lr.shape)}")
+        lr = float(lr)
+    if not _real(lr) or not lr >= 0.0 or not math.isfinite(lr):
+        raise ValueError(f"{where}invalid learning rate: lr={opts['lr']!r} (must be finite and >= 0)")
+    mom = opts["momentum"]
+    if not _real(mom) or not 0.0 <= mom < 1.0:
+        raise ValueError(f"{where}invalid momentum: {mom!r} (must be in [0, 1))")
+    wd = opts["weight_decay"]
+    if not _real(wd) or not wd >= 0.0 or not math.isfinite(wd):
+        raise ValueError(f"{where}invalid weight_decay: {wd!r} (must be finite and >= 0)")
+    if not isinstance(opts["nesterov"], bool):
+        raise ValueError(f"{where}nesterov must be a bool, got {opts['nesterov']!r}")
+    try:
+        resolve_norm(opts["norm"], opts["p"])
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}invalid norm={opts['norm']!r} with p={opts['p']!r}: {err}") from err
+    if opts["polar"] not in POLARS:
+        raise ValueError(f"{where}unknown polar={opts['polar']!r}; expected one of {POLARS}")
+    steps = opts["ns_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100:
+        raise ValueError(f"{where}invalid ns_steps: {steps!r} (must be an int in [1, 100))")
+    nsd = opts["ns_dtype"]
+    if nsd is not None and not (isinstance(nsd, torch.dtype) and nsd.is_floating_point):
+        raise ValueError(
+            f"{where}invalid ns_dtype: {nsd!r} (must be None or a floating torch dtype such as torch.bfloat16)"
+        )
+    fn = opts["adjust_lr_fn"]
+    if fn is not None and not callable(fn) and fn not in ADJUST_NAMES:
+        raise ValueError(
+            f"{where}unknown adjust_lr_fn={fn!r}; expected None, one of {ADJUST_NAMES} or a callable "
+            "(lr, (a, b)) -> lr"
+        )
+    if opts["pair_momentum"] not in PAIR_MOMENTUM:
+        raise ValueError(f"{where}unknown pair_momentum={opts['pair_momentum']!r}; expected one of {PAIR_MOMENTUM}")
+    if opts["fallback"] not in FALLBACKS:
+        raise ValueError(f"{where}unknown fallback={opts['fallback']!r}; expected one of {FALLBACKS}")
+    flr = opts["fallback_lr"]
+    if flr is not None and (not _real(flr) or not flr >= 0.0 or not math.isfinite(flr)):
+        raise ValueError(f"{where}invalid fallback_lr: {flr!r} (must be None or finite and >= 0)")
+    betas = opts["betas"]
+    if (
+        not isinstance(betas, (tuple, list))
+        or len(betas) != 2
+        or not all(_real(b) and 0.0 <= b < 1.0 for b in betas)
+    ):
+        raise ValueError(f"{where}invalid betas: {betas!r} (must be two numbers in [0, 1))")
+    if not _real(opts["eps"]) or not opts["eps"] >= 0.0:
+        raise ValueError(f"{where}invalid eps: {opts['eps']!r} (must be >= 0)")
+    if not isinstance(opts["use_imuon"], bool):
+        raise ValueError(f"{where}use_imuon must be a bool, got {opts['use_imuon']!r}")
+
+
+def check_optimizer_options(nonfinite: str, stabilize: int | None) -> None:
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+    if stabilize is not None and (isinstance(stabilize, bool) or not isinstance(stabilize, int) or stabilize < 1):
+        raise ValueError(f"stabilize must be None or a positive int, got {stabilize!r}")
+
+
+def adjusted_lr(lr: float, fn: str | AdjustLrFn | None, shape: tuple[int, int]) -> float:
+    """Shape-based learning-rate scaling (``torch.optim.Muon``'s conventions, or a callable)."""
+    if fn is None:
+        return lr
+    a, b = shape
+    if fn == "original":
+        return lr * math.sqrt(max(1.0, a / b))
+    if fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(a, b))
+    return float(fn(lr, (a, b)))
+
+
+def prepare_pairs(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[torch.Tensor, int]]:
+    """Validate ``pairs``; returns the list and ``factor -> pair index``."""
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    index: dict[torch.Tensor, int] = {}
+    if pairs is None:
+        return out, index
+    if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(t, torch.Tensor) for t in pairs):
+        raise ValueError("pairs must be a list of (B, A) tuples, e.g. pairs=[(B, A)], not a single pair")
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
+            raise ValueError(f"pairs[{i}] must be a (B, A) tuple of two tensors, got {pair!r}")
+        b, a = pair
+        if b is a:
+            raise ValueError(f"pairs[{i}]: B and A are the same tensor")
+        if b.ndim < 2 or a.ndim != b.ndim or b.shape[:-2] != a.shape[:-2] or b.shape[-1] != a.shape[-2]:
+            raise ValueError(
+                f"pairs[{i}]: shapes do not chain: B {tuple(b.shape)}, A {tuple(a.shape)}; expected "
+                "B (..., m, r) and A (..., r, n) with the same leading dims"
+            )
+        m, r, n = b.shape[-2], b.shape[-1], a.shape[-1]
+        if r == 0:
+            raise ValueError(
+                f"pairs[{i}]: rank r = 0 (B {tuple(b.shape)}, A {tuple(a.shape)}): a factor pair needs r >= 1; "
+                "leave a rank-0 adapter out of pairs (it has nothing to train)"
+            )
+        if r > min(m, n):
+            raise ValueError(
+                f"pairs[{i}]: rank r = {r} exceeds min(m, n) = {min(m, n)} (B {tuple(b.shape)}, "
+                f"A {tuple(a.shape)}): such factors cannot both have full rank"
+            )
+        if b.dtype != a.dtype or b.device != a.device:
+            raise ValueError(
+                f"pairs[{i}]: B and A must share dtype and device, got {b.dtype}/{b.device} and {a.dtype}/{a.device}"
+            )
+        for name, t in (("B", b), ("A", a)):
+            if not t.is_floating_point():
+                raise ValueError(f"pairs[{i}]: {name} must be floating point, got {t.dtype}")
+            if not _dispatch.is_euclidean(getattr(t, "manifold", None)):
+                raise ValueError(
+                    f"pairs[{i}]: {name} is a ManifoldParameter on {t.manifold!r}; pair factors must be plain tensors"
+                )
+            if t in index:
+                raise ValueError(f"pairs[{i}]: {name} already belongs to pairs[{index[t]}]")
+            index[t] = i
+        out.append((b, a))
+    return out, index
