@@ -155,10 +155,10 @@ def test_full_rank_init_keeps_the_gpt2_function(dtype):
         for f in (b, a):
             s = torch.linalg.svdvals(f.detach().double())
             assert len(s) == R and s[-1] > 1e-3 * s[0]  # full rank r, well conditioned
-    # a second call keeps full-rank factors (nothing to absorb)
-    snapshot = [t.detach().clone() for pair in lora_pairs(model) for t in pair]
+    # a second call keeps full-rank factors: nothing to absorb, nothing changes
+    snapshot = [t.detach().clone() for t in model.parameters()]
     full_rank_lora_model_init_(model)
-    assert all(torch.equal(t.detach(), s) for t, s in zip((t for p in lora_pairs(model) for t in p), snapshot))
+    assert all(torch.equal(t.detach(), s) for t, s in zip(model.parameters(), snapshot))
 
 
 def test_prepare_lora_one_call_then_imuon_trains():
@@ -207,7 +207,7 @@ def test_gauge_invariance_end_to_end():
     """(B M, M^-1 A) is the same model; iMuon's loss trajectory does not see M, AdamW's does.
 
     ``M = Q diag(geomspace(1, 100, r))`` (condition number 100). With exact polar factors the two float64 runs agree to
-    rounding, amplified at most by cond(M)^2 over 30 steps: 1e-9 relative holds with margin.
+    rounding (2e-16 relative over 30 steps when written; 1e-9 leaves room for other BLAS builds); AdamW's differ by 8%.
     """
     torch.manual_seed(2)
     q = torch.linalg.qr(torch.randn(R, R, dtype=torch.float64))[0]
