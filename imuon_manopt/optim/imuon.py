@@ -46,7 +46,7 @@ from . import _dispatch, _options, _steps
 from ._fallback import fallback_outputs, host_step, work_dtype
 
 try:  # sharded (FSDP2) parameters: gather, compute on full tensors, scatter back
-    from ._distributed import apply_full, local
+    from ._distributed import apply_full, full, local
 except ImportError:  # pragma: no cover - the plain path
 
     def apply_full(params, inputs, fn, *, owner: bool = True):
@@ -56,6 +56,8 @@ except ImportError:  # pragma: no cover - the plain path
     def local(t):
         """The local part of a (possibly sharded) tensor: the tensor itself without sharding."""
         return t
+
+    full = local
 
 
 __all__ = ["IMuon"]
@@ -335,7 +337,7 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
             for p in grp.params:
                 if "step" in state[p]:
                     continue
-                x = p.detach().to(work_dtype(p))
+                x = full(p).detach().to(work_dtype(p))  # whole (collective) if sharded
                 tol = _CHECK_TOL.get(p.dtype, 1e-5)
                 ok, reason = p.manifold.check_point_on_manifold(x, explain=True, atol=tol, rtol=tol)
                 if not ok:
@@ -350,7 +352,7 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
                 if "step" in state[b]:
                     continue
                 try:
-                    FixedRank().at((local(b).detach().to(work_dtype(b)), local(a).detach().to(work_dtype(a))))
+                    FixedRank().at((full(b).detach().to(work_dtype(b)), full(a).detach().to(work_dtype(a))))
                 except ValueError as err:
                     raise ValueError(f"pairs[{i}] (B {tuple(b.shape)}, A {tuple(a.shape)}): {err}") from err
 
@@ -441,7 +443,7 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
         groups = self._structure()
         self._calls += 1
         if groups:
-            device_mode = any(p.device.type != "cpu" for grp in groups for p in grp.params[:1])
+            device_mode = self._defer_checks(groups)
             for grp in groups:
                 self._check_new(grp)
             writes: list = []
@@ -464,6 +466,12 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
         return loss
 
     # ------------------------------------------------------------------ finiteness and commit
+
+    @staticmethod
+    def _defer_checks(groups: list[_Group]) -> bool:
+        """Decide finiteness on the device (masked commit, deferred policy) unless every parameter is on the CPU,
+        where reading the flag costs nothing."""
+        return any(p.device.type != "cpu" for grp in groups for p in grp.params[:1])
 
     @staticmethod
     def _finite(tensors: list[torch.Tensor]) -> torch.Tensor:
