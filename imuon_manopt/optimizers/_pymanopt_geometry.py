@@ -11,7 +11,9 @@ for products) and the core's (see ``docs/core-api.md``):
 ``flat(x, v)``
     a tangent vector (a Riemannian gradient, a momentum buffer) -> a core Euclidean gradient ``c``
     with ``P_x(c) = v`` lowered by the metric, i.e. ``<c, w> = g_x(v, w)`` for tangent ``w``; for
-    ``v = grad f`` it gives the same direction as the true Euclidean gradient;
+    ``v = grad f`` it gives the same direction as the true Euclidean gradient. The metric part is
+    the core geometry's ``flat`` (:func:`core_flat`); where it is the identity (embedded metrics)
+    the adapter skips the conversion;
 ``tangent(x, xi)``
     a core direction -> a Pymanopt tangent vector of the manifold's own type (through
     ``manifold.projection``; fixed rank assembles ``(Up, M, Vp)`` directly);
@@ -22,8 +24,10 @@ for products) and the core's (see ``docs/core-api.md``):
     Riemannian gradient is the manifold's own conversion, except for ``FixedRankEmbedded`` (see
     :class:`_FixedRank`);
 ``direction(x, c, norm, polar)``
-    the iMuon direction as a Pymanopt tangent vector and its LMO gap, computed directly where a
-    closed form is cheaper than the core (fixed rank, spectral or Frobenius norm), else ``None``.
+    the iMuon direction as a Pymanopt tangent vector and its LMO gap, computed directly in numpy
+    where that is several times cheaper than the core at small sizes (``Sphere``: the normalized
+    projected gradient; fixed rank, spectral or Frobenius norm), else ``None``. These accelerators
+    evaluate the core's formulas and are tested against the core (``tests/test_pymanopt_geometry.py``).
 
 Supported (exact classes): ``Euclidean``, ``Sphere``, ``Stiefel`` (embedded metric), ``Grassmann``
 (orthonormal representative), ``SymmetricPositiveDefinite`` (affine-invariant metric),
@@ -34,13 +38,17 @@ batches of the core geometry, i.e. products.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+import torch
 from pymanopt import manifolds as pm
 from pymanopt.manifolds.fixed_rank import _FixedRankTangentVector
 from pymanopt.manifolds.product import _ProductTangentVector
 
+from ..direction import _map, _to_torch
 from ..geometry import (
     SPD,
     Euclidean,
@@ -97,6 +105,42 @@ def _check_orthonormal(name: str, x: np.ndarray, what: str) -> None:
         )
 
 
+# The core runs in torch while Pymanopt's manifolds and costs run in numpy (OpenBLAS). Both keep
+# spinning thread pools; alternating between them on few cores made torch's thin SVDs 20-400x slower
+# (0.1 ms -> 42 ms for a 200 x 5 SVD on 2 cores). The core's factorizations here are small (thin
+# SVDs, r x r or n x n eigh), so it runs single-threaded inside the solver; the user's torch thread
+# setting is restored after every call.
+_CORE_THREADS = 1
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run the enclosed core calls with ``_CORE_THREADS`` torch threads, then restore the setting."""
+    threads = torch.get_num_threads()
+    if threads != _CORE_THREADS:
+        torch.set_num_threads(_CORE_THREADS)
+    try:
+        yield
+    finally:
+        if threads != _CORE_THREADS:
+            torch.set_num_threads(threads)
+
+
+def _identity_flat(self, x: Any, v: Any) -> Any:
+    """The embedded metric's lowering map, the identity (the core geometry's ``flat`` is too)."""
+    return v
+
+
+def core_flat(geometry: MetricOperator, x: Any, v: Any) -> Any:
+    """``geometry.flat`` (the metric's lowering map) on numpy points and tangent vectors: converts to
+    torch, factors the point with ``geometry.at`` and converts the covector back (lists and tuples
+    keep their structure)."""
+    xt, vt = _to_torch(x), _to_torch(v)
+    with single_threaded():
+        c = geometry.flat(geometry.at(xt), vt)
+    return _map(lambda t: t.detach().cpu().numpy(), c)
+
+
 class HostGeometry:
     """Maps between one Pymanopt manifold's representations and a core :class:`MetricOperator`."""
 
@@ -115,10 +159,24 @@ class HostGeometry:
     def core_egrad(self, x: Any, egrad: Any) -> Any:
         return egrad
 
+    def check_gradient(self, x: Any, g: Any, name: str = "euclidean_gradient") -> None:
+        """Raise ``ValueError`` naming ``name`` if ``g`` is not an array of the point's shape."""
+        if not isinstance(x, np.ndarray):
+            return
+        shape = getattr(g, "shape", None)
+        if shape is None or tuple(shape) != x.shape:
+            got = tuple(shape) if shape is not None else type(g).__name__
+            raise ValueError(
+                f"{self.name}: the problem's {name} returned {got}; it must be an array of the "
+                f"point's shape {x.shape}"
+            )
+
     def flat(self, x: Any, v: Any) -> Any:
-        return v
+        """Tangent vector -> core Euclidean gradient, lowered by the core geometry's metric."""
+        return core_flat(self.geometry, self.core_point(x), v)
 
     def gradients(self, x: Any, egrad: Any) -> tuple[Any, Any]:
+        self.check_gradient(x, egrad)
         return self.manifold.euclidean_to_riemannian_gradient(x, egrad), self.core_egrad(x, egrad)
 
     def direction(self, x: Any, c: Any, norm: str, polar: str) -> tuple[Any, float] | None:
@@ -137,6 +195,7 @@ class _Euclidean(HostGeometry):
     """``Euclidean(*shape)``: a 1-D point is a column; ``(..., m, n)`` a batch of m x n matrices."""
 
     geometry = Euclidean()
+    flat = _identity_flat
 
     def check_point(self, x):
         _as_float_array(self.name, x, tuple(self.manifold._shape))
@@ -162,7 +221,25 @@ class _Sphere(HostGeometry):
     def core_egrad(self, x, egrad):
         return np.asarray(egrad).reshape(-1)
 
-    flat = core_egrad
+    flat = core_egrad  # the embedded metric: the identity, on the flattened vector
+
+    def direction(self, x, c, norm, polar):
+        """The core ``Sphere`` direction, evaluated in numpy (an accelerator, tested against the core).
+
+        A vector has one singular value, its 2-norm, so for every norm and either polar method the
+        direction is ``P_x(c) / ||P_x(c)||`` and the gap ``||P_x(c)||`` (``P_x(c) = c - <x, c> x``);
+        the division by the largest entry first keeps huge and tiny gradients finite.
+        """
+        v = x.reshape(-1)
+        g = c - (v @ c) * v
+        scale = float(np.max(np.abs(g))) if g.size else 0.0
+        if not math.isfinite(scale):
+            return np.full(x.shape, math.nan), math.nan
+        if scale == 0.0:
+            return np.zeros(x.shape), 0.0
+        g = g / scale
+        nrm = float(np.sqrt(g @ g))
+        return (g / nrm).reshape(x.shape), nrm * scale
 
     def ambient(self, x, xi):
         return xi.reshape(x.shape)
@@ -177,6 +254,8 @@ class _Frames(HostGeometry):
             Stiefel("embedded") if isinstance(manifold, pm.Stiefel) else Grassmann("orthonormal")
         )
 
+    flat = _identity_flat
+
     def check_point(self, x):
         m = self.manifold
         shape = (m._n, m._p) if m._k == 1 else (m._k, m._n, m._p)
@@ -185,7 +264,8 @@ class _Frames(HostGeometry):
 
 
 class _SPD(HostGeometry):
-    """``SymmetricPositiveDefinite``, affine-invariant metric; the covector is ``sym(egrad)``."""
+    """``SymmetricPositiveDefinite``, affine-invariant metric; the covector is ``sym(egrad)``; the
+    lowering map is the core's ``SPD.flat``."""
 
     geometry = SPD()
 
@@ -212,11 +292,6 @@ class _SPD(HostGeometry):
         e = np.asarray(egrad)
         return 0.5 * (e + np.swapaxes(e, -1, -2))
 
-    def flat(self, x, v):
-        # g_X(v, w) = tr(X^{-1} v X^{-1} w): the covector is X^{-1} v X^{-1} (symmetric for
-        # symmetric v).
-        c = np.linalg.solve(x, np.swapaxes(np.linalg.solve(x, v), -1, -2))
-        return 0.5 * (c + np.swapaxes(c, -1, -2))
 
 
 def _polar_tall(h: np.ndarray) -> tuple[np.ndarray, float]:
@@ -330,8 +405,10 @@ class _FixedRank(HostGeometry):
         return rgrad, self._core_egrad(x, g_v, g_u)
 
     def flat(self, x, v):
-        # For a tangent (Up, M, Vp): Gamma V = Up + u M and U^T Gamma = M vt + Vp^T for any Gamma
-        # projecting to it.
+        # Pymanopt's metric on FixedRankEmbedded is the embedded (Frobenius) one, whose lowering map
+        # is the identity on the ambient tangent Up vt + u M vt + u Vp^T: this only converts that
+        # ambient covector Gamma to the core's factor gradients. For a tangent (Up, M, Vp):
+        # Gamma V = Up + u M and U^T Gamma = M vt + Vp^T for any Gamma projecting to it.
         u, s, vt = x
         up, mm, vp = v
         r = np.sqrt(s)
@@ -418,6 +495,12 @@ class _Product(HostGeometry):
         return [p.flat(c, e) for p, c, e in zip(self.parts, x, v)]
 
     def gradients(self, x, egrad):
+        if not isinstance(egrad, (list, tuple)) or len(egrad) != len(self.parts):
+            got = len(egrad) if isinstance(egrad, (list, tuple)) else type(egrad).__name__
+            raise ValueError(
+                f"Product: the problem's euclidean_gradient must be a list of {len(self.parts)} "
+                f"component gradients, got {got}"
+            )
         pairs = [p.gradients(c, e) for p, c, e in zip(self.parts, x, egrad)]
         return _ProductTangentVector([g for g, _ in pairs]), [c for _, c in pairs]
 
@@ -432,9 +515,9 @@ class _Custom(HostGeometry):
     """A user-supplied :class:`MetricOperator`.
 
     It sees Pymanopt's points and Euclidean gradients unchanged (lists for products), and its
-    ``tangent()`` must return Pymanopt's tangent representation. ``flat`` (used by momentum and by
-    problems that give only a Riemannian gradient) is the identity: exact when the manifold's metric
-    is the embedded Euclidean one.
+    ``tangent()`` must return Pymanopt's tangent representation. Momentum and problems that give
+    only a Riemannian gradient lower tangent vectors with the geometry's own ``flat`` (the identity
+    unless the geometry overrides it), so the geometry's metric must be the manifold's.
     """
 
     def __init__(self, manifold, geometry: MetricOperator):

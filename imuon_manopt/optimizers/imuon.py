@@ -33,27 +33,18 @@ from copy import deepcopy
 from typing import Any
 
 import numpy as np
-import torch
 from pymanopt.optimizers.optimizer import Optimizer, OptimizerResult
 from pymanopt.tools import printer
 
 from ..direction import intrinsic_direction
 from ..geometry import MetricOperator
-from ._pymanopt_geometry import host_geometry
+from ..lmo import resolve_norm
+from ._pymanopt_geometry import host_geometry, single_threaded
 from .step_size import StepSizeRule, resolve_step_size
 
 __all__ = ["IMuon"]
 
-_NORMS = ("spectral", "frobenius", "nuclear", "schatten")
 _POLARS = ("svd", "newton_schulz")
-
-# The core runs in torch while Pymanopt's manifolds and costs run in numpy (OpenBLAS). Both keep
-# spinning thread pools; alternating between them on few cores made torch's thin SVDs 20-400x slower
-# (0.1 ms -> 42 ms for a 200 x 5 SVD on 2 cores). The direction's factorizations are small (thin
-# SVDs, r x r or n x n eigh), so the core runs single-threaded inside the solver; the user's torch
-# thread setting is restored after every call.
-_CORE_THREADS = 1
-
 
 def _finite(tree: Any) -> bool:
     """True when every array in a (nested tuple/list of) numpy arrays or scalars is finite."""
@@ -105,8 +96,11 @@ class IMuon(Optimizer):
             ``min_step_size`` applies to ``eta``; ``max_cost_evaluations`` counts real cost
             evaluations (line-search trials included).
 
-    Log (``log_verbosity >= 1``): per iteration ``iteration, point, cost, gradient_norm, lmo_gap,
-    step_size`` (``step_size`` is the step that reached the point; NaN at iteration 0).
+    Table (``verbosity >= 2``) and log (``log_verbosity >= 1``): one row per iteration, counted from
+    1 as in Pymanopt's solvers (at most ``max_iterations`` rows); row ``k`` is the point iteration
+    ``k`` starts from: ``iteration, point, cost, gradient_norm, lmo_gap, step_size``
+    (``step_size`` is the step that reached the point; NaN in row 1). After ``max_iterations``
+    steps the run stops at the last step's point, which has no row (the result holds its cost).
     """
 
     def __init__(
@@ -147,25 +141,21 @@ class IMuon(Optimizer):
         ):
             raise ValueError(f"momentum must be a float in [0, 1), got {momentum!r}")
         self._momentum = float(momentum)
+        if not isinstance(nesterov, (bool, np.bool_)):
+            raise ValueError(
+                f"nesterov must be True (Nesterov momentum) or False (heavy ball), got {nesterov!r}"
+            )
         self._nesterov = bool(nesterov)
 
-        if norm not in _NORMS:
-            raise ValueError(f"unknown norm {norm!r}; expected one of {_NORMS}")
-        if norm == "schatten":
-            if (
-                p is None
-                or not isinstance(p, (int, float))
-                or isinstance(p, bool)
-                or not 1.0 <= p <= math.inf
-            ):
-                raise ValueError(f"norm='schatten' needs p with 1 <= p <= inf, got p={p!r}")
-        elif p is not None:
-            raise ValueError(f"p is only used with norm='schatten', got p={p!r} with norm={norm!r}")
-        self._norm, self._p = norm, p
+        if norm == "schatten" and p is None:
+            raise ValueError("norm='schatten' needs p with 1 <= p <= inf, got p=None")
+        nrm = resolve_norm(norm, p)  # the one validation of norm names and exponents
+        self._norm = nrm.name
+        self._p = nrm.p if nrm.name == "schatten" else None
 
         if polar not in _POLARS:
             raise ValueError(f"unknown polar {polar!r}; expected one of {_POLARS}")
-        if polar == "newton_schulz" and norm != "spectral":
+        if polar == "newton_schulz" and self._norm != "spectral":
             raise ValueError(
                 f"polar='newton_schulz' applies to norm='spectral' only, got norm={norm!r}"
             )
@@ -196,16 +186,10 @@ class IMuon(Optimizer):
         closed_form = host.direction(x, e_core, self._norm, self._polar)
         if closed_form is not None:
             return closed_form
-        threads = torch.get_num_threads()
-        if threads != _CORE_THREADS:
-            torch.set_num_threads(_CORE_THREADS)
-        try:
+        with single_threaded():
             d = intrinsic_direction(
                 host.geometry, host.core_point(x), e_core, self._norm, p=self._p, polar=self._polar
             )
-        finally:
-            if threads != _CORE_THREADS:
-                torch.set_num_threads(threads)
         return host.tangent(x, d.xi), float(d.gap)
 
     def _gradient_function(self, problem, host):
@@ -219,6 +203,7 @@ class IMuon(Optimizer):
 
             def gradients(x):
                 rgrad = riemannian_gradient(x)
+                host.check_gradient(x, rgrad, "riemannian_gradient")
                 return rgrad, host.flat(x, rgrad)
         else:
             euclidean_gradient = problem.euclidean_gradient
@@ -299,6 +284,18 @@ class IMuon(Optimizer):
         while True:
             stopping_criterion = None
             finite = math.isfinite(cost) and _finite(x)
+            if iteration >= self._max_iterations and finite:
+                # Pymanopt's convention: max_iterations rows, counted from 1; the last step's point
+                # is the result (its cost is the result's cost), with no row of its own.
+                stopping_criterion = self._check_stopping_criterion(
+                    start_time=start_time, iteration=iteration
+                )
+                if _finite(rgrad):
+                    gradient_norm = float(manifold.norm(x, rgrad))
+                if self._verbosity >= 1:
+                    print(stopping_criterion)
+                    print("")
+                break
             if finite and _finite(rgrad) and _finite(e_core):
                 xi, gap = self._direction(host, x, e_core)
                 gradient_norm = float(manifold.norm(x, rgrad))
@@ -318,9 +315,9 @@ class IMuon(Optimizer):
                 else:
                     gradient_norm = gap = math.nan
 
-            column_printer.print_row([iteration, cost, gradient_norm, gap])
+            column_printer.print_row([iteration + 1, cost, gradient_norm, gap])
             self._add_log_entry(
-                iteration=iteration,
+                iteration=iteration + 1,
                 point=x,
                 cost=cost,
                 gradient_norm=gradient_norm,

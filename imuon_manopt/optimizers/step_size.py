@@ -222,7 +222,10 @@ class Armijo(StepSizeRule):
         max_step_size: upper bound on every trial ``eta``.
 
     A trial whose cost is NaN or infinite counts as failed, so the rule never accepts a non-finite
-    point.
+    point. A trial must decrease the cost strictly: once the required decrease ``c * eta * slope`` is
+    below the rounding unit of ``f0`` and a trial's cost is within rounding of ``f0``, the step is
+    rejected at once (no decrease can be resolved there), so the solver stops on ``min_step_size``
+    as Pymanopt's solvers do, instead of accepting zero-decrease steps until ``max_iterations``.
     """
 
     def __init__(
@@ -262,11 +265,18 @@ class Armijo(StepSizeRule):
             new_x = manifold.retraction(x, -eta * xi)
             new_f = float(objective(new_x))
             evaluations += 1
-            if math.isfinite(new_f) and new_f <= f0 - self.sufficient_decrease * eta * slope:
+            required = f0 - self.sufficient_decrease * eta * slope
+            # A step must decrease the cost: when the required decrease is below the cost's rounding
+            # unit, f0 - c eta slope rounds to f0 and "new_f <= required" would accept new_f == f0.
+            if math.isfinite(new_f) and new_f <= required and new_f < f0:
                 grow = self.growth_factor if trial == 0 else 1.0
                 self._next = min(eta * grow, self.max_step_size)
                 return StepResult(eta, new_x, new_f, evaluations)
             eta *= self.contraction_factor
+            if required == f0 and new_f - f0 <= _ROUNDING_ULPS * math.ulp(f0):
+                # no change beyond rounding where no decrease can be required: shorter steps cannot
+                # show one either (a clear increase, an overshoot, still backtracks)
+                break
         self._next = eta / self.contraction_factor
         return StepResult(0.0, x, f0, evaluations)
 
@@ -279,6 +289,9 @@ class Armijo(StepSizeRule):
             f"max_backtracks={self.max_backtracks!r}, max_step_size={self.max_step_size!r})"
         )
 
+
+# A trial cost within this many units in the last place of f0 shows no change (rounding noise).
+_ROUNDING_ULPS = 4
 
 _NAMES: dict[str, Callable[[], StepSizeRule]] = {
     "armijo": Armijo,
