@@ -207,7 +207,8 @@ def test_gauge_invariance_end_to_end():
     """(B M, M^-1 A) is the same model; iMuon's loss trajectory does not see M, AdamW's does.
 
     ``M = Q diag(geomspace(1, 100, r))`` (condition number 100). With exact polar factors the two float64 runs agree to
-    rounding (2e-16 relative over 30 steps when written; 1e-9 leaves room for other BLAS builds); AdamW's differ by 8%.
+    rounding (2e-16 relative over 30 steps when written; 1e-9 leaves room for other BLAS builds); AdamW's differ by
+    percents.
     """
     torch.manual_seed(2)
     q = torch.linalg.qr(torch.randn(R, R, dtype=torch.float64))[0]
@@ -225,7 +226,7 @@ def test_gauge_invariance_end_to_end():
     imuon_gap = max(abs(u - v) / abs(u) for u, v in zip(ref, moved))
     assert imuon_gap <= 1e-9, imuon_gap
 
-    ref, moved = _gauge_run(adamw, None), _gauge_run(adamw, gauge)
+    ref, moved = _gauge_run(adamw, None, steps=10), _gauge_run(adamw, gauge, steps=10)  # apart within 10 steps
     adamw_gap = max(abs(u - v) / abs(u) for u, v in zip(ref, moved))
     assert adamw_gap > 1e-3 and adamw_gap > 1e5 * max(imuon_gap, 1e-15), (adamw_gap, imuon_gap)
 
