@@ -12,6 +12,9 @@ B. *Per-iteration cost.* iMuon (spectral) and SteepestDescent each run a fixed n
    included) and the evaluations per iteration, and the ratio iMuon / SteepestDescent. With ``--thread-sweep`` this
    is repeated for each torch thread count given.
 
+Problems: the examples' PCA, Karcher mean and completion, and a Rayleigh quotient on ``Sphere(128)`` (where a
+direction is a normalized vector and the solver's own overhead decides the per-iteration cost).
+
 Run: ``python benchmarks/bench_pymanopt.py`` (``--quick`` for a tiny smoke version, ``--output FILE.md``,
 ``--part B`` for the per-iteration measurement only, ``--only completion`` for some problems).
 """
@@ -38,6 +41,35 @@ import _compare as cmp  # noqa: E402
 import karcher_mean  # noqa: E402
 import matrix_completion  # noqa: E402
 import pca  # noqa: E402
+
+
+def sphere_problem(n: int, seed: int = 0):
+    """``min -x^T C x`` on ``Sphere(n)`` (the dominant eigenvector), ``C`` with eigenvalues spread linearly over
+    ``[0, 1]`` (eigengap ``1 / (n - 1)``); error = relative cost error. Euclidean gradient in closed form."""
+    import pymanopt
+
+    rng = np.random.default_rng(seed)
+    lam = np.linspace(1.0, 0.0, n)
+    q = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    cov = (q * lam) @ q.T
+    cov = 0.5 * (cov + cov.T)
+    manifold = pymanopt.manifolds.Sphere(n)
+
+    @pymanopt.function.numpy(manifold)
+    def cost(x):
+        return -float(x @ (cov @ x))
+
+    @pymanopt.function.numpy(manifold)
+    def euclidean_gradient(x):
+        return -2.0 * (cov @ x)
+
+    x0 = rng.standard_normal(n)
+    x0 /= np.linalg.norm(x0)
+
+    def error(x):
+        return abs(cost(x) + 1.0)
+
+    return pymanopt.Problem(manifold, cost, euclidean_gradient=euclidean_gradient), x0, error
 
 
 def problems(quick: bool):
@@ -75,7 +107,12 @@ def problems(quick: bool):
             return problem, x0, error, 1e-3, ("iMuon-spectral", "iMuon-frobenius", "SD", "CG"), fr_copy
         return build
 
+    def sphere_case():
+        problem, x0, error = sphere_problem(32 if quick else 128)
+        return problem, x0, error, 1e-8, ("iMuon-spectral", "iMuon-frobenius", "SD", "CG"), None
+
     return {
+        f"Rayleigh quotient Sphere({32 if quick else 128})": sphere_case,
         f"PCA Grassmann({n},{p}) gap {gap:g}": pca_case("grassmann"),
         f"PCA Stiefel({n},{p}) gap {gap:g}": pca_case("stiefel"),
         f"Karcher SPD({kn}) N={kcount}": karcher_case,

@@ -232,14 +232,17 @@ class _Sphere(HostGeometry):
         """
         v = x.reshape(-1)
         g = c - (v @ c) * v
-        scale = float(np.max(np.abs(g))) if g.size else 0.0
-        if not math.isfinite(scale):
-            return np.full(x.shape, math.nan), math.nan
-        if scale == 0.0:
-            return np.zeros(x.shape), 0.0
-        g = g / scale
-        nrm = float(np.sqrt(g @ g))
-        return (g / nrm).reshape(x.shape), nrm * scale
+        nrm = math.sqrt(float(g @ g))
+        if not 1e-150 < nrm < 1e150:  # zero, non-finite, or a sum of squares near under- or overflow
+            scale = float(np.max(np.abs(g))) if g.size else 0.0
+            if not math.isfinite(scale):
+                return np.full(x.shape, math.nan), math.nan
+            if scale == 0.0:
+                return np.zeros(x.shape), 0.0
+            g = g / scale
+            nrm = math.sqrt(float(g @ g))
+            return (g / nrm).reshape(x.shape), nrm * scale
+        return (g / nrm).reshape(x.shape), nrm
 
     def ambient(self, x, xi):
         return xi.reshape(x.shape)
@@ -303,6 +306,8 @@ def _polar_tall(h: np.ndarray) -> tuple[np.ndarray, float]:
     scale = float(np.max(np.abs(h))) if h.size else 0.0
     if scale == 0.0:
         return np.zeros_like(h), 0.0
+    if not math.isfinite(scale):  # NaN out, as the core does, instead of numpy's LinAlgError
+        return np.full_like(h, math.nan), math.nan
     left, sv, right = np.linalg.svd(h / scale, full_matrices=False)
     keep = sv > np.finfo(sv.dtype).eps * max(h.shape) * sv[0]
     if not keep[-1]:

@@ -296,12 +296,11 @@ class IMuon(Optimizer):
                     print(stopping_criterion)
                     print("")
                 break
-            if finite and _finite(rgrad) and _finite(e_core):
+            # (a non-finite Riemannian gradient shows in its norm)
+            gradient_norm = float(manifold.norm(x, rgrad)) if finite else math.nan
+            if math.isfinite(gradient_norm) and _finite(e_core):
                 xi, gap = self._direction(host, x, e_core)
-                gradient_norm = float(manifold.norm(x, rgrad))
-                finite_direction = (
-                    math.isfinite(gap) and math.isfinite(gradient_norm) and _finite(xi)
-                )
+                finite_direction = math.isfinite(gap) and _finite(xi)
             else:
                 finite_direction = False
             if not finite_direction:
