@@ -143,10 +143,7 @@ def manifold_fn(
             e = lower(x, torch.add(r, buf, alpha=beta) if use_nesterov else buf)
         xi = direction(geometry, x, e, group)
         u = lower(x, xi) if rule.covector_update else xi
-        if buf is None:
-            new_x = manifold.retr(x, -step_lr * u)
-        else:
-            new_x, buf = manifold.retr_transp(x, -step_lr * u, buf)
+        new_x, buf = _retract(manifold, x, -step_lr * u, buf)
         if rule.polish is not None:
             new_x = rule.polish(new_x)
         new_x = new_x.to(out)
@@ -155,6 +152,26 @@ def manifold_fn(
         return list(zip(new_x.unbind(0), buf.unbind(0)))
 
     return fn
+
+
+def _retract(manifold: geoopt.Manifold, x: torch.Tensor, u: torch.Tensor, buf: torch.Tensor | None):
+    """``manifold.retr`` (or ``retr_transp`` with a buffer). geoopt's factorizations raise where they meet
+    non-finite values (a huge step, a non-finite direction); the step then has non-finite results like any other
+    overflow, and the optimizer's ``nonfinite`` policy decides. Errors with finite inputs and a finite retraction
+    are real errors and propagate."""
+    try:
+        return (manifold.retr(x, u), None) if buf is None else manifold.retr_transp(x, u, buf)
+    except RuntimeError:
+        finite = bool(torch.isfinite(u).all()) and (buf is None or bool(torch.isfinite(buf).all()))
+        if finite:
+            try:
+                finite = bool(torch.isfinite(manifold.retr(x, u)).all())
+            except RuntimeError:
+                finite = False
+        if finite:
+            raise
+        nan = torch.full_like(x, math.nan)
+        return nan, (None if buf is None else torch.full_like(buf, math.nan))
 
 
 def _ratio(cb: torch.Tensor, ca: torch.Tensor, r: int) -> torch.Tensor:

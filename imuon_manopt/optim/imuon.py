@@ -46,7 +46,7 @@ from . import _dispatch, _options, _steps
 from ._fallback import fallback_outputs, host_step, work_dtype
 
 try:  # sharded (FSDP2) parameters: gather, compute on full tensors, scatter back
-    from ._distributed import apply_full, full, local
+    from ._distributed import apply_full, full, like, local
 except ImportError:  # pragma: no cover - the plain path
 
     def apply_full(params, inputs, fn, *, owner: bool = True):
@@ -58,6 +58,10 @@ except ImportError:  # pragma: no cover - the plain path
         return t
 
     full = local
+
+    def like(p, t):
+        """State for ``p`` from a local tensor: the tensor itself without sharding."""
+        return t
 
 
 __all__ = ["IMuon"]
@@ -242,22 +246,17 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
         super().add_param_group(param_group)
         self._structure_key = None
 
-    @staticmethod
-    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
-        """``load_state_dict``: torch casts floating state to the parameter's dtype; IMuon keeps its buffers in at
-        least float32 (half-precision buffers of older state dicts are upcast) and step counts as they are."""
-        if key == "step" or not isinstance(value, torch.Tensor):
-            return value
-        if value.is_floating_point() and param.is_floating_point():
-            return value.to(dtype=work_dtype(param), device=param.device)
-        return value.to(device=param.device)
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``; options missing from older state dicts take the constructor's values."""
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+            for p in group["params"]:  # torch casts state to the parameter's dtype: buffers stay >= float32
+                st = self.state.get(p, {})
+                for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+                    if isinstance(st.get(key), torch.Tensor) and st[key].dtype != work_dtype(p):
+                        st[key] = st[key].to(work_dtype(p))
         self._structure_key = None
 
     # ------------------------------------------------------------------ structure
@@ -367,7 +366,7 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
         return out
 
     def _update(self, grp: _Group, lazy: bool, writes: list, checks: list) -> None:
-        """Append ``(param or (state, key), new local tensor)`` for every tensor the group would change, and to
+        """Append ``(param or (param, state key), new local tensor)`` for every tensor the group would change, and to
         ``checks`` the tensors whose finiteness decides the step.
 
         Momentum of plain matrices and pairs is elementwise and runs here, on local tensors; everything that needs
@@ -381,11 +380,12 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
         grads = [None if p.grad is None else local(p.grad) for p in params]
         xs = [local(p).detach() for p in params]
         if grp.kind == "fallback":
-            new, entries = fallback_outputs(group, xs, grads, [self.state[p] for p in params], not lazy)
+            capturable = not lazy and p0.device.type != "cpu"  # AdamW's step counts stay on the device
+            new, entries = fallback_outputs(group, xs, grads, [self.state[p] for p in params], capturable)
             writes.extend(zip(params, new))
             checks.extend(new)
             for key, values in entries.items():
-                writes.extend(((self.state[p], key), v) for p, v in zip(params, values))
+                writes.extend(((p, key), v) for p, v in zip(params, values))
                 checks.extend(values)
             return
         es = [torch.zeros_like(x, dtype=wdt) if g is None else g.to(wdt) for g, x in zip(grads, xs)]
@@ -398,11 +398,11 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
                 writes.append((p, out[0]))
                 checks.extend(out)
                 if beta > 0:
-                    writes.append(((self.state[p], "momentum_buffer"), out[1]))
+                    writes.append(((p, "momentum_buffer"), out[1]))
             return
         if beta > 0:
             es, bufs = _steps.nesterov(es, self._buffers(params, es), beta, group["nesterov"])
-            writes.extend(((self.state[p], "momentum_buffer"), v) for p, v in zip(params, bufs))
+            writes.extend(((p, "momentum_buffer"), v) for p, v in zip(params, bufs))
         if grp.kind == "matrix":
             fn = _steps.matrix_fn(group, grp.shape2d, wdt, p0.dtype)
             outputs = apply_full(params, list(zip(xs, es)), fn, owner=True)
@@ -500,13 +500,14 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
                 dst.append(local(target).detach())
                 src.append(value)
                 continue
-            state, key = target
+            p, key = target
+            state = self.state[p]
             old = state.get(key)
-            if old is not None and old.dtype == value.dtype and old.shape == value.shape:
+            if old is not None and old.dtype == value.dtype and local(old).shape == value.shape:
                 dst.append(local(old))
                 src.append(value)
-            else:
-                state[key] = value.clone()
+            else:  # state of a sharded parameter is a DTensor laid out like it (torch.optim's FSDP2 convention)
+                state[key] = like(p, value.clone())
         if dst:
             torch._foreach_copy_(dst, src)
         for grp in groups:
@@ -521,11 +522,13 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
                 old = local(target).detach()
                 old.copy_(torch.where(ok.to(old.device), value.to(old.dtype), old))
                 continue
-            state, key = target
+            p, key = target
+            state = self.state[p]
             old = state.get(key)
-            if old is None or old.dtype != value.dtype or old.shape != value.shape:
-                state[key] = torch.where(ok.to(value.device), value, torch.zeros_like(value))
+            if old is None or old.dtype != value.dtype or local(old).shape != value.shape:
+                state[key] = like(p, torch.where(ok.to(value.device), value, torch.zeros_like(value)))
             else:
+                old = local(old)
                 old.copy_(torch.where(ok.to(old.device), value, old))
         for grp in groups:
             for p in grp.params:
