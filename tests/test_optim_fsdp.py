@@ -203,58 +203,115 @@ class Net(torch.nn.Module):
 
 
 def _data():
+    """``STEPS + 1`` global batches: ``STEPS`` to train, one more after resuming from a checkpoint."""
     g = torch.Generator().manual_seed(1)
     return [
         (
             torch.randn(GLOBAL_BATCH, 6, generator=g, dtype=torch.float64),
             torch.randn(GLOBAL_BATCH, 3, generator=g, dtype=torch.float64),
         )
-        for _ in range(STEPS)
+        for _ in range(STEPS + 1)
     ]
 
 
-def _train(model: torch.nn.Module, net: Net, batches) -> list[int]:
-    opt = IMuon(model.parameters(), lr=0.05, momentum=0.9, polar="svd", pairs=[(net.lora_b, net.lora_a)])
-    sent = []
-    for x, y in batches:
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        with D.measure() as stats:
-            opt.step()
-        sent.append(stats.bytes_sent)
-    return sent
+def _optimizer(net: Net) -> IMuon:
+    return IMuon(net.parameters(), lr=0.05, momentum=0.9, polar="svd", pairs=[(net.lora_b, net.lora_a)])
+
+
+def _step(net: Net, opt: IMuon, x: torch.Tensor, y: torch.Tensor) -> int:
+    """One training step; returns the bytes this process sent in ``opt.step()``."""
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(net(x), y).backward()
+    with D.measure() as stats:
+        opt.step()
+    return stats.bytes_sent
+
+
+def _buffers(net: Net, state_of) -> dict[str, torch.Tensor]:
+    """Copies (the optimizer updates its buffers in place) of the momentum buffers of the 2-D parameters."""
+    return {name: state_of(name, p)["momentum_buffer"].clone() for name, p in net.named_parameters() if p.ndim == 2}
+
+
+def _sharded_net(mesh) -> Net:
+    net = Net()
+    manifolds = (net.frame.manifold, net.rot.manifold)
+    with D.keep_manifolds(net) as kept:
+        fully_shard(net, mesh=mesh)
+    # fully_shard makes every parameter a plain DTensor parameter; keep_manifolds put the manifolds back
+    assert sorted(kept) == ["frame", "rot"]
+    assert not isinstance(net.frame, geoopt.ManifoldParameter)
+    assert (net.frame.manifold, net.rot.manifold) == manifolds
+    assert all(D.is_sharded(p) for p in net.parameters())
+    return net
 
 
 def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.tensor import DTensor
+
     _init(rank, world, port)
     try:
         mesh = init_device_mesh("cpu", (world,))
-        net = Net()
-        manifolds = (net.frame.manifold, net.rot.manifold)
-        with D.keep_manifolds(net) as kept:
-            fully_shard(net, mesh=mesh)
-        # fully_shard makes every parameter a plain DTensor parameter; keep_manifolds put the manifolds back
-        assert sorted(kept) == ["frame", "rot"]
-        assert not isinstance(net.frame, geoopt.ManifoldParameter)
-        assert (net.frame.manifold, net.rot.manifold) == manifolds
-        assert all(D.is_sharded(p) for p in net.parameters())
+        net = _sharded_net(mesh)
+        opt = _optimizer(net)
         shard = GLOBAL_BATCH // world
         batches = [(x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]) for x, y in _data()]
-        sent = _train(net, net, batches)
-        full = {k: v.full_tensor() for k, v in net.state_dict().items()}  # collective: every rank
-        torch.save({"params": full, "sent": sent}, os.path.join(out_dir, f"fsdp{rank}.pt"))
+        sent = [_step(net, opt, x, y) for x, y in batches[:STEPS]]
+        out = {"sent": sent}
+        out["params"] = {k: v.full_tensor() for k, v in net.state_dict().items()}  # collective: every rank
+        # state of a sharded parameter is a DTensor with its placements, as torch.optim keeps it under FSDP2
+        for p in net.parameters():
+            for key, v in opt.state[p].items():
+                if isinstance(v, torch.Tensor) and v.ndim:
+                    assert isinstance(v, DTensor) and v.placements == p.placements, key
+        # torch.distributed.checkpoint's full (unsharded) state dicts, and a resume from them
+        full = StateDictOptions(full_state_dict=True)
+        osd = get_optimizer_state_dict(net, opt, options=full)
+        msd = get_model_state_dict(net, options=full)
+        out["buffers"] = _buffers(net, lambda name, p: osd["state"][name])
+        net2 = _sharded_net(mesh)
+        opt2 = _optimizer(net2)
+        set_model_state_dict(net2, msd, options=full)
+        set_optimizer_state_dict(net2, opt2, osd, options=full)
+        for model, optim in ((net, opt), (net2, opt2)):
+            _step(model, optim, *batches[STEPS])
+        out["continued"] = {k: v.full_tensor() for k, v in net.state_dict().items()}
+        out["resumed"] = {k: v.full_tensor() for k, v in net2.state_dict().items()}
+        torch.save(out, os.path.join(out_dir, f"fsdp{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_fsdp_matches_single_process(tmp_path):
+    """5 steps under fully_shard (plain matrices and Stiefel frames stepped on owner ranks, the LoRA pair
+    all-gathered) equal the single-process run on the global batch; so do the full momentum buffers from
+    torch.distributed.checkpoint, and a 6th step after resuming from them."""
     net = Net()
-    _train(net, net, _data())
-    single = net.state_dict()
+    opt = _optimizer(net)
+    data = _data()
+    for x, y in data[:STEPS]:
+        _step(net, opt, x, y)
+    single = {k: v.clone() for k, v in net.state_dict().items()}
+    single_buffers = _buffers(net, lambda name, p: opt.state[p])
+    _step(net, opt, *data[STEPS])
+    single_next = net.state_dict()
 
     _spawn(_fsdp_worker, tmp_path)
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"fsdp{rank}.pt", weights_only=True)
-        for k, v in single.items():
-            torch.testing.assert_close(result["params"][k], v, atol=1e-10, rtol=1e-10, msg=f"rank {rank} {k}")
+        for got, want, what in (
+            (result["params"], single, "parameters"),
+            (result["buffers"], single_buffers, "momentum buffer"),
+            (result["continued"], single_next, "6th step"),
+            (result["resumed"], single_next, "6th step after resuming"),
+        ):
+            assert got.keys() == want.keys()
+            for k, v in want.items():
+                torch.testing.assert_close(got[k], v, atol=1e-10, rtol=1e-10, msg=f"rank {rank} {what} {k}")
         assert all(s > 0 for s in result["sent"])

@@ -14,6 +14,8 @@ import torch
 from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
+from ._distributed import local
+
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -33,7 +35,7 @@ def fallback_lr(group: dict[str, Any]) -> float:
 
 
 def _copy(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(like) if t is None else t.to(like.dtype, copy=True)
+    return torch.zeros_like(like) if t is None else local(t).to(like.dtype, copy=True)  # a DTensor's shard
 
 
 def host_step(value: Any) -> int:
