@@ -2,25 +2,31 @@
 
 Cases (float32 parameters, a fixed random gradient, equal shapes for every optimizer):
 
-==========================  =================================================================================
-case                        optimizers
-==========================  =================================================================================
-Stiefel 1024x64             IMuon vs RiemannianAdam, ``geoopt.EuclideanStiefel`` (target: <= 1.3x RAdam)
-Stiefel batch 32 x 256x32   IMuon vs RiemannianAdam, one batched ``EuclideanStiefel`` parameter
-SPD 64x64                   IMuon vs RiemannianAdam, ``geoopt.SymmetricPositiveDefinite``
-Euclidean 1024x1024         IMuon vs torch.optim.Muon, both 5 Newton–Schulz steps (target: <= 1.1x Muon); torch's
-                            Muon casts to bfloat16, which CPUs without native bfloat16 emulate very slowly, so
-                            the reference is the same optimizer with a float32 Newton–Schulz (``MuonFloat32``);
-                            the real one is timed too (1 warm-up, 2 repeats)
-LoRA pair 4096x16 / 16x4096 IMuon (``pairs=[(B, A)]``) vs torch.optim.Muon and AdamW on the two factors
-==========================  =================================================================================
+==============================  ======================================================================================
+case                            optimizers
+==============================  ======================================================================================
+Stiefel 1024x64                 IMuon vs RiemannianAdam, ``geoopt.EuclideanStiefel`` (target: <= 1.3x RAdam)
+Stiefel batch 32 x 256x32       IMuon vs RiemannianAdam, one batched ``EuclideanStiefel`` parameter (target: <= 1.3x)
+SPD 64x64                       IMuon vs RiemannianAdam, ``geoopt.SymmetricPositiveDefinite``
+Euclidean 1024x1024             IMuon vs torch.optim.Muon, both 5 Newton–Schulz steps (target: <= 1.1x Muon); torch's
+                                Muon casts to bfloat16, which CPUs without native bfloat16 emulate very slowly, so the
+                                reference is the same optimizer with a float32 Newton–Schulz (``MuonFloat32``); the
+                                real one is timed too (1 warm-up, 2 repeats)
+24 x Euclidean 1024x1024        IMuon (one group, one batched Newton–Schulz) vs MuonFloat32 (target: <= 1.05x)
+LoRA pair 4096x16 / 16x4096     IMuon (``pairs=[(B, A)]``) vs torch.optim.Muon and AdamW on the two factors
+GPT-2-small LoRA set            12 layers x q, k, v, o (768x768), up (3072x768), down (768x3072), r = 8: 72 pairs;
+                                IMuon vs AdamW (foreach) and MuonFloat32 on every factor (targets: <= 2x AdamW, <=
+                                0.5x Muon)
+==============================  ======================================================================================
 
-On ``--device cuda`` the Euclidean and LoRA cases also time ``IMuon(ns_dtype=torch.bfloat16)``, and the Euclidean
-reference is the real ``torch.optim.Muon`` (bfloat16 Newton–Schulz), whose dtype a GPU runs natively.
+On ``--device cuda`` the Euclidean and LoRA cases also time IMuon with a bfloat16 Newton–Schulz (``polar={"method":
+"newton_schulz", "dtype": torch.bfloat16}``), and the Euclidean references are the real ``torch.optim.Muon``
+(bfloat16 Newton–Schulz), whose dtype a GPU runs natively.
 
 Timing: ``warmup`` steps of each optimizer, then ``repeats`` rounds in which every optimizer of the case does one
 timed ``step()`` (interleaved, so that a change of machine load hits all of them alike); the median per optimizer
-and the ratios to the reference are reported, with the thread count.
+and the ratios to the references are reported, with the thread count. ``--threads 1,2`` runs every case once per
+thread count. The 24-matrix case takes few repeats (each step orthogonalizes 24 large matrices).
 
 Allocation check (exact): the LoRA pair's ``step()`` runs under a ``TorchDispatchMode`` that sees the output of
 every aten operation; it fails if any output has ``numel >= m * n`` (an ``m x n`` matrix, the product ``B A``,
@@ -33,6 +39,7 @@ Usage::
     python benchmarks/bench_optim.py --quick     # smoke run on small shapes
     python benchmarks/bench_optim.py --profile   # also print torch.profiler's top operations of IMuon's steps
     python benchmarks/bench_optim.py --device cuda
+    python benchmarks/bench_optim.py --threads 1,2 --only lora-set,stiefel   # a subset of the cases
 
 The exit status is 1 when the allocation check fails (timing targets are reported, never enforced).
 """
@@ -63,6 +70,8 @@ from bench_polar import muon_ns_replica  # noqa: E402
 from imuon_manopt.optim import IMuon  # noqa: E402
 
 NS_STEPS = 5
+NS = {"method": "newton_schulz", "steps": NS_STEPS}
+NS_BF16 = {**NS, "dtype": torch.bfloat16}
 LR = 1e-3
 DTYPE = torch.float32
 DEVICE = torch.device("cpu")  # set by main(--device); every parameter and gradient is made there
@@ -88,13 +97,14 @@ class MuonFloat32(torch.optim.Muon):
 
 @dataclass
 class Case:
-    """One benchmark case: optimizers (name -> factory over fresh parameters) and the reference for the ratio."""
+    """One benchmark case: optimizers (name -> factory over fresh parameters), references with targets."""
 
+    key: str
     name: str
     make: dict[str, Callable[[], tuple[torch.optim.Optimizer, list[torch.Tensor]]]]
-    reference: str
-    target: float | None = None
+    targets: dict[str, float | None]  # reference optimizer -> target ratio of IMuon to it (None: reported only)
     slow: tuple[str, ...] = ()  # timed with 1 warm-up step and 2 repeats, after the others
+    repeats: int | None = None  # overrides --repeats (expensive cases)
     times: dict[str, float] = field(default_factory=dict)
 
 
@@ -109,7 +119,7 @@ def _imuon_vs_radam(param) -> dict:
 
     def imuon():
         p = param()
-        return IMuon([p], lr=LR, ns_steps=NS_STEPS), [p]
+        return IMuon([p], lr=LR, polar=NS), [p]
 
     def radam():
         p = param()
@@ -142,32 +152,36 @@ def spd_case(n: int, g: torch.Generator) -> dict:
     return _imuon_vs_radam(param)
 
 
-def euclidean_case(m: int, n: int, g: torch.Generator) -> dict:
-    x0 = (torch.randn(m, n, generator=g, dtype=DTYPE) / n**0.5).to(DEVICE)
+def euclidean_case(m: int, n: int, g: torch.Generator, count: int = 1) -> dict:
+    """IMuon and torch's Muon on ``count`` plain ``m x n`` matrices (IMuon stacks them into one group)."""
+    x0 = [(torch.randn(m, n, generator=g, dtype=DTYPE) / n**0.5).to(DEVICE) for _ in range(count)]
 
-    def param():
-        return _with_grad(torch.nn.Parameter(x0.clone()), g)
+    def params():
+        return [_with_grad(torch.nn.Parameter(x.clone()), g) for x in x0]
 
     def imuon():
-        p = param()
-        return IMuon([p], lr=LR, ns_steps=NS_STEPS), [p]
+        ps = params()
+        return IMuon(ps, lr=LR, polar=NS), ps
 
     def muon():
-        p = param()
-        return torch.optim.Muon([p], lr=LR, weight_decay=0.0, ns_steps=NS_STEPS), [p]
+        ps = params()
+        return torch.optim.Muon(ps, lr=LR, weight_decay=0.0, ns_steps=NS_STEPS), ps
 
     def muon32():
-        p = param()
-        return MuonFloat32([p], lr=LR, weight_decay=0.0, ns_steps=NS_STEPS), [p]
+        ps = params()
+        return MuonFloat32(ps, lr=LR, weight_decay=0.0, ns_steps=NS_STEPS), ps
 
     def imuon_bf16():
-        p = param()
-        return IMuon([p], lr=LR, ns_steps=NS_STEPS, ns_dtype=torch.bfloat16), [p]
+        ps = params()
+        return IMuon(ps, lr=LR, polar=NS_BF16), ps
 
     if DEVICE.type == "cuda":
         return {"IMuon": imuon, "IMuon (bf16 NS)": imuon_bf16, "torch.optim.Muon (fp32 NS)": muon32,
                 "torch.optim.Muon (bf16 NS)": muon}
-    return {"IMuon": imuon, "torch.optim.Muon (fp32 NS)": muon32, "torch.optim.Muon (bf16 NS)": muon}
+    makers = {"IMuon": imuon, "torch.optim.Muon (fp32 NS)": muon32}
+    if count == 1:
+        makers["torch.optim.Muon (bf16 NS)"] = muon
+    return makers
 
 
 def lora_factors(m: int, n: int, r: int, g: torch.Generator) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
@@ -176,27 +190,48 @@ def lora_factors(m: int, n: int, r: int, g: torch.Generator) -> tuple[torch.nn.P
     return _with_grad(b, g), _with_grad(a, g)
 
 
-def lora_case(m: int, n: int, r: int, g: torch.Generator) -> dict:
+def _lora_makers(shapes: list[tuple[int, int, int]], g: torch.Generator) -> dict:
+    """IMuon (pairs), torch.optim.Muon (fp32 NS replica on the CPU), AdamW (foreach) on the same factor pairs."""
+    init = [lora_factors(m, n, r, g) for m, r, n in shapes]
+
+    def factors():
+        pairs = []
+        for b0, a0 in init:
+            b, a = torch.nn.Parameter(b0.detach().clone()), torch.nn.Parameter(a0.detach().clone())
+            pairs.append((_with_grad(b, g), _with_grad(a, g)))
+        return pairs, [t for pair in pairs for t in pair]
+
     def imuon():
-        b, a = lora_factors(m, n, r, g)
-        return IMuon([b, a], lr=LR, ns_steps=NS_STEPS, pairs=[(b, a)]), [b, a]
-
-    def muon():
-        b, a = lora_factors(m, n, r, g)
-        return torch.optim.Muon([b, a], lr=LR, weight_decay=0.0, ns_steps=NS_STEPS), [b, a]
-
-    def adamw():
-        b, a = lora_factors(m, n, r, g)
-        return torch.optim.AdamW([b, a], lr=LR, weight_decay=0.0), [b, a]
+        pairs, ps = factors()
+        return IMuon(ps, lr=LR, polar=NS, pairs=pairs), ps
 
     def imuon_bf16():
-        b, a = lora_factors(m, n, r, g)
-        return IMuon([b, a], lr=LR, ns_steps=NS_STEPS, pairs=[(b, a)], ns_dtype=torch.bfloat16), [b, a]
+        pairs, ps = factors()
+        return IMuon(ps, lr=LR, polar=NS_BF16, pairs=pairs), ps
+
+    def muon():
+        _, ps = factors()
+        cls = torch.optim.Muon if DEVICE.type == "cuda" else MuonFloat32
+        return cls(ps, lr=LR, weight_decay=0.0, ns_steps=NS_STEPS), ps
+
+    def adamw():
+        _, ps = factors()
+        return torch.optim.AdamW(ps, lr=LR, weight_decay=0.0, foreach=True), ps
 
     makers = {"IMuon": imuon, "torch.optim.Muon": muon, "AdamW": adamw}
     if DEVICE.type == "cuda":
         makers["IMuon (bf16 NS)"] = imuon_bf16
     return makers
+
+
+def lora_case(m: int, n: int, r: int, g: torch.Generator) -> dict:
+    return _lora_makers([(m, r, n)], g)
+
+
+def gpt2_lora_shapes(layers: int = 12, d: int = 768, ff: int = 3072, r: int = 8) -> list[tuple[int, int, int]]:
+    """(m, r, n) of the LoRA pairs of a GPT-2-small-shaped adapter set: per layer q, k, v, o (d x d), up (ff x d),
+    down (d x ff)."""
+    return [shape for _ in range(layers) for shape in [(d, r, d)] * 4 + [(ff, r, d), (d, r, ff)]]
 
 
 def parse_shape(text: str) -> list[int]:
@@ -206,21 +241,26 @@ def parse_shape(text: str) -> list[int]:
 def build_cases(quick: bool, g: torch.Generator) -> tuple[list[Case], tuple[int, int, int]]:
     if quick:
         st, bst, spd, eu, (m, r, n) = (128, 16), (4, 64, 8), 16, (128, 128), (512, 8, 512)
+        many, lora_set = (4, 64, 64), gpt2_lora_shapes(layers=2, d=64, ff=256, r=4)
     else:
         st, bst, spd, eu, (m, r, n) = (1024, 64), (32, 256, 32), 64, (1024, 1024), (4096, 16, 4096)
-    cases = [
-        Case(f"Stiefel {st[0]}x{st[1]} (EuclideanStiefel)", stiefel_case(st, g), "RiemannianAdam", 1.3),
-        Case(f"Stiefel batch {bst[0]} x {bst[1]}x{bst[2]}", stiefel_case(bst, g), "RiemannianAdam"),
-        Case(f"SPD {spd}x{spd}", spd_case(spd, g), "RiemannianAdam"),
-        Case(f"Euclidean {eu[0]}x{eu[1]} ({NS_STEPS} NS steps)", euclidean_case(*eu, g), "torch.optim.Muon (fp32 NS)",
-             1.1, slow=("torch.optim.Muon (bf16 NS)",)),
-    ]
-    if DEVICE.type == "cuda":  # bfloat16 is native there: the real Muon is the reference, and nothing is slow
-        cases[-1].reference, cases[-1].slow = "torch.optim.Muon (bf16 NS)", ()
-    cases += [
-        Case(f"LoRA pair {m}x{r} / {r}x{n}", lora_case(m, n, r, g), "torch.optim.Muon"),
-    ]
-    return cases, (m, r, n)
+        many, lora_set = (24, 1024, 1024), gpt2_lora_shapes()
+    cuda = DEVICE.type == "cuda"
+    muon_ref = "torch.optim.Muon (bf16 NS)" if cuda else "torch.optim.Muon (fp32 NS)"
+    return [
+        Case("stiefel", f"Stiefel {st[0]}x{st[1]} (EuclideanStiefel)", stiefel_case(st, g), {"RiemannianAdam": 1.3}),
+        Case("stiefel-batch", f"Stiefel batch {bst[0]} x {bst[1]}x{bst[2]}", stiefel_case(bst, g),
+             {"RiemannianAdam": 1.3}),
+        Case("spd", f"SPD {spd}x{spd}", spd_case(spd, g), {"RiemannianAdam": None}),
+        Case("euclidean", f"Euclidean {eu[0]}x{eu[1]} ({NS_STEPS} NS steps)", euclidean_case(*eu, g),
+             {muon_ref: 1.1}, slow=() if cuda else ("torch.optim.Muon (bf16 NS)",)),
+        Case("euclidean-24", f"{many[0]} x Euclidean {many[1]}x{many[2]}", euclidean_case(many[1], many[2], g, many[0]),
+             {muon_ref: 1.05 if not cuda else 1.1}, repeats=3 if not quick else None),
+        Case("lora-pair", f"LoRA pair {m}x{r} / {r}x{n}", lora_case(m, n, r, g), {"torch.optim.Muon": None,
+                                                                                   "AdamW": None}),
+        Case("lora-set", f"GPT-2-small LoRA set ({len(lora_set)} pairs, r = {lora_set[0][1]})",
+             _lora_makers(lora_set, g), {"AdamW": 2.0, "torch.optim.Muon": 0.5}),
+    ], (m, r, n)
 
 
 def _sync() -> None:
@@ -230,6 +270,8 @@ def _sync() -> None:
 
 def time_case(case: Case, warmup: int, repeats: int) -> None:
     """Median seconds of one ``step()`` per optimizer, interleaved over ``repeats`` rounds."""
+    repeats = case.repeats or repeats
+    warmup = min(warmup, 1) if case.repeats else warmup
     opts = {name: make()[0] for name, make in case.make.items()}
     samples: dict[str, list[float]] = {name: [] for name in opts}
 
@@ -274,7 +316,7 @@ class LargestOutput(TorchDispatchMode):
 def pair_allocation_check(m: int, r: int, n: int, g: torch.Generator, steps: int = 2) -> dict:
     """Run IMuon's pair ``step()`` under :class:`LargestOutput`; ``ok`` when no output has ``m * n`` entries."""
     b, a = lora_factors(m, n, r, g)
-    opt = IMuon([b, a], lr=LR, ns_steps=NS_STEPS, pairs=[(b, a)])
+    opt = IMuon([b, a], lr=LR, polar=NS, pairs=[(b, a)])
     mode = LargestOutput()
     cuda = DEVICE.type == "cuda"
     if cuda:
@@ -302,16 +344,18 @@ def profile_imuon(case: Case, steps: int = 5, rows: int = 12) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def markdown(cases: list[Case]) -> str:
-    lines = ["| case | optimizer | median step (ms) | ratio to reference | target |", "|---|---|---|---|---|"]
+def markdown(cases: list[Case], threads: int) -> str:
+    lines = ["| threads | case | optimizer | median step (ms) | ratios | target |", "|---|---|---|---|---|---|"]
     for case in cases:
-        ref = case.times[case.reference]
         for name, t in case.times.items():
-            ratio = t / ref
-            target = ""
-            if name.startswith("IMuon") and case.target is not None:
-                target = f"<= {case.target}x: {'met' if ratio <= case.target else 'MISSED'}"
-            lines.append(f"| {case.name} | {name} | {1e3 * t:.3f} | {ratio:.2f}x {case.reference} | {target} |")
+            ratios, targets = [], []
+            for ref, target in case.targets.items():
+                ratio = t / case.times[ref]
+                ratios.append(f"{ratio:.2f}x {ref}")
+                if name == "IMuon" and target is not None:
+                    targets.append(f"<= {target}x {ref}: {'met' if ratio <= target else 'MISSED'}")
+            lines.append(f"| {threads} | {case.name} | {name} | {1e3 * t:.3f} | {'; '.join(ratios)} | "
+                         f"{'; '.join(targets)} |")
     return "\n".join(lines)
 
 
@@ -325,9 +369,10 @@ def machine() -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke test)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", default=None, help="torch intra-op threads, e.g. 1 or 1,2 (default: torch's)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per optimizer (default 30; quick 5)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--only", default=None, help="comma-separated case keys (default: all)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of IMuon's steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
@@ -336,21 +381,31 @@ def main(argv=None) -> dict:
     DEVICE = torch.device(args.device)
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA build of torch and a GPU")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    thread_counts = [int(v) for v in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     repeats = args.repeats or (5 if args.quick else 30)
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
 
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; load average {os.getloadavg() if hasattr(os, 'getloadavg') else 'n/a'}")
     print(f"command: python benchmarks/bench_optim.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     cases, (m, r, n) = build_cases(args.quick, g)
-    for case in cases:
-        time_case(case, args.warmup, repeats)
-        print(f"  timed {case.name}", flush=True)
-    table = markdown(cases)
-    print(f"\nmedian of {repeats} interleaved steps after {args.warmup} warm-up steps, float32 parameters on "
-          f"{DEVICE}\n\n{table}\n")
+    if args.only:
+        keys = set(args.only.split(","))
+        cases = [c for c in cases if c.key in keys]
+    tables = []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        for case in cases:
+            time_case(case, args.warmup, repeats)
+            print(f"  timed {case.name} ({threads} threads)", flush=True)
+        tables.append(markdown(cases, threads))
+        if args.profile:
+            for case in cases:
+                print(f"\ntorch.profiler, IMuon.step() on {case.name}, {threads} threads:\n{profile_imuon(case)}")
+    table = "\n".join([tables[0]] + [t.split("\n", 2)[2] for t in tables[1:]])
+    load = os.getloadavg() if hasattr(os, "getloadavg") else "n/a"
+    print(f"\nmedian of {repeats} interleaved steps after {args.warmup} warm-up steps (24-matrix case: 3 after 1), "
+          f"float32 parameters on {DEVICE}; load average at the end {load}\n\n{table}\n")
 
     check = pair_allocation_check(m, r, n, g)
     verdict = "PASS" if check["ok"] else "FAIL"
@@ -360,10 +415,7 @@ def main(argv=None) -> dict:
     if check["peak_bytes"] is not None:
         print(f"  peak device memory during 2 steps, above parameters, gradients and state: "
               f"{check['peak_bytes'] / 2**20:.2f} MiB (an m x n float32 matrix: {4 * m * n / 2**20:.0f} MiB)")
-    if args.profile:
-        for case in cases:
-            print(f"\ntorch.profiler, IMuon.step() on {case.name}:\n{profile_imuon(case)}")
-    return {"cases": cases, "table": table, "allocation": check, "threads": torch.get_num_threads()}
+    return {"cases": cases, "table": table, "allocation": check, "threads": thread_counts}
 
 
 if __name__ == "__main__":

@@ -378,7 +378,8 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
         p0 = params[0]
         wdt = work_dtype(p0)
         grads = [None if p.grad is None else local(p.grad) for p in params]
-        xs = [local(p).detach() for p in params]
+        # plain tensors: geoopt's ManifoldTensor would route every operation through __torch_function__
+        xs = [local(p).detach().as_subclass(torch.Tensor) for p in params]
         if grp.kind == "fallback":
             capturable = not lazy and p0.device.type != "cpu"  # AdamW's step counts stay on the device
             new, entries = fallback_outputs(group, xs, grads, [self.state[p] for p in params], capturable)
