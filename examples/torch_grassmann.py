@@ -143,14 +143,16 @@ def stream_pca_run(name: str, lr: float, seed: int, x: torch.Tensor, p: int, bat
         return -(z * z).sum() / batch
 
     def evaluate() -> dict[str, float]:
-        return {"captured variance": float((y * (cov @ y)).sum()) / best,
+        captured = float((y * (cov @ y)).sum()) / best
+        return {"captured variance": captured, "variance deficit": 1.0 - captured,
                 "subspace distance": tc.subspace_distance(y, top), "feasibility": tc.stiefel_feasibility(y)}
 
     try:
         run = tc.train(name, opt, loss_fn, steps, evaluate=evaluate, every=every)
     except FloatingPointError:  # iMuon refuses a non-finite gradient: a diverged run
         run = tc.Run(name, lr=lr)
-        run.record(steps, {"captured variance": -math.inf, "subspace distance": 1.0, "feasibility": math.inf})
+        run.record(steps, {"captured variance": -math.inf, "variance deficit": math.inf, "subspace distance": 1.0,
+                           "feasibility": math.inf})
     if not math.isfinite(run.final("captured variance")):
         run.metrics["captured variance"][-1] = -math.inf
     return run
@@ -210,6 +212,7 @@ def digits(args) -> dict:
     print(f"\n{text}\n")
     runs = {name: seeded[name][0] for name in SETUPS}
     panels = [tc.Panel("subspace distance", "sin of the largest principal angle to the exact top-p subspace"),
+              tc.Panel("variance deficit", "1 - captured variance (whole data set)"),
               tc.Panel("loss", "minibatch loss (moving average)", log=False, smooth=10)]
     path = tc.plot(list(runs.values()), panels, os.path.join(args.output, "torch_grassmann_digits.png"), title)
     lr_path = tc.plot_sweeps(list(sweeps.values()), os.path.join(args.output, "torch_grassmann_digits_lr.png"),
