@@ -127,6 +127,21 @@ def _apply_full_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         )
         res["mixed"] = mixed[0][0].clone()
 
+        # fn fails on one owner (a NaN that only rank 0's shard holds): every rank raises, none waits forever
+        def checked(full_inputs):
+            if any(bool(torch.isnan(x).any()) for (x,) in full_inputs):
+                raise torch.linalg.LinAlgError("non-finite input")
+            return [(x,) for (x,) in full_inputs]
+
+        bad = D.local(params[0]).clone()
+        if rank == 0:
+            bad[0, 0] = float("nan")
+        try:
+            D.apply_full(params[:2], [(bad,), inputs[1]], checked, owner=True)
+            res["failure"] = None
+        except torch.linalg.LinAlgError as err:
+            res["failure"] = str(err)
+
         # plain tensors: exactly fn(inputs), the very objects
         plain_in = [(fulls[0],)]
         sentinel = [(fulls[1],)]
@@ -176,6 +191,7 @@ def test_apply_full_owner_and_gather(tmp_path):
             np.testing.assert_allclose(res[r][key][2].numpy(), b @ b.T, atol=1e-12)
     np.testing.assert_allclose(_join([res[r]["mixed"] for r in range(WORLD)], 0), 3 * fulls[0], atol=0)
     assert all(res[r]["plain_is_fn"] for r in range(WORLD))
+    assert all(res[r]["failure"] is not None for r in range(WORLD)), [res[r]["failure"] for r in range(WORLD)]
 
 
 # ------------------------------------------------------------------------------------ training
@@ -283,6 +299,18 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             _step(model, optim, *batches[STEPS])
         out["continued"] = {k: v.full_tensor() for k, v in net.state_dict().items()}
         out["resumed"] = {k: v.full_tensor() for k, v in net2.state_dict().items()}
+
+        # a NaN in one rank's shard of a gradient only: every rank skips the step, no parameter is half-updated
+        # (the bias: AdamW on shards, where only rank 0 sees it; the weight: its owner's SVD fails)
+        opt2.nonfinite = "skip"
+        for name in ("lin.bias", "lin.weight"):
+            opt2.zero_grad()
+            torch.nn.functional.mse_loss(net2(batches[0][0]), batches[0][1]).backward()
+            if rank == 0:
+                D.local(dict(net2.named_parameters())[name].grad).view(-1)[0] = float("nan")
+            opt2.step()
+            out[f"skipped {name}"] = opt2.last_step_skipped
+            out[f"after {name}"] = {k: v.full_tensor() for k, v in net2.state_dict().items()}
         torch.save(out, os.path.join(out_dir, f"fsdp{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -315,3 +343,7 @@ def test_fsdp_matches_single_process(tmp_path):
             for k, v in want.items():
                 torch.testing.assert_close(got[k], v, atol=1e-10, rtol=1e-10, msg=f"rank {rank} {what} {k}")
         assert all(s > 0 for s in result["sent"])
+        for name in ("lin.bias", "lin.weight"):
+            assert result[f"skipped {name}"], (rank, name)
+            for k, v in result[f"after {name}"].items():
+                torch.testing.assert_close(v, result["resumed"][k], atol=0, rtol=0, msg=f"rank {rank} {name} {k}")

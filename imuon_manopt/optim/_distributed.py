@@ -42,7 +42,7 @@ parameters of the same names, which is where :class:`~imuon_manopt.optim.IMuon` 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +53,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 __all__ = [
     "CommStats",
+    "agree",
     "apply_full",
     "comm_stats",
     "full",
@@ -86,6 +87,8 @@ _DTYPES = (
     torch.bool,
 )
 _DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}
+#: Size codes an owner sends instead of a payload size when its share of ``fn`` raised.
+_FAILED_LINALG, _FAILED_OTHER = -1, -2
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -452,8 +455,17 @@ def _owner_mode(
         full_inputs.append(tuple(fulls))
     sent, received = sum(send_sizes), sum(recv_sizes)
 
-    # --- compute my share (once in the world per item)
-    outs = _call(fn, full_inputs, mine) if mine else []
+    # --- compute my share (once in the world per item). A failure (e.g. a factorization meeting non-finite
+    # values) must not leave the other ranks waiting in the scatter: it is announced in the size exchange and
+    # raised on every rank of the group once the exchange is over.
+    failure: Exception | None = None
+    try:
+        outs = _call(fn, full_inputs, mine) if mine else []
+        for y in (y for out in outs for y in out):
+            if y.dtype not in _DTYPE_CODE:
+                raise TypeError(f"apply_full: fn returned a tensor of unsupported dtype {y.dtype}")
+    except Exception as err:  # re-raised below, after the collectives
+        failure, outs = err, []
 
     # --- scatter: for each other rank, a header and the slices of my results it holds
     parts_to: list[list[torch.Tensor]] = [[] for _ in range(world)]
@@ -466,9 +478,7 @@ def _owner_mode(
                 headers[d].append(len(out))
         for k, y in enumerate(out):
             lay = _out_layout(specs[i], k, y)
-            code = _DTYPE_CODE.get(y.dtype)
-            if code is None:
-                raise TypeError(f"apply_full: fn returned a tensor of unsupported dtype {y.dtype}")
+            code = _DTYPE_CODE[y.dtype]
             shard_lay = lay if isinstance(lay, _Layout) else None
             local_out.append(shard_lay.shard(y, me) if shard_lay is not None else y)
             for d in range(world):
@@ -486,12 +496,27 @@ def _owner_mode(
         head = torch.tensor([len(headers[d]), *headers[d]], dtype=torch.int64, device=device)
         payload_to.append(_pack([head, *parts_to[d]], device))
     sizes = torch.tensor([p.numel() for p in payload_to], dtype=torch.int64, device=device)
+    if failure is not None:
+        code = _FAILED_LINALG if isinstance(failure, torch.linalg.LinAlgError) else _FAILED_OTHER
+        sizes = torch.tensor([0 if d == me else code for d in range(world)], dtype=torch.int64, device=device)
     got = torch.empty_like(sizes)
     dist.all_to_all_single(got, sizes, group=group)
-    back_sizes = [int(v) for v in got.tolist()]
+    announced = [int(v) for v in got.tolist()]
+    back_sizes = [max(0, v) for v in announced]
+    sizes = sizes.clamp(min=0)
     back = _all_to_all(back_sizes, torch.cat(payload_to), [p.numel() for p in payload_to], group)
     sent += int(sizes.sum()) + 8 * (world - 1)
     received += sum(back_sizes) + 8 * (world - 1)
+    if failure is not None:
+        _record("owner", sent, received, 3)
+        raise failure
+    failed = [s for s, v in enumerate(announced) if v < 0]
+    if failed:
+        _record("owner", sent, received, 3)
+        what = f"apply_full: the group function failed on rank(s) {failed} of the process group (owners of some items)"
+        if any(announced[s] == _FAILED_LINALG for s in failed):
+            raise torch.linalg.LinAlgError(what + ": a factorization met non-finite values or did not converge")
+        raise RuntimeError(what + "; see that rank's error")
 
     off = 0
     for s in range(world):
@@ -607,6 +632,32 @@ def _general_mode(
         results[i] = tuple(locs)
     _record("general", moved, moved, sum(isinstance(q, DTensor) for qs in owners_of for q in qs), replicated=len(items))
     return results
+
+
+def agree(flag: torch.Tensor, params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``flag`` (a 0-d bool tensor, e.g. "the step is finite") and-ed over every rank holding a shard of one of
+    ``params``, so that all ranks commit or reject a step together (each rank only sees its shards).
+
+    One ``all_reduce`` per process group the sharded parameters are split over (none without sharding: then
+    ``flag`` is returned as is). Every rank must call it with the same parameters.
+    """
+    groups: dict[int, Any] = {}
+    for p in params:
+        if not isinstance(p, DTensor):
+            continue
+        mesh = p.device_mesh
+        for i, pl in enumerate(p.placements):
+            if pl.is_shard() and mesh.size(i) > 1:
+                g = mesh.get_group(i)
+                groups.setdefault(id(g), g)
+    if not groups:
+        return flag
+    v = flag.reshape(1).to(torch.int32)
+    for g in groups.values():
+        dist.all_reduce(v, op=dist.ReduceOp.MIN, group=g)
+        n = dist.get_world_size(g)
+        _record("agree", 4 * (n - 1), 4 * (n - 1), 1)
+    return v[0].to(torch.bool)
 
 
 def _call(fn: FullFn, full_inputs: list[tuple[torch.Tensor, ...]], items: list[int]) -> list[tuple[torch.Tensor, ...]]:

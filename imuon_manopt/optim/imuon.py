@@ -46,7 +46,7 @@ from . import _dispatch, _options, _steps
 from ._fallback import fallback_outputs, host_step, work_dtype
 
 try:  # sharded (FSDP2) parameters: gather, compute on full tensors, scatter back
-    from ._distributed import apply_full, full, like, local
+    from ._distributed import agree, apply_full, full, like, local
 except ImportError:  # pragma: no cover - the plain path
 
     def apply_full(params, inputs, fn, *, owner: bool = True):
@@ -62,6 +62,10 @@ except ImportError:  # pragma: no cover - the plain path
     def like(p, t):
         """State for ``p`` from a local tensor: the tensor itself without sharding."""
         return t
+
+    def agree(flag, params):
+        """The step's finiteness flag: every rank's own without sharding."""
+        return flag
 
 
 __all__ = ["IMuon"]
@@ -456,10 +460,11 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
             except torch.linalg.LinAlgError:  # a factorization met non-finite values (CPU): the nonfinite path
                 failed = True
             if device_mode and not failed:
-                self._commit_masked(groups, writes, self._finite(checks))
+                # sharded parameters: all ranks commit or reject together (each sees only its shards)
+                self._commit_masked(groups, writes, agree(self._finite(checks), self._all_params(groups)))
             else:
                 self._skipped = False
-                if failed or not bool(self._finite(checks)):
+                if failed or not bool(agree(self._finite(checks), self._all_params(groups))):
                     self._count_and_stabilize()
                     return self._reject(loss, self._diagnose(groups, failed))
                 self._commit(groups, writes)
@@ -473,6 +478,10 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
         """Decide finiteness on the device (masked commit, deferred policy) unless every parameter is on the CPU,
         where reading the flag costs nothing."""
         return any(p.device.type != "cpu" for grp in groups for p in grp.params[:1])
+
+    @staticmethod
+    def _all_params(groups: list[_Group]) -> list[torch.Tensor]:
+        return [p for grp in groups for p in grp.params]
 
     @staticmethod
     def _finite(tensors: list[torch.Tensor]) -> torch.Tensor:
