@@ -20,6 +20,7 @@ proportion to ``dual_i^(q-1)`` and the gap is the ``l_q`` norm of the blocks' du
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -27,7 +28,8 @@ import torch
 
 from ._backend import to_torch
 from .geometry.base import MetricOperator, skew
-from .lmo import lmo, resolve_norm
+from .lmo import _lmo_tensor, resolve_norm
+from .polar import _as_dtype, _check_square, _exact_dtype, _promote, _resolve_schedule
 
 
 class Direction(NamedTuple):
@@ -45,6 +47,7 @@ class Direction(NamedTuple):
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_POLARS = ("svd", "eigh", "newton_schulz")  # "eigh": the exact path, for geometries of symmetric blocks
 _STRUCTURES = {"general", "symmetric", "skew"}
 
 
@@ -138,6 +141,13 @@ def intrinsic_direction(
             f"geometry must be an imuon_manopt.geometry.MetricOperator, got {type(geometry).__name__}"
         )
     nrm = resolve_norm(norm, p)
+    if polar not in _POLARS:
+        raise ValueError(f"unknown polar {polar!r}; valid choices: {list(_POLARS)}")
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not float(tau) >= 0:
+        raise ValueError(f"tau must be a non-negative number, got {tau!r}")
+    tau = float(tau)
+    dtype = _as_dtype(dtype)
+    schedule = _resolve_schedule(None, steps) if polar == "newton_schulz" and nrm.name == "spectral" else None
     as_numpy = _is_numpy(x) or _is_numpy(egrad)
     xt, et = _to_torch(x), _to_torch(egrad)
     out_dtype = _leaves(xt)[0].dtype
@@ -171,9 +181,21 @@ def intrinsic_direction(
         if kind == "skew":  # a skew matrix has even rank
             side = h.shape[-1] - h.shape[-1] % 2
             rank = side if rank is None else min(rank, side)
-        out = lmo(h, nrm.name, p=nrm.p, tau=tau, symmetric=kind == "symmetric", method=polar,
-                  steps=steps, dtype=dtype, return_dual=need_duals, rank=rank, eps=eps)
-        z, d = out if need_duals else (out, None)
+        symmetric = kind == "symmetric"
+        if symmetric:
+            _check_square(h, "h")
+        elif polar == "eigh":
+            raise ValueError(f"polar='eigh' needs symmetric blocks; {geometry!r} has a {kind} block: use 'svd'")
+        if h.numel() == 0:
+            z, d = torch.zeros_like(h), torch.zeros(h.shape[:-2], dtype=h.dtype, device=h.device)
+        else:  # the LMO kernel: the arguments were validated once above
+            work = _exact_dtype(h, dtype)
+            z, d = _lmo_tensor(h.to(work), nrm, symmetric=symmetric, schedule=schedule,
+                               ns_work=dtype if dtype is not None else _promote(h.dtype),
+                               return_dual=need_duals, rank=rank, eps=eps)
+            if tau != 1.0:
+                z = z * tau
+            z = z.to(h.dtype)
         zs.append(skew(z) if kind == "skew" else z)
         duals.append(None if d is None else d.to(h.dtype))
 

@@ -208,6 +208,50 @@ def _singular_lmo(
     return z, dual
 
 
+def _lmo_tensor(
+    x: torch.Tensor,
+    nrm: Norm,
+    *,
+    symmetric: bool,
+    schedule: tuple | None,
+    ns_work: torch.dtype,
+    return_dual: bool,
+    rank: int | None,
+    eps: float | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LMO kernel with budget 1 on a validated, non-empty ``x`` (..., m, n) in the working dtype: no
+    conversion, no checks (the caller, :func:`lmo` or the direction template, did them once).
+
+    ``schedule`` is ``(coefficients, margin)`` for the Newton–Schulz path (spectral norm only), else ``None``.
+    Returns ``(Z, dual)`` in ``x``'s dtype; ``dual`` is ``None`` only for Newton–Schulz without ``return_dual``.
+    """
+    if symmetric:
+        x = sym(x)
+    if _is_vector(x):  # one singular value: every norm's LMO is the normalization
+        z, nrm_x = _vector_parts(x)
+        if rank == 0:
+            z = torch.zeros_like(z)
+        return z, nrm_x[..., 0, 0]
+    if nrm.name == "frobenius":
+        scale = _max_abs(x)
+        y = x / scale
+        f = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True)
+        return y / torch.where(f > 0, f, torch.ones_like(f)), (f * scale)[..., 0, 0]
+    if schedule is not None:
+        z = _newton_schulz(x, schedule[0], schedule[1], ns_work).to(x.dtype)
+        if not return_dual:
+            return z, None
+        scale = _max_abs(x)  # the achieved <H, Z>, only when asked (it costs a pass over H)
+        return z, ((x / scale) * z).sum(dim=(-2, -1)) * scale[..., 0, 0]
+    if symmetric:
+        q, lam, scale, keep = _eigh_parts(x, eps=eps, rank=rank)
+        zv, dual = _singular_lmo(lam.abs(), keep, nrm)
+        return (q * (torch.sign(lam) * zv).unsqueeze(-2)) @ q.mT, dual * scale[..., 0, 0]
+    u, s, vh, scale, keep = _svd_parts(x, eps=eps, rank=rank)
+    zv, dual = _singular_lmo(s, keep, nrm)
+    return (u * zv.unsqueeze(-2)) @ vh, dual * scale[..., 0, 0]
+
+
 def lmo(
     h: Any,
     norm: str | Norm = "spectral",
@@ -277,9 +321,8 @@ def lmo(
     dtype = _as_dtype(dtype)
     rank = _check_rank(rank)
     eps = _check_eps(eps, t)
-    vector = _is_vector(t)
-    use_ns = method == "newton_schulz" and nrm.name == "spectral" and not vector
-    schedule = _resolve_schedule(coefficients, steps) if method == "newton_schulz" and nrm.name == "spectral" else None
+    use_ns = method == "newton_schulz" and nrm.name == "spectral"
+    schedule = _resolve_schedule(coefficients, steps) if use_ns else None
     work = _exact_dtype(t, dtype)
     out_dtype = t.dtype
     batch = t.shape[:-2]
@@ -289,38 +332,9 @@ def lmo(
         z = torch.zeros_like(t)
         dual = torch.zeros(batch, dtype=out_dtype, device=t.device)
     else:
-        x = t.to(work)
-        if symmetric:
-            x = sym(x)
-        if vector:  # one singular value: every norm's LMO is the normalization
-            z, nrm_x = _vector_parts(x)
-            dual = nrm_x[..., 0, 0]
-            if rank == 0:
-                z = torch.zeros_like(z)
-        elif nrm.name == "frobenius":
-            scale = _max_abs(x)
-            y = x / scale
-            f = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True)
-            z = y / torch.where(f > 0, f, torch.ones_like(f))
-            dual = (f * scale)[..., 0, 0]
-        elif use_ns:
-            ns_work = dtype if dtype is not None else _promote(t.dtype)
-            z = _newton_schulz(x, schedule[0], schedule[1], ns_work).to(work)
-            if return_dual:  # the achieved <H, Z>, only when asked (it costs a pass over H)
-                scale = _max_abs(x)
-                dual = ((x / scale) * z).sum(dim=(-2, -1)) * scale[..., 0, 0]
-            else:
-                dual = None
-        elif symmetric:
-            q, lam, scale, keep = _eigh_parts(x, eps=eps, rank=rank)
-            zv, dual = _singular_lmo(lam.abs(), keep, nrm)
-            z = (q * (torch.sign(lam) * zv).unsqueeze(-2)) @ q.mT
-            dual = dual * scale[..., 0, 0]
-        else:
-            u, s, vh, scale, keep = _svd_parts(x, eps=eps, rank=rank)
-            zv, dual = _singular_lmo(s, keep, nrm)
-            z = (u * zv.unsqueeze(-2)) @ vh
-            dual = dual * scale[..., 0, 0]
+        ns_work = dtype if dtype is not None else _promote(t.dtype)
+        z, dual = _lmo_tensor(t.to(work), nrm, symmetric=symmetric, schedule=schedule if use_ns else None,
+                              ns_work=ns_work, return_dual=return_dual, rank=rank, eps=eps)
         if not (isinstance(tau_t, float) and tau_t == 1.0):
             z = z * tau_t
         z = z.to(out_dtype).contiguous()
