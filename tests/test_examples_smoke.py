@@ -152,6 +152,7 @@ def test_bench_quick(tmp_path):
         assert row["time_per_it:iMuon-spectral"] > 0 and row["time_per_it:SD"] > 0
 
 
+@pytest.mark.slow
 def test_main_demo_quick_writes_every_table_and_plot(tmp_path, capsys):
     """The README's main job (``examples/demo.py``), in its quick form: every section runs and writes its
     outputs; the summary holds the core checks and the torch examples' tables."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 import geoopt
+import pytest
 import torch
 
 from imuon_manopt.optim import IMuon
@@ -23,6 +24,7 @@ STEPS = 10_000
 SPARSE = 1 if os.environ.get("IMUON_LONG_TESTS") else 10
 
 
+@pytest.mark.slow
 def test_ten_thousand_float32_steps_stay_feasible():
     torch.manual_seed(8)
     emb, can, spd = (

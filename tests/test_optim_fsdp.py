@@ -24,7 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from imuon_manopt.optim import IMuon
+from imuon_manopt.optim import IMuon, keep_manifolds, measure_comm
 from imuon_manopt.optim import _distributed as D
 
 pytestmark = [
@@ -98,7 +98,7 @@ def _apply_full_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         res: dict[str, object] = {}
         for mode in (True, False):
             fn = _Polar()
-            with D.measure() as stats:
+            with measure_comm() as stats:
                 outs = D.apply_full(params, inputs, fn, owner=mode)
             res[f"owner={mode}"] = {
                 "outs": [tuple(t.clone() for t in o) for o in outs],
@@ -156,6 +156,7 @@ def _join(parts: list[torch.Tensor], dim: int) -> np.ndarray:
     return torch.cat(parts, dim=dim).numpy()
 
 
+@pytest.mark.slow
 def test_apply_full_owner_and_gather(tmp_path):
     _spawn(_apply_full_worker, tmp_path)
     res = [torch.load(tmp_path / f"apply{r}.pt", weights_only=False) for r in range(WORLD)]
@@ -238,7 +239,7 @@ def _step(net: Net, opt: IMuon, x: torch.Tensor, y: torch.Tensor) -> int:
     """One training step; returns the bytes this process sent in ``opt.step()``."""
     opt.zero_grad()
     torch.nn.functional.mse_loss(net(x), y).backward()
-    with D.measure() as stats:
+    with measure_comm() as stats:
         opt.step()
     return stats.bytes_sent
 
@@ -251,7 +252,7 @@ def _buffers(net: Net, state_of) -> dict[str, torch.Tensor]:
 def _sharded_net(mesh) -> Net:
     net = Net()
     manifolds = (net.frame.manifold, net.rot.manifold)
-    with D.keep_manifolds(net) as kept:
+    with keep_manifolds(net) as kept:
         fully_shard(net, mesh=mesh)
     # fully_shard makes every parameter a plain DTensor parameter; keep_manifolds put the manifolds back
     assert sorted(kept) == ["frame", "rot"]
