@@ -3,7 +3,7 @@
 Under FSDP2 every parameter is a ``DTensor`` split by rows over the ranks. The optimizer's per-matrix work goes
 through :func:`imuon_manopt.optim._distributed.apply_full`: plain matrices and manifold parameters are gathered on
 one owner rank each (``all_to_all``), stepped once there and sent back as shards (``all_to_all``); LoRA pairs are
-all-gathered and stepped on every rank. Its counters (:func:`~imuon_manopt.optim._distributed.measure`) give the
+all-gathered and stepped on every rank. Its counters (:func:`~imuon_manopt.optim._distributed.measure_comm`) give the
 bytes each rank sends and receives in ``step()`` (payload between distinct ranks; FSDP's own all-gathers and
 reduce-scatters of the forward and backward are not counted).
 
@@ -80,7 +80,7 @@ def _steps(opt: IMuon, before_each, steps: int) -> list[dict]:
     for _ in range(steps):
         before_each()
         t0 = time.perf_counter()
-        with D.measure() as s:
+        with D.measure_comm() as s:
             opt.step()
         rows.append(dict(sent=s.bytes_sent, received=s.bytes_received, collectives=s.collectives,
                          gathered=s.gathered, replicated=s.replicated, seconds=time.perf_counter() - t0))
@@ -131,7 +131,7 @@ def _case_gpt2_blocks(mesh, rank: int, steps: int, blocks: int) -> tuple[list[di
     rows = _steps(opt, lambda: _grads(params, mesh, gen), steps)
     # the all-gather mode on the same (x, E~) inputs, for comparison (no compute: fn hands the inputs back)
     inputs = [(D.local(p).detach(), D.local(p.grad)) for p in params]
-    with D.measure() as s:
+    with D.measure_comm() as s:
         D.apply_full(params, inputs, lambda full: [(x,) for x, _ in full], owner=False)
     return rows, sum(p.numel() * p.element_size() for p in params), dict(gather_sent=s.bytes_sent)
 

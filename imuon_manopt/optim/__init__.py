@@ -18,6 +18,7 @@ LoRA::
 """
 
 from ._dispatch import register_manifold, supported_manifolds
+from ._distributed import keep_manifolds, measure_comm
 from .imuon import IMuon
 from .lora import full_rank_lora_init_, full_rank_lora_model_init_, lora_pairs, prepare_lora_
 
@@ -25,7 +26,9 @@ __all__ = [
     "IMuon",
     "full_rank_lora_init_",
     "full_rank_lora_model_init_",
+    "keep_manifolds",
     "lora_pairs",
+    "measure_comm",
     "prepare_lora_",
     "register_manifold",
     "supported_manifolds",

@@ -31,7 +31,7 @@ Parameters that are not ``DTensor`` s (single process, DDP) cost nothing: ``appl
 exactly ``fn(inputs)``.
 
 Communicated bytes are recorded per process: :data:`comm_stats` (running total) and
-:func:`measure` (a context manager that records what happens inside it, e.g. one ``step()``).
+:func:`measure_comm` (a context manager that records what happens inside it, e.g. one ``step()``).
 
 ``fully_shard`` replaces every parameter by a new ``nn.Parameter`` wrapping a ``DTensor``: a
 geoopt ``ManifoldParameter`` loses its class and its ``.manifold``. :func:`keep_manifolds` records
@@ -61,7 +61,7 @@ __all__ = [
     "keep_manifolds",
     "like",
     "local",
-    "measure",
+    "measure_comm",
 ]
 
 Inputs = Sequence[Sequence[torch.Tensor]]
@@ -205,12 +205,12 @@ _sinks: list[CommStats] = [comm_stats]
 
 
 @contextmanager
-def measure() -> Iterator[CommStats]:
-    """Record :func:`apply_full`'s traffic inside the block (this process)::
+def measure_comm() -> Iterator[CommStats]:
+    """Record the optimizer's traffic (:func:`apply_full`, :func:`agree`) inside the block, on this process::
 
-    with measure() as s:
-        opt.step()
-    print(s.bytes_sent)
+        with measure_comm() as s:
+            opt.step()
+        print(s.bytes_sent, s.bytes_received, s.collectives)
     """
     s = CommStats()
     _sinks.append(s)
