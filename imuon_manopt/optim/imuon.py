@@ -405,9 +405,15 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
                 if beta > 0:
                     writes.append(((p, "momentum_buffer"), out[1]))
             return
-        if beta > 0:
-            es, bufs = _steps.nesterov(es, self._buffers(params, es), beta, group["nesterov"])
-            writes.extend(((p, "momentum_buffer"), v) for p, v in zip(params, bufs))
+        if beta > 0:  # per shape (a pair group holds two), so that the tensors stack
+            n = len(grp.pair_ids)
+            parts = [slice(None)] if grp.kind == "matrix" else [slice(0, n), slice(n, None)]
+            new_es: list[torch.Tensor] = []
+            for part in parts:
+                e, bufs = _steps.nesterov(es[part], self._buffers(params[part], es[part]), beta, group["nesterov"])
+                new_es += e
+                writes.extend(((p, "momentum_buffer"), v) for p, v in zip(params[part], bufs))
+            es = new_es
         if grp.kind == "matrix":
             fn = _steps.matrix_fn(group, grp.shape2d, wdt, p0.dtype)
             outputs = apply_full(params, list(zip(xs, es)), fn, owner=True)
@@ -513,11 +519,19 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
             p, key = target
             state = self.state[p]
             old = state.get(key)
-            if old is not None and old.dtype == value.dtype and local(old).shape == value.shape:
+            if (
+                old is not None
+                and type(old) is not torch.Tensor
+                and old.dtype == value.dtype
+                and local(old).shape == value.shape
+            ):  # a wrapper (the DTensor state of a sharded parameter) is written in place
                 dst.append(local(old))
                 src.append(value)
-            else:  # state of a sharded parameter is a DTensor laid out like it (torch.optim's FSDP2 convention)
-                state[key] = like(p, value.clone())
+            else:
+                # a plain tensor is replaced by the new one: a view of the group's stacked result (no copy; the next
+                # step stacks the views back for free). State of a sharded parameter is a DTensor laid out like it
+                # (torch.optim's FSDP2 convention).
+                state[key] = like(p, value)
         if dst:
             torch._foreach_copy_(dst, src)
         for grp in groups:
