@@ -131,7 +131,7 @@ def main(argv=None) -> dict:
         if name == "iMuon":
             return IMuon(params, lr=lr, pairs=lora_pairs(model), polar="svd")
         if name == "iMuon-NS":
-            return IMuon(params, lr=lr, pairs=lora_pairs(model), polar="newton_schulz", ns_steps=5)
+            return IMuon(params, lr=lr, pairs=lora_pairs(model), polar={"method": "newton_schulz", "steps": 5})
         if name == "AdamW":
             return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         return torch.optim.Muon(params, lr=lr, weight_decay=0.0)
