@@ -528,3 +528,18 @@ def test_lazy_and_batched_rank_guards_agree():
         torch.testing.assert_close(lazy, full, atol=0, rtol=0)
     t = step_lengths(b, a, xi_b, xi_a, 1.0 / 3.0, lazy=False)
     assert torch.equal(t[:3].flatten(), torch.full((3,), 1.0 / 6.0, dtype=DT))  # halved once
+
+
+def test_register_manifold_flat_is_deprecated_and_defaults_to_the_geometry():
+    from imuon_manopt.optim import _dispatch, register_manifold
+
+    saved = dict(_dispatch._RULES)
+    try:
+        with pytest.warns(DeprecationWarning, match="MetricOperator.flat"):
+            register_manifold(geoopt.PoincareBall, geo.Euclidean(), flat=lambda x, v: v)
+        register_manifold(geoopt.PoincareBall, geo.Euclidean())
+        rule, geometry = _dispatch.lookup(geoopt.PoincareBall())
+        assert rule.flat is None and isinstance(geometry, geo.Euclidean)
+    finally:
+        _dispatch._RULES.clear()
+        _dispatch._RULES.update(saved)
