@@ -537,7 +537,9 @@ def _owner_mode(
                 shape = tuple(head[h + 2 : h + 2 + ndim])
                 h += 2 + ndim
                 y, pos = _unpack(back, pos, shape, _DTYPES[code])
-                got_out.append(y)
+                # a copy: a result must not be a view of the byte buffer (code that reduces a view's base, e.g.
+                # one finiteness check per batched output, would read bytes)
+                got_out.append(y.clone())
             results[i] = tuple(got_out)
         off = end
     _record("owner", sent, received, 3, gathered=len(mine))
@@ -686,9 +688,10 @@ def apply_full(params: Sequence[Any], inputs: Inputs, fn: FullFn, *, owner: bool
             full-output tuples, one per item, in order; batched inside as it likes. It runs on one
             owner per item (``owner=True``) or on every rank (``owner=False``). Outputs keep their
             dtype.
-        owner: ``True``: gather each item to one owner rank, compute once, scatter back
-            (``all_to_all`` twice). ``False``: ``all_gather`` and compute on every rank (for small
-            inputs such as LoRA factors, where the scatter would cost more than the compute).
+        owner: ``True``: gather each item to one owner rank, compute once, scatter back (an
+            ``all_to_all`` of the inputs, a small one of byte counts, one of the results). ``False``:
+            one ``all_gather`` and every rank computes every item (for small inputs such as LoRA
+            factors, where the scatter's latency would cost more than the compute).
 
     Returns:
         One tuple per item: each output of ``fn``, cut to this rank's shard when its shape is the
@@ -697,6 +700,9 @@ def apply_full(params: Sequence[Any], inputs: Inputs, fn: FullFn, *, owner: bool
 
     For items without ``DTensor`` parameters the result is exactly ``fn(inputs)`` (no copy). Every
     rank of a process group must call ``apply_full`` with the same parameters in the same order.
+    If ``fn`` raises on an owner, every rank of the group raises after the exchange (the owner its
+    error, the others ``torch.linalg.LinAlgError`` or ``RuntimeError``), so that no rank is left
+    waiting in a collective.
     """
     if len(params) != len(inputs):
         raise ValueError(f"apply_full: {len(params)} params but {len(inputs)} input tuples; pass one per item")
