@@ -100,7 +100,7 @@ def _apply_full_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             fn = _Polar()
             with measure_comm() as stats:
                 outs = D.apply_full(params, inputs, fn, owner=mode)
-            # results own float storage (received shards are not views of the byte buffer)
+            # a result's base (what the optimizer's check of batched outputs reduces) has the result's dtype
             assert all(t._base is None or t._base.dtype == t.dtype for o in outs for t in o)
             res[f"owner={mode}"] = {
                 "outs": [tuple(t.clone() for t in o) for o in outs],

@@ -537,9 +537,7 @@ def _owner_mode(
                 shape = tuple(head[h + 2 : h + 2 + ndim])
                 h += 2 + ndim
                 y, pos = _unpack(back, pos, shape, _DTYPES[code])
-                # a copy: a result must not be a view of the byte buffer (code that reduces a view's base, e.g.
-                # one finiteness check per batched output, would read bytes)
-                got_out.append(y.clone())
+                got_out.append(y)  # a view of its own bytes only: its _base is a typed view of that segment
             results[i] = tuple(got_out)
         off = end
     _record("owner", sent, received, 3, gathered=len(mine))
