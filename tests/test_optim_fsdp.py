@@ -277,6 +277,16 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     _init(rank, world, port)
     try:
         mesh = init_device_mesh("cpu", (world,))
+        # meta-device init: to_empty swaps in new tensors (attributes included); keep_manifolds spans it too
+        euc = geoopt.EuclideanStiefel()
+        with torch.device("meta"):
+            meta = torch.nn.Module()
+            meta.frame = geoopt.ManifoldParameter(torch.empty(5, 3, dtype=torch.float64), manifold=euc)
+        with keep_manifolds(meta):
+            fully_shard(meta, mesh=mesh)
+            meta.to_empty(device="cpu")
+        assert meta.frame.manifold is euc and D.is_sharded(meta.frame)
+
         net = _sharded_net(mesh)
         opt = _optimizer(net)
         shard = GLOBAL_BATCH // world

@@ -19,7 +19,8 @@ modes:
 
 Both modes pack all tensors of one call (any dtypes) into one byte buffer, so a call costs a fixed
 number of collectives however many parameters the group holds. Every collective used (``all_to_all``
-with uneven splits, ``all_gather_into_tensor``) works with the gloo (CPU) and NCCL backends.
+with uneven splits, ``all_gather_into_tensor``, ``all_reduce``) works with the gloo (CPU) and NCCL
+backends.
 
 Layouts handled directly: a ``DTensor`` whose placements hold one ``Shard(d)`` and otherwise
 ``Replicate()`` (FSDP2 on a 1-D mesh; HSDP, where each replica group computes the same results).
@@ -37,6 +38,9 @@ Communicated bytes are recorded per process: :data:`comm_stats` (running total) 
 geoopt ``ManifoldParameter`` loses its class and its ``.manifold``. :func:`keep_manifolds` records
 the manifolds before sharding and attaches them, as a ``.manifold`` attribute, to the sharded
 parameters of the same names, which is where :class:`~imuon_manopt.optim.IMuon` looks for them.
+
+All ranks commit or reject a step together: :func:`agree` and-s the step's finiteness flag over
+the shard groups (one small ``all_reduce``), since each rank only sees its shards.
 """
 
 from __future__ import annotations
@@ -134,14 +138,19 @@ def keep_manifolds(module: torch.nn.Module) -> Iterator[dict[str, Any]]:
     """Keep the geoopt manifolds of ``module``'s parameters through ``fully_shard``.
 
     ``fully_shard`` turns every parameter into a plain ``nn.Parameter`` around a ``DTensor``, which
-    drops ``ManifoldParameter.manifold``. Inside this context, shard as usual; on exit every
-    parameter whose name carried a manifold on entry gets it back as a ``.manifold`` attribute
-    (where :class:`~imuon_manopt.optim.IMuon` reads it)::
+    drops ``ManifoldParameter.manifold``; so does ``to_empty`` (it swaps in new tensors, attributes
+    included). Inside this context, shard (and materialize) as usual; on exit every parameter whose
+    name carried a manifold on entry gets it back as a ``.manifold`` attribute (where
+    :class:`~imuon_manopt.optim.IMuon` reads it)::
 
+        with torch.device("meta"):
+            model = Model()
         with keep_manifolds(model):
             for block in model.blocks:
                 fully_shard(block, mesh=mesh)
             fully_shard(model, mesh=mesh)
+            model.to_empty(device="cuda")
+        model.init_weights()  # on each rank's shards, e.g. DTensor.to_local().copy_(...)
         opt = IMuon(model.parameters(), lr=0.02)
 
     Yields the recorded ``{parameter name: manifold}`` mapping. Parameters must be contiguous for
@@ -173,12 +182,13 @@ def keep_manifolds(module: torch.nn.Module) -> Iterator[dict[str, Any]]:
 
 @dataclass
 class CommStats:
-    """Bytes this process put on and took off the wire for :func:`apply_full`, and how.
+    """Bytes this process put on and took off the wire for :func:`apply_full` and :func:`agree`.
 
     ``bytes_sent`` and ``bytes_received`` count payload between distinct ranks (what stays on the
     rank is not counted; buffer padding is). Summed over ranks, ``bytes_sent`` is the traffic of the
     world. ``collectives`` counts collective calls, ``gathered`` the parameters whose full inputs
-    were assembled on an owner (``owner=True``) and ``replicated`` those assembled on every rank.
+    were assembled on an owner (``owner=True``) and ``replicated`` those assembled on every rank;
+    ``by_mode`` splits ``bytes_sent`` by mode (``owner``, ``gather``, ``general``, ``agree``).
     """
 
     bytes_sent: int = 0
