@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from imuon_manopt.optim import IMuon, keep_manifolds, measure_comm
 from imuon_manopt.optim import _distributed as D
@@ -251,11 +251,11 @@ def _buffers(net: Net, state_of) -> dict[str, torch.Tensor]:
     return {name: state_of(name, p)["momentum_buffer"].clone() for name, p in net.named_parameters() if p.ndim == 2}
 
 
-def _sharded_net(mesh) -> Net:
+def _sharded_net(mesh, **kwargs) -> Net:
     net = Net()
     manifolds = (net.frame.manifold, net.rot.manifold)
     with keep_manifolds(net) as kept:
-        fully_shard(net, mesh=mesh)
+        fully_shard(net, mesh=mesh, **kwargs)
     # fully_shard makes every parameter a plain DTensor parameter; keep_manifolds put the manifolds back
     assert sorted(kept) == ["frame", "rot"]
     assert not isinstance(net.frame, geoopt.ManifoldParameter)
@@ -310,6 +310,17 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         set_optimizer_state_dict(net2, opt2, osd, options=full)
         for model, optim in ((net, opt), (net2, opt2)):
             _step(model, optim, *batches[STEPS])
+        # HSDP layout (mesh "replicate" x "shard", here 1 x 2) with matrices split by columns where FSDP allows it
+        # (Shard(1) needs an even split: lin.weight, the LoRA pair and head; the 3-column frames stay by rows)
+        mesh2d = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
+        net3 = _sharded_net(mesh2d, shard_placement_fn=lambda p: Shard(1) if p.ndim == 2 and p.shape[1] % 2 == 0
+                            else Shard(0))
+        assert net3.lin.weight.placements == (Replicate(), Shard(1))
+        opt3 = _optimizer(net3)
+        for x, y in batches[:STEPS]:
+            _step(net3, opt3, x, y)
+        out["columns"] = {k: v.full_tensor() for k, v in net3.state_dict().items()}
+
         out["continued"] = {k: v.full_tensor() for k, v in net.state_dict().items()}
         out["resumed"] = {k: v.full_tensor() for k, v in net2.state_dict().items()}
 
@@ -348,6 +359,7 @@ def test_fsdp_matches_single_process(tmp_path):
         result = torch.load(tmp_path / f"fsdp{rank}.pt", weights_only=True)
         for got, want, what in (
             (result["params"], single, "parameters"),
+            (result["columns"], single, "parameters, HSDP mesh, column shards"),
             (result["buffers"], single_buffers, "momentum buffer"),
             (result["continued"], single_next, "6th step"),
             (result["resumed"], single_next, "6th step after resuming"),
