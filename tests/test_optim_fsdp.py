@@ -2,9 +2,13 @@
 
 - ``apply_full`` (owner and all-gather modes, uneven and column shards, unsharded inputs, outputs of
   other shapes, mixed process groups) against numpy SVD polar factors of the full matrices, with one
-  orthogonalization per matrix in the world in owner mode;
-- training a float64 model with a plain matrix, a LoRA pair and Stiefel parameters (Euclidean and
-  canonical metric) for 5 steps under ``fully_shard`` equals the single-process run to 1e-10.
+  orthogonalization per matrix in the world in owner mode; a failure on one owner raises on every rank;
+- training a float64 model with plain matrices, a LoRA pair and Stiefel parameters (Euclidean and
+  canonical metric) for 5 steps under ``fully_shard`` equals the single-process run to 1e-10 (also on an
+  HSDP-shaped mesh with column shards); so do the full momentum buffers from
+  ``torch.distributed.checkpoint`` and a step after resuming from them; a NaN in one rank's shard of a
+  gradient makes every rank skip the step; ``keep_manifolds`` keeps the manifolds through
+  ``fully_shard`` and a meta-device ``to_empty``.
 
 Each test starts 2 processes once (forked: no re-import); they run in CI on the CPU (marker ``distributed``).
 """
