@@ -53,7 +53,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate, Shard
+
+if dist.is_available():
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+else:  # pragma: no cover - torch built without torch.distributed: no tensor is ever sharded
+
+    class DTensor:  # type: ignore[no-redef]
+        """Stand-in: nothing is an instance."""
+
+    Replicate = Shard = None  # type: ignore[assignment,misc]
 
 __all__ = [
     "CommStats",
