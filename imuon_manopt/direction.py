@@ -90,16 +90,27 @@ def _is_numpy(tree) -> bool:
 
 
 def _prescale(tree):
-    """``(tree * s, s)`` with ``s`` a power of two (0-d tensor) that brings the largest entry into ``(1/2, 1]``
-    (``s = 1`` for a zero or non-finite tree, which then propagates unchanged)."""
+    """``(tree * s, s)`` with ``s`` a power of two that brings the largest entry into ``(1/2, 1]`` (``s = 1`` for a
+    zero or non-finite tree, which then propagates unchanged).
+
+    On the CPU the largest entry is read on the host (no device to wait for) and a tree whose entries lie within
+    ``2^(+-max_exp/4)`` of 1 is returned as is (``s = 1.0``, no extra work); elsewhere ``s`` is a 0-d tensor,
+    computed without a host synchronization.
+    """
     leaves = [t for t in _leaves(tree) if t.numel()]
     if not leaves:
         return tree, 1.0
+    max_exp = int(math.log2(torch.finfo(leaves[0].dtype).max))
+    if all(t.device.type == "cpu" for t in leaves):
+        amax = max(float(t.abs().max()) for t in leaves)
+        if not (math.isfinite(amax) and amax > 0.0) or 2.0 ** (-max_exp // 4) <= amax <= 2.0 ** (max_exp // 4):
+            return tree, 1.0
+        inv = math.ldexp(1.0, -max(math.frexp(amax)[1], -max_exp))
+        return _map(lambda t: t * inv, tree), inv
     amax = leaves[0].abs().amax()
     for t in leaves[1:]:
         amax = torch.maximum(amax, t.abs().amax().to(amax.dtype))
     # frexp: amax = m 2^e with m in [1/2, 1); the exponent is capped so that 2^-e stays finite for subnormal amax
-    max_exp = int(math.log2(torch.finfo(amax.dtype).max))
     inv = torch.ldexp(torch.ones_like(amax), -torch.frexp(amax).exponent.clamp_min(-max_exp))
     return _map(lambda t: t * inv.to(t.dtype), tree), inv
 
