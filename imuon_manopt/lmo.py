@@ -17,7 +17,8 @@ sign).
 
 All functions work per matrix over the trailing two dims of ``(..., m, n)``; the leading dims are a
 batch. A zero matrix gives ``Z = 0`` and dual 0. Singular values (eigenvalue magnitudes) below
-``eps * max(m, n) * s_max`` give no direction. numpy in -> numpy out; torch tensors keep their
+``eps * max(m, n) * s_max`` give no direction (for half-precision inputs, also those below the input
+dtype's ``eps * s_max``: its rounding noise). numpy in -> numpy out; torch tensors keep their
 device and dtype (half-precision inputs are computed in float32). :func:`polar` and :func:`msign`
 are re-exported from :mod:`imuon_manopt.polar`.
 """

@@ -247,3 +247,17 @@ def test_huge_points_factor_without_overflow():
     for geometry, point in ((Grassmann("general"), y * np.nan), (SPD(), spd * np.nan)):
         with pytest.raises(ValueError, match="NaN or infinite"):
             intrinsic_direction(geometry, point, torch.ones_like(point))
+
+
+def test_half_precision_cut_keeps_resolvable_directions_of_large_matrices():
+    # The input-precision cut is eps_in * s_max, not eps_in * max(m, n) * s_max (which exceeds s_max from n = 128
+    # on in bfloat16 and would drop every direction).
+    g = torch.Generator().manual_seed(4)
+    for m, n in [(256, 256), (1024, 64)]:
+        q1 = torch.linalg.qr(torch.randn(m, 8, generator=g))[0]
+        q2 = torch.linalg.qr(torch.randn(n, 8, generator=g))[0]
+        x = (q1 * torch.linspace(1.0, 0.05, 8)) @ q2.mT
+        out = polar(x.bfloat16()).float()
+        sv = torch.linalg.svdvals(out)
+        assert float(sv[7]) > 0.9 and float(sv[8]) < 0.05
+        torch.testing.assert_close(out, q1 @ q2.mT, atol=0.02, rtol=0)
