@@ -20,7 +20,7 @@ from imuon_manopt import geometry as geo
 from imuon_manopt.direction import intrinsic_direction
 from imuon_manopt.manifolds import Grassmann
 from imuon_manopt.optim import IMuon
-from imuon_manopt.optim._steps import step_lengths
+from imuon_manopt.optim._pairs import step_lengths
 
 DT = torch.float64
 

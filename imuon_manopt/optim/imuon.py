@@ -34,16 +34,15 @@ EMA form (whose combined update is ``(1 - beta)`` times this one). Buffers are k
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from geoopt.optim.mixin import OptimMixin
 
 from ..geometry import FixedRank, MetricOperator
-from ..lmo import resolve_norm
-from . import _dispatch, _options, _steps
+from . import _dispatch, _groups, _options, _pairs, _steps
 from ._fallback import fallback_outputs, host_step, work_dtype
+from ._groups import Group
 
 try:  # sharded (FSDP2) parameters: gather, compute on full tensors, scatter back
     from ._distributed import agree, apply_full, full, like, local
@@ -73,20 +72,6 @@ __all__ = ["IMuon"]
 AdjustLrFn = _options.AdjustLrFn
 #: Feasibility tolerances of the first-step manifold check, by parameter dtype.
 _CHECK_TOL = {torch.float64: 1e-5, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
-
-
-@dataclass
-class _Group:
-    """Parameters stepped together (one batched call): ``kind`` is ``matrix``, ``manifold``, ``pair`` or
-    ``fallback``; for pairs ``params`` holds the B factors, then the A factors."""
-
-    kind: str
-    group: dict[str, Any]
-    params: list[torch.Tensor]
-    shape2d: tuple[int, int] = (0, 0)
-    rule: _dispatch.ManifoldRule | None = None
-    geometry: MetricOperator | None = None
-    pair_ids: list[int] = field(default_factory=list)
 
 
 class IMuon(OptimMixin, torch.optim.Optimizer):
@@ -191,7 +176,7 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
         self._pairs, self._pair_index = _options.prepare_pairs(pairs)
         self._rules: dict[torch.Tensor, tuple[_dispatch.ManifoldRule, MetricOperator, Any]] = {}
         self._structure_key: Any = None
-        self._groups: list[_Group] = []
+        self._groups: list[Group] = []
         super().__init__(params, defaults, stabilize=stabilize)
         self._check_pairs_membership()
 
@@ -265,75 +250,17 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ structure
 
-    def _scan(self) -> Any:
-        """The structure key (which parameters have gradients, grouping options); checks every gradient."""
-        key = []
-        for gi, group in enumerate(self.param_groups):
-            flags = []
-            for pi, p in enumerate(group["params"]):
-                g = p.grad
-                if g is None:
-                    flags.append(False)
-                    continue
-                if g.is_sparse:
-                    raise RuntimeError("IMuon does not support sparse gradients")
-                if g.shape != p.shape:
-                    raise ValueError(
-                        f"param group {gi}, parameter {pi}: gradient of shape {tuple(g.shape)} for a parameter of "
-                        f"shape {tuple(p.shape)}; the gradient must have the parameter's shape"
-                    )
-                flags.append(True)
-            key.append((id(group["params"]), tuple(flags), group["use_imuon"], group["norm"], group["p"]))
-        return tuple(key)
-
-    def _build(self) -> list[_Group]:
-        out: list[_Group] = []
-        for group in self.param_groups:
-            joint = resolve_norm(group["norm"], group["p"]).joint  # joint norms couple a batch: one per group
-            buckets: dict[Any, _Group] = {}
-            fallback: list[torch.Tensor] = []
-            for p in group["params"]:
-                if p in self._pair_index:
-                    i = self._pair_index[p]
-                    b, a = self._pairs[i]
-                    if p is not b or (b.grad is None and a.grad is None):
-                        continue
-                    key = ("pair", b.shape, a.shape, b.dtype, b.device) + ((i,) if joint else ())
-                    grp = buckets.setdefault(key, _Group("pair", group, [], (b.shape[-2], a.shape[-1])))
-                    grp.params.append(b)
-                    grp.pair_ids.append(i)
-                    continue
-                if p.grad is None:
-                    continue
-                if p in self._rules:
-                    rule, geometry, mkey = self._rules[p]
-                    key = ("manifold", mkey, p.shape, p.dtype, p.device) + ((id(p),) if joint else ())
-                    new = _Group("manifold", group, [], rule=rule, geometry=geometry)
-                    buckets.setdefault(key, new).params.append(p)
-                elif p.ndim >= 2 and group["use_imuon"]:
-                    key = ("matrix", p.shape, p.dtype, p.device) + ((id(p),) if joint else ())
-                    shape2d = (p.shape[0], p[0].numel())
-                    buckets.setdefault(key, _Group("matrix", group, [], shape2d)).params.append(p)
-                else:
-                    fallback.append(p)
-            for grp in buckets.values():
-                if grp.kind == "pair":
-                    grp.params = grp.params + [self._pairs[i][1] for i in grp.pair_ids]
-                out.append(grp)
-            if fallback:
-                out.append(_Group("fallback", group, fallback))
-        return out
-
-    def _structure(self) -> list[_Group]:
-        key = self._scan()
+    def _structure(self) -> list[Group]:
+        """The groups of this step: cached, rebuilt when the param groups or the set of gradients change."""
+        key = _groups.scan(self.param_groups)
         if key != self._structure_key:
-            self._groups = self._build()
+            self._groups = _groups.build(self.param_groups, self._pairs, self._pair_index, self._rules)
             self._structure_key = key
         return self._groups
 
     # ------------------------------------------------------------------ first-step checks
 
-    def _check_new(self, grp: _Group) -> None:
+    def _check_new(self, grp: Group) -> None:
         """Manifold membership and full-rank pairs, once per parameter (before anything is written)."""
         state = self.state
         if grp.kind == "manifold":
@@ -369,7 +296,7 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
             out.append(torch.zeros_like(x) if buf is None else local(buf).to(x.dtype))
         return out
 
-    def _update(self, grp: _Group, lazy: bool, writes: list, checks: list) -> None:
+    def _update(self, grp: Group, lazy: bool, writes: list, checks: list) -> None:
         """Append ``(param or (param, state key), new local tensor)`` for every tensor the group would change, and to
         ``checks`` the tensors whose finiteness decides the step.
 
@@ -420,7 +347,7 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
             news = [out[0] for out in outputs]
         else:  # pairs: one item (B, A, E~_B, E~_A) per pair; small, so computed on every rank
             n = len(grp.pair_ids)
-            fn = _steps.pair_fn(group, grp.shape2d, wdt, p0.dtype, lazy)
+            fn = _pairs.pair_fn(group, grp.shape2d, wdt, p0.dtype, lazy)
             items = [(params[j], params[n + j], params[j], params[n + j]) for j in range(n)]
             inputs = [(xs[j], xs[n + j], es[j], es[n + j]) for j in range(n)]
             outputs = apply_full(items, inputs, fn, owner=False)
@@ -480,13 +407,13 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
     # ------------------------------------------------------------------ finiteness and commit
 
     @staticmethod
-    def _defer_checks(groups: list[_Group]) -> bool:
+    def _defer_checks(groups: list[Group]) -> bool:
         """Decide finiteness on the device (masked commit, deferred policy) unless every parameter is on the CPU,
         where reading the flag costs nothing."""
         return any(p.device.type != "cpu" for grp in groups for p in grp.params[:1])
 
     @staticmethod
-    def _all_params(groups: list[_Group]) -> list[torch.Tensor]:
+    def _all_params(groups: list[Group]) -> list[torch.Tensor]:
         return [p for grp in groups for p in grp.params]
 
     @staticmethod
@@ -509,7 +436,7 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
             flags.append((torch.isfinite(lo) & torch.isfinite(hi)).to(device))
         return flags[0] if len(flags) == 1 else torch.stack(flags).all()
 
-    def _commit(self, groups: list[_Group], writes: list) -> None:
+    def _commit(self, groups: list[Group], writes: list) -> None:
         dst, src = [], []
         for target, value in writes:
             if isinstance(target, torch.Tensor):
@@ -539,7 +466,7 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
                 st = self.state[p]
                 st["step"] = host_step(st.get("step", 0)) + 1
 
-    def _commit_masked(self, groups: list[_Group], writes: list, ok: torch.Tensor) -> None:
+    def _commit_masked(self, groups: list[Group], writes: list, ok: torch.Tensor) -> None:
         """Device mode: commit every write where the whole step is finite (``ok``), keep the old values elsewhere."""
         for target, value in writes:
             if isinstance(target, torch.Tensor):
@@ -600,7 +527,7 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
     def last_step_skipped(self, value: bool) -> None:
         self._skipped = bool(value)
 
-    def _diagnose(self, groups: list[_Group], linalg_failed: bool) -> str:
+    def _diagnose(self, groups: list[Group], linalg_failed: bool) -> str:
         bad = []
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):

@@ -1,0 +1,99 @@
+"""Fixed-rank factor pairs ``(B, A)``: the batched pair step and its rank guard.
+
+The direction is the core's (:class:`imuon_manopt.geometry.FixedRank`, or :class:`~imuon_manopt.geometry.
+AmbientFixedRank` for ``pair_momentum="ambient"``); this module only batches it and keeps the factors' product at
+full rank by shortening the step where needed. Never forms an ``m x n`` matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..geometry import AmbientFixedRank, FixedRank
+from ._options import adjusted_lr
+from ._steps import Inputs, Outputs, direction, stack
+
+#: Halvings of a pair's step before the pair stays put for this step (2^-12 ~ 2.4e-4 of the step).
+MAX_BACKTRACKS = 12
+# No host synchronization inside the step: a rank-deficient factor shows up as non-finite directions, which the
+# optimizer's finiteness check routes to its nonfinite policy (new pairs are checked once, on their first step).
+_FIXED_RANK = FixedRank(check=False)
+_AMBIENT = AmbientFixedRank(check=False)
+
+
+def _ratio(cb: torch.Tensor, ca: torch.Tensor, r: int) -> torch.Tensor:
+    """``s_min / s_max`` of the rank-r product ``Q_B cb ca^T Q_A^T`` (0 for a zero product)."""
+    s = torch.linalg.svdvals(cb @ ca.mT)
+    top = s[..., 0]
+    safe = torch.where(top > 0, top, torch.ones_like(top))
+    return torch.where(top > 0, s[..., r - 1] / safe, torch.zeros_like(top))
+
+
+def _ratios(rb: torch.Tensor, ra: torch.Tensor, t: torch.Tensor, r: int) -> torch.Tensor:
+    """``s_min / s_max`` of ``(B - t xi_B)(A - t xi_A)`` for step lengths ``t`` (k, *batch), from the R factors of
+    ``[B, xi_B]`` and ``[A^T, xi_A^T]``: ``B - t xi_B = Q_B (R_B[:, :r] - t R_B[:, r:])``, so the product's nonzero
+    singular values are those of a ``2r x 2r`` matrix. Never forms ``m x n``."""
+    tt = t[..., None, None]
+    return _ratio(rb[..., :r] - tt * rb[..., r:], ra[..., :r] - tt * ra[..., r:], r)
+
+
+def step_lengths(
+    b: torch.Tensor, a: torch.Tensor, xi_b: torch.Tensor, xi_a: torch.Tensor, step_lr: float, lazy: bool
+) -> torch.Tensor:
+    """Per-pair step lengths ``t`` (shape ``(*batch, 1, 1)``): the largest ``step_lr * 2^-k``, ``k = 0..12``, that
+    keeps the product's ``s_min / s_max`` at least ``min(sqrt(eps), its current value)``; ``0`` if none does.
+
+    The guard looks at the product ``B A``, so it is invariant to the gauge like the step itself. All candidates
+    come from one thin QR of ``[B, xi_B]`` (m x 2r) and one of ``[A^T, xi_A^T]`` (n x 2r) and batched ``2r x 2r``
+    singular values, with tensor ops only (no host synchronization). ``lazy`` (CPUs, where reading a flag costs
+    nothing) first tries the full step alone and evaluates the other candidates only when a pair fails it; the result
+    is the same.
+    """
+    batch = b.shape[:-2]
+    full = torch.full(batch, float(step_lr), dtype=b.dtype, device=b.device)
+    if step_lr == 0:
+        return full[..., None, None]
+    r = b.shape[-1]
+    tol = math.sqrt(torch.finfo(b.dtype).eps)
+    if lazy:  # the full step alone, from the r x r cores of the stepped factors
+        r_b = torch.linalg.qr(b - step_lr * xi_b, mode="r")[1]
+        r_a = torch.linalg.qr((a - step_lr * xi_a).mT, mode="r")[1]
+        if bool((_ratio(r_b, r_a, r) >= tol).all()):
+            return full[..., None, None]
+    rb = torch.linalg.qr(torch.cat([b, xi_b], -1), mode="r")[1]
+    ra = torch.linalg.qr(torch.cat([a.mT, xi_a.mT], -1), mode="r")[1]
+    scales = torch.cat([torch.zeros(1), 0.5 ** torch.arange(MAX_BACKTRACKS + 1, dtype=torch.float64)])
+    cand = scales.to(b.dtype).to(b.device).reshape(-1, *([1] * len(batch))) * full  # (14, *batch)
+    ratios = _ratios(rb, ra, cand, r)
+    threshold = torch.clamp(ratios[0], max=tol)
+    ok = ratios[1:] >= threshold  # (13, *batch)
+    first = torch.argmax(ok.to(torch.uint8), dim=0, keepdim=True)  # the first passing candidate
+    t = torch.take_along_dim(cand[1:], first, dim=0)[0]
+    return torch.where(ok.any(0), t, torch.zeros_like(t))[..., None, None]
+
+
+def pair_fn(group: dict[str, Any], shape2d: tuple[int, int], wdt: torch.dtype, out: torch.dtype, lazy: bool):
+    """The fixed-rank step of pairs of one shape: one input ``(B, A, E~_B, E~_A)`` and one output ``(B_new,
+    A_new)`` per pair: ``(B - t xi_B, A - t xi_A)`` scaled by ``sqrt(1 - lr wd)``, with ``t`` from
+    :func:`step_lengths`."""
+    lr = float(group["lr"])
+    step_lr = adjusted_lr(lr, group["adjust_lr_fn"], shape2d)
+    wd = group["weight_decay"]
+    geometry = _FIXED_RANK if group["pair_momentum"] == "factor" else _AMBIENT
+
+    def fn(inputs: Inputs) -> Outputs:
+        if not inputs:
+            return []
+        b, a, e_b, e_a = (stack(inputs, i, wdt) for i in range(4))
+        xi_b, xi_a = direction(geometry, (b, a), (e_b, e_a), group)
+        t = step_lengths(b, a, xi_b, xi_a, step_lr, lazy)
+        new_b, new_a = b - t * xi_b, a - t * xi_a
+        if wd > 0:
+            scale = math.sqrt(max(0.0, 1.0 - lr * wd))
+            new_b, new_a = new_b * scale, new_a * scale
+        return list(zip(new_b.to(out).unbind(0), new_a.to(out).unbind(0)))
+
+    return fn
