@@ -89,29 +89,37 @@ def _is_numpy(tree) -> bool:
     return isinstance(tree, np.ndarray)
 
 
-def _prescale(tree):
-    """``(tree * s, s)`` with ``s`` a power of two that brings the largest entry into ``(1/2, 1]`` (``s = 1`` for a
-    zero or non-finite tree, which then propagates unchanged).
+def _prescale(tree, host: bool | None = None):
+    """``(tree * s, s)`` with ``s`` a power of two that moves the largest entry into ``[2^lo, 2^hi]`` (``hi =
+    max_exp - 24``, ``lo = -floor(max_exp / 2)``: 2^103 and 2^-63 for float32), and ``s = 1`` when it is there already,
+    so ordinary gradients are left exactly as they are and the small leaves of an unbalanced tree (a fixed-rank
+    pair far from balance) are not pushed into the subnormal range. Above ``2^hi`` projections and whitening
+    could overflow. A zero or non-finite tree is returned unchanged (``s = 1``), so NaN and inf propagate.
 
-    On the CPU the largest entry is read on the host (no device to wait for) and a tree whose entries lie within
-    ``2^(+-max_exp/4)`` of 1 is returned as is (``s = 1.0``, no extra work); elsewhere ``s`` is a 0-d tensor,
-    computed without a host synchronization.
+    On the CPU (``host=None``: when every leaf is on the CPU) the largest entry is read on the host (no device to
+    wait for) and ``s`` is a float; elsewhere it is a 0-d tensor, computed without a host synchronization.
     """
     leaves = [t for t in _leaves(tree) if t.numel()]
     if not leaves:
         return tree, 1.0
     max_exp = int(math.log2(torch.finfo(leaves[0].dtype).max))
-    if all(t.device.type == "cpu" for t in leaves):
+    hi, lo = max_exp - 24, -(max_exp // 2)
+    if host is None:
+        host = all(t.device.type == "cpu" for t in leaves)
+    if host:
         amax = max(float(t.abs().max()) for t in leaves)
-        if not (math.isfinite(amax) and amax > 0.0) or 2.0 ** (-max_exp // 4) <= amax <= 2.0 ** (max_exp // 4):
+        if not (math.isfinite(amax) and amax > 0.0) or 2.0**lo <= amax <= 2.0**hi:
             return tree, 1.0
-        inv = math.ldexp(1.0, -max(math.frexp(amax)[1], -max_exp))
+        e = math.frexp(amax)[1]  # amax = m 2^e, m in [1/2, 1)
+        inv = math.ldexp(1.0, hi - e if e > hi else lo - e + 1)
         return _map(lambda t: t * inv, tree), inv
     amax = leaves[0].abs().amax()
     for t in leaves[1:]:
         amax = torch.maximum(amax, t.abs().amax().to(amax.dtype))
-    # frexp: amax = m 2^e with m in [1/2, 1); the exponent is capped so that 2^-e stays finite for subnormal amax
-    inv = torch.ldexp(torch.ones_like(amax), -torch.frexp(amax).exponent.clamp_min(-max_exp))
+    e = torch.frexp(amax).exponent
+    shift = (e - hi).clamp_min(0) - (lo + 1 - e).clamp_min(0)  # 0 in range (and for zero / non-finite amax)
+    shift = torch.where(torch.isfinite(amax) & (amax > 0), shift, torch.zeros_like(shift))
+    inv = torch.ldexp(torch.ones_like(amax), -shift)
     return _map(lambda t: t * inv.to(t.dtype), tree), inv
 
 
@@ -169,9 +177,9 @@ def intrinsic_direction(
     else:
         et = _map(lambda t: t.to(out_dtype), et)
 
-    # The direction is invariant under a positive scaling of the gradient (and the gap scales with it): divide
-    # the gradient by a power of two near its largest entry (exact), so a huge finite gradient cannot overflow in
-    # the projection or whitening, and multiply the gap back at the end.
+    # The direction is invariant under a positive scaling of the gradient (and the gap scales with it): a huge (or
+    # tiny) gradient is multiplied by a power of two (exact) so that it cannot overflow in the projection or
+    # whitening, and the gap is scaled back at the end.
     et, inv_scale = _prescale(et)
     state = geometry.at(xt)
     blocks = geometry.whiten(state, geometry.project(state, et))

@@ -7,6 +7,8 @@ Truths: tangency (``sym(X^T xi) = 0`` on Stiefel, ``X^T xi = 0`` on Grassmann), 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -261,3 +263,33 @@ def test_half_precision_cut_keeps_resolvable_directions_of_large_matrices():
         sv = torch.linalg.svdvals(out)
         assert float(sv[7]) > 0.9 and float(sv[8]) < 0.05
         torch.testing.assert_close(out, q1 @ q2.mT, atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_gradient_prescaling_is_exact_and_leaves_ordinary_gradients_alone(host):
+    # Both ways of computing the scale (read on the host; on the device without synchronization) agree: a power
+    # of two, 1 when the largest entry is in [2^-63, 2^103] (float32), which it is moved into otherwise.
+    from imuon_manopt.direction import _prescale
+
+    for value, in_range in ((3.0, True), (1e30, True), (0.0, True), (2e38, False), (3e-30, False)):
+        t = torch.tensor([[value, -0.5 * value], [0.25 * value, 0.0]])
+        out, inv = _prescale(t, host=host)
+        inv = float(inv)
+        assert math.frexp(inv)[0] == 0.5  # a power of two: the scaling is exact
+        torch.testing.assert_close(out, t * inv, rtol=0, atol=0)
+        if in_range:
+            assert inv == 1.0
+        else:
+            assert 2.0**-63 <= float(out.abs().max()) <= 2.0**103
+    for bad in (float("nan"), float("inf")):
+        out, inv = _prescale(torch.tensor([[bad, 1.0]]), host=host)
+        assert float(inv) == 1.0
+    # an unbalanced fixed-rank pair keeps its small factor's gradient (no flush to the subnormal range)
+    rng = np.random.default_rng(11)
+    b, a = (torch.from_numpy(rng.standard_normal(s)).float() for s in ((6, 2), (2, 5)))
+    eb, ea = (torch.from_numpy(rng.standard_normal(s)).float() for s in ((6, 2), (2, 5)))
+    for factorization in ("qr", "gram"):
+        d0 = intrinsic_direction(FixedRank(factorization), (b, a), (eb, ea))
+        d1 = intrinsic_direction(FixedRank(factorization), (b * 1e30, a / 1e30), (eb / 1e30, ea * 1e30))
+        torch.testing.assert_close(d1.xi[0] / 1e30, d0.xi[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(d1.xi[1] * 1e30, d0.xi[1], rtol=1e-5, atol=1e-6)

@@ -59,7 +59,11 @@ def _upper_factor(
         r = chol.mT
         if not check:
             return q, r
-        bad = (info != 0).any()
+        bad = bool((info != 0).any())
+        if bad and bool(torch.isfinite(f).all()):  # a huge factor overflows f^T f: factor the Gram of f / 2^k
+            scale = torch.ldexp(torch.ones((), dtype=f.dtype, device=f.device), torch.frexp(f.abs().amax()).exponent)
+            chol, info = torch.linalg.cholesky_ex((f / scale).mT @ (f / scale))
+            r, bad = chol.mT * scale, bool((info != 0).any())
     if bool(bad):
         raise ValueError(f"fixed-rank factor {name} is rank-deficient; {RANK_HINT}")
     return q, r
