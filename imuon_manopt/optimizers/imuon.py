@@ -80,10 +80,13 @@ class IMuon(Optimizer):
             momentum did not reduce iterations in our measurements). The buffer is a tangent vector
             carried by ``manifold.transport``. If the momentum direction is not a descent direction,
             the buffer restarts from the gradient.
-        nesterov: Nesterov (``grad + beta * m``, default) or heavy-ball (``m``) momentum.
+        nesterov: ``True``: Nesterov (``grad + beta * m``, default); ``False``: heavy-ball (``m``)
+            momentum. Anything but a bool is a ``ValueError``.
         norm: ``"spectral"`` (default), ``"frobenius"`` (Riemannian steepest descent with normalized
-            steps), ``"nuclear"`` or ``"schatten"`` (with ``p``).
-        p: Schatten exponent, ``1 <= p <= inf`` (only with ``norm="schatten"``).
+            steps), ``"nuclear"`` or ``"schatten"`` (with ``p``); case-insensitive, resolved by
+            :func:`imuon_manopt.lmo.resolve_norm` as everywhere in the package.
+        p: Schatten exponent, ``1 <= p <= inf``: needed by ``norm="schatten"`` (``p = 1, 2, inf``
+            mean nuclear, Frobenius, spectral); with another name it may only repeat its exponent.
         polar: ``"svd"`` (exact, default) or ``"newton_schulz"`` (fast, approximate polar factors).
         min_lmo_gap: stop when the LMO gap ``<E, xi>`` (the dual norm of the whitened gradient)
             drops below it; ``None`` (default) disables the criterion.
