@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -92,6 +93,7 @@ def test_bench_lora_text_adapters_match_peft_and_keep_the_function():
     torch.testing.assert_close(logits["manual"], logits["peft"], rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_bench_lora_text_tiny(tmp_path):
     """A tiny configuration end to end: results.md, curves and the gauge experiment. With exact polar factors in
     float64, iMuon's trajectory from the rescaled factors equals the original one to rounding (GL(r) invariance of

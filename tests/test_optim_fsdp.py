@@ -162,7 +162,6 @@ def _join(parts: list[torch.Tensor], dim: int) -> np.ndarray:
     return torch.cat(parts, dim=dim).numpy()
 
 
-@pytest.mark.slow
 def test_apply_full_owner_and_gather(tmp_path):
     _spawn(_apply_full_worker, tmp_path)
     res = [torch.load(tmp_path / f"apply{r}.pt", weights_only=False) for r in range(WORLD)]
