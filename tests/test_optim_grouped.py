@@ -543,3 +543,21 @@ def test_register_manifold_flat_is_deprecated_and_defaults_to_the_geometry():
     finally:
         _dispatch._RULES.clear()
         _dispatch._RULES.update(saved)
+
+
+def test_off_cpu_rank_ratio_estimate_matches_the_singular_values():
+    """The sync-free estimate used off the CPU (power / inverse-power iteration on the r x r core) against
+    ``svdvals``: well inside the guard's needs (the threshold is sqrt(eps) or the current ratio)."""
+    from imuon_manopt.optim._pairs import _ratio, _ratio_iterative
+
+    torch.manual_seed(12)
+    r = 4
+    cb = torch.randn(50, 2 * r, r, dtype=DT)
+    ca = torch.randn(50, 2 * r, r, dtype=DT)
+    cb[:10, :, -1] *= 1e-4  # products near the guard's threshold
+    cb[10:15, :, -1] = 0.0  # rank lost
+    exact = _ratio(cb, ca, r)
+    estimate = _ratio_iterative(cb, ca)
+    torch.testing.assert_close(estimate[15:], exact[15:], rtol=5e-3, atol=1e-12)
+    torch.testing.assert_close(estimate[:10], exact[:10], rtol=5e-3, atol=1e-12)
+    assert (estimate[10:15] < 1e-6).all()
