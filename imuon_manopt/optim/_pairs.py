@@ -37,8 +37,8 @@ def _ratio(cb: torch.Tensor, ca: torch.Tensor, r: int) -> torch.Tensor:
     On the CPU: singular values (``svdvals``). On other devices ``svdvals`` (like ``eigh``) synchronizes with the
     host to check its result, so the ratio comes from sync-free kernels instead: with ``cb^T cb = L L^T``
     (``cholesky_ex``) the product's squared singular values are the eigenvalues of ``S = L^T (ca^T ca) L`` (r x r,
-    float64), whose largest and smallest are estimated by power and inverse-power iteration (``cholesky_ex`` /
-    ``cholesky_solve``); a failed factorization (rank lost) gives 0.
+    float64), whose largest and smallest are estimated by power and inverse-power iteration (``cholesky_ex`` and
+    triangular solves, which check nothing on the host); a failed factorization (rank lost) gives 0.
     """
     if cb.device.type == "cpu":
         s = torch.linalg.svdvals(cb @ ca.mT)
@@ -61,7 +61,7 @@ def _ratio_iterative(cb: torch.Tensor, ca: torch.Tensor) -> torch.Tensor:
     for _ in range(_ITERATIONS):
         v = s @ v
         v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
-        w = torch.cholesky_solve(w, l_s)
+        w = torch.linalg.solve_triangular(l_s.mT, torch.linalg.solve_triangular(l_s, w, upper=False), upper=True)
         w = w / torch.linalg.vector_norm(w, dim=-2, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
     top = (v.mT @ s @ v)[..., 0, 0]
     low = (w.mT @ s @ w)[..., 0, 0]
