@@ -12,10 +12,11 @@
   ``lr`` backtracked if the product would lose rank.
 
 Grouped steps. Parameters of one param group that share a kind, geometry, shape, dtype and device are stacked and
-take one batched direction, one batched LMO and one batched retraction (:mod:`imuon_manopt.optim._steps`); the
-Python work per step grows with the number of such groups, not of parameters. The grouping is structure, rebuilt
-from the parameters when the param groups, the pairs or the set of parameters with gradients change; the state
-stays per parameter (``state[p]["momentum_buffer"]`` etc.), so ``state_dict()`` keeps its layout.
+take one batched direction, one batched LMO and one batched retraction (:mod:`~imuon_manopt.optim._steps`,
+:mod:`~imuon_manopt.optim._pairs`); the numerical work per step is a fixed number of calls per group, not per
+parameter. The grouping (:mod:`~imuon_manopt.optim._groups`) is structure, rebuilt from the parameters when the
+param groups or the set of parameters with gradients change; the state stays per parameter
+(``state[p]["momentum_buffer"]`` etc.), so ``state_dict()`` keeps its layout.
 
 Momentum (spec §3), with ``beta = momentum``:
 
