@@ -45,8 +45,14 @@ Plots: held-out loss against steps and against seconds, and the learning-rate gr
 
 Usage::
 
-    python benchmarks/bench_lora_text.py --fidelity-svd    # full run (grids, 3 seeds): <= 15 min on 2 cores
-    python benchmarks/bench_lora_text.py --quick           # best rates, 1 seed: ~2 min on 2 cores (+ pretraining)
+    python benchmarks/bench_lora_text.py --fidelity-svd    # full run: grids, 3 seeds (43 runs of 200 steps)
+    python benchmarks/bench_lora_text.py --quick           # best rates, 1 seed (7 runs)
+
+Times on 2 CPU cores: pretraining 1500 steps ~2 min when quiet (``--threads 2``; 11 min at 1 thread under a load
+of ~5), then cached. Full run: ~9-10 min estimated on a quiet machine with ``--threads 2``, 33 min measured at 1
+thread under a load average of 2-6 (benchmarks/RESULTS.md); ``--quick``: ~2-3 min quiet (1 thread), 5 min
+measured under load. ``--threads`` defaults to 1: on a shared, loaded machine two threads per step were several
+times slower than one.
 """
 
 from __future__ import annotations
@@ -109,14 +115,15 @@ VARIANTS: dict[str, tuple[str, bool]] = {
 UNRESCALED = {"iMuon (BM, M^-1A)": "iMuon", "AdamW (BM, M^-1A)": "AdamW", "Muon (BM, M^-1A)": "Muon"}
 #: Where each grid starts (its middle point); the grid widens from there.
 GRID_CENTER = {"adamw": 3e-3, "muon": 1e-2, "imuon": 1e-2, "imuon_ambient": 1e-2}
-#: Best rates of the full run (``--steps 300 --batch 16``, seed 0), used by ``--quick``.
+#: Best rates of the full run (defaults: ``--steps 200 --batch 16``, grids on seed 0; benchmarks/RESULTS.md),
+#: used by ``--quick``.
 QUICK_LRS = {
-    "AdamW": 3e-3,
+    "AdamW": 1e-2,
     "Muon": 1e-2,
-    "iMuon": 1e-2,
-    "iMuon ambient": 1e-2,
-    "iMuon (BM, M^-1A)": 1e-2,
-    "AdamW (BM, M^-1A)": 3e-3,
+    "iMuon": 3e-2,
+    "iMuon ambient": 1e-1,
+    "iMuon (BM, M^-1A)": 3e-2,
+    "AdamW (BM, M^-1A)": 1e-2,
     "Muon (BM, M^-1A)": 1e-2,
 }
 COLORS = {"AdamW": "C1", "Muon": "C2", "iMuon": "C0", "iMuon ambient": "C3"}
@@ -681,7 +688,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per run (default 200)")
     p.add_argument("--batch", type=int, default=16, help="fine-tuning minibatch, in windows of 64 bytes (default 16)")
     p.add_argument("--seeds", type=int, default=None, help="seeds at the best rate (default 3; 1 with --quick)")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: on a quiet 2-core machine 2 threads run a step ~1.9x "
+                        "faster, but on a shared, loaded one the second thread's waits make it several times slower)")
     p.add_argument("--pretrain-steps", type=int, default=PRETRAIN["steps"], help="pretraining steps (default 1500)")
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="folder of the pretrained checkpoints")
     p.add_argument("--adapters", choices=("auto", "peft", "manual"), default="auto",
@@ -723,7 +732,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"adapters: {args.adapters_used}")
 
     def progress(run: Run) -> None:
-        log(f"{run.variant:18s} lr {fmt_lr(run.lr):>5s} seed {run.seed} {run.dtype} {run.polar}: "
+        polar = f" {run.polar}" if run.variant.startswith("iMuon") else ""
+        log(f"{run.variant:18s} lr {fmt_lr(run.lr):>5s} seed {run.seed} {run.dtype}{polar}: "
             f"final held-out {fmt(run.final)}, {run.median_step_ms:.1f} ms/step "
             f"({run.median_opt_ms:.2f} ms step())")
 
@@ -772,7 +782,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         a, b = ctx.run(ref, lr, 0), ctx.run(v, lr, 0)
         held, mini = max_difference(a, b)
         fidelity[v] = dict(reference=ref, lr=lr, heldout=held, minibatch=mini, dtype="float32",
-                           polar="newton_schulz", final=(a.final, b.final))
+                           polar="newton_schulz" if ref.startswith("iMuon") else "-", final=(a.final, b.final))
     if args.fidelity_svd and "iMuon" in variants:
         lr = best["iMuon"]
         a = ctx.run("iMuon", lr, 0, dtype=torch.float64, polar="svd")
