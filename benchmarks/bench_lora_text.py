@@ -592,7 +592,7 @@ def machine_lines(args: argparse.Namespace, argv: Sequence[str], load_start: tup
         peft_version = peft.__version__
     env = ", ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ)
     return [
-        f"- command: `python benchmarks/bench_lora_text.py {' '.join(argv)}`".replace(" `", " `", 1),
+        f"- command: `python benchmarks/bench_lora_text.py {' '.join(argv)}`",
         f"- machine: {platform.node()}, {cpu}, {os.cpu_count()} CPUs, {platform.platform()}",
         f"- load average (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in load_start)} at the start, "
         f"{', '.join(f'{x:.2f}' for x in load_end)} at the end",

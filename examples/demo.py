@@ -13,7 +13,7 @@
    with the gauge experiment; its tables and plots go to ``--output``/lora_text.
 
 About 6-10 minutes on 2 CPU cores (plus ~2-3 minutes the first time, to pretrain the GPT of part 4; the checkpoint
-is cached under benchmarks/.cache); ``--quick`` runs a smoke version in about a minute.
+is cached under benchmarks/.cache); ``--quick`` runs a smoke version in 1-2 minutes.
 
 Run: ``python examples/demo.py --output demo_output`` (``--quick``, ``--skip-core``, ``--skip-torch``,
 ``--skip-lora-text``).
@@ -175,6 +175,7 @@ def lora_text_demo(output: str, quick: bool, threads: int) -> dict:
     path = os.path.join(os.path.dirname(HERE), "benchmarks", "bench_lora_text.py")
     spec = importlib.util.spec_from_file_location("bench_lora_text", path)
     bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look the module up there
     spec.loader.exec_module(bench)
     argv = ["--quick", "--output", os.path.join(output, "lora_text"), "--threads", str(max(1, threads))]
     if quick:
