@@ -665,6 +665,9 @@ def plot_grids(grids: dict[str, dict[float, float]], output: Path) -> Path:
         color = COLORS.get(variant.split(" (")[0], f"C{i + 4}")
         ax.plot(lrs, [grid[lr] for lr in lrs], "--o" if "(BM" in variant else "-o", color=color, label=variant,
                 markersize=4)
+    finite = [val for grid in grids.values() for val in grid.values() if math.isfinite(val)]
+    if finite and max(finite) > min(finite) + 0.3:  # keep the interesting part readable; worse points off the top
+        ax.set_ylim(min(finite) - 0.02, min(finite) + 0.3)
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("final held-out loss, seed 0")
