@@ -561,3 +561,18 @@ def test_off_cpu_rank_ratio_estimate_matches_the_singular_values():
     torch.testing.assert_close(estimate[15:], exact[15:], rtol=5e-3, atol=1e-12)
     torch.testing.assert_close(estimate[:10], exact[:10], rtol=5e-3, atol=1e-12)
     assert (estimate[10:15] < 1e-6).all()
+
+
+def test_off_cpu_rank_guard_picks_the_same_lengths(monkeypatch):
+    """The device path's guard (all candidates, sync-free ratio estimate) against the CPU's exact one."""
+    from imuon_manopt.optim import _pairs
+
+    torch.manual_seed(13)
+    b = torch.randn(6, 9, 2, dtype=DT)
+    a = torch.randn(6, 2, 7, dtype=DT)
+    xi_b, xi_a = torch.randn_like(b), torch.randn_like(a)
+    xi_b[:3] = b[:3] * torch.tensor([0.0, 3.0], dtype=DT)  # B's second column vanishes at t = 1/3
+    exact = {lr: step_lengths(b, a, xi_b, xi_a, lr, lazy=False) for lr in (0.01, 1.0 / 3.0, 2.0)}
+    monkeypatch.setattr(_pairs, "_ratio", lambda cb, ca, r: _pairs._ratio_iterative(cb, ca).to(cb.dtype))
+    for lr, t in exact.items():
+        torch.testing.assert_close(step_lengths(b, a, xi_b, xi_a, lr, lazy=False), t, atol=0, rtol=0)
