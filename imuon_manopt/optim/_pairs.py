@@ -96,11 +96,8 @@ def step_lengths(
         return full[..., None, None]
     r = b.shape[-1]
     tol = math.sqrt(torch.finfo(b.dtype).eps)
-    if lazy:  # the full step alone, from the r x r cores of the stepped factors
-        r_b = torch.linalg.qr(b - step_lr * xi_b, mode="r")[1]
-        r_a = torch.linalg.qr((a - step_lr * xi_a).mT, mode="r")[1]
-        if bool((_ratio(r_b, r_a, r) >= tol).all()):
-            return full[..., None, None]
+    if lazy and _full_step_passes(b - step_lr * xi_b, a - step_lr * xi_a, tol):
+        return full[..., None, None]
     rb = torch.linalg.qr(torch.cat([b, xi_b], -1), mode="r")[1]
     ra = torch.linalg.qr(torch.cat([a.mT, xi_a.mT], -1), mode="r")[1]
     # made on the device (a host-to-device copy would wait for the stream)
@@ -113,6 +110,25 @@ def step_lengths(
     first = torch.argmax(ok.to(torch.uint8), dim=0, keepdim=True)  # the first passing candidate
     t = torch.take_along_dim(cand[1:], first, dim=0)[0]
     return torch.where(ok.any(0), t, torch.zeros_like(t))[..., None, None]
+
+
+def _full_step_passes(b1: torch.Tensor, a1: torch.Tensor, tol: float) -> bool:
+    """Does every stepped pair ``(b1, a1)`` keep ``s_min / s_max >= tol``? From the r x r cores (one host read)."""
+    r_b = torch.linalg.qr(b1, mode="r")[1]
+    r_a = torch.linalg.qr(a1.mT, mode="r")[1]
+    return bool((_ratio(r_b, r_a, b1.shape[-1]) >= tol).all())
+
+
+def _stepped(b, a, xi_b, xi_a, step_lr: float, lazy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B - t xi_B, A - t xi_A)`` with ``t`` from :func:`step_lengths`; when the full step passes the guard (the
+    common case, checked first on the CPU) its candidate is the result, with the same rounding."""
+    if lazy and step_lr != 0:
+        b1, a1 = b - step_lr * xi_b, a - step_lr * xi_a
+        if _full_step_passes(b1, a1, math.sqrt(torch.finfo(b.dtype).eps)):
+            return b1, a1
+        lazy = False  # the full step failed: evaluate all candidates
+    t = step_lengths(b, a, xi_b, xi_a, step_lr, lazy)
+    return b - t * xi_b, a - t * xi_a
 
 
 def pair_fn(group: dict[str, Any], shape2d: tuple[int, int], wdt: torch.dtype, out: torch.dtype, lazy: bool):
@@ -129,8 +145,7 @@ def pair_fn(group: dict[str, Any], shape2d: tuple[int, int], wdt: torch.dtype, o
             return []
         b, a, e_b, e_a = (stack(inputs, i, wdt) for i in range(4))
         xi_b, xi_a = direction(geometry, (b, a), (e_b, e_a), group)
-        t = step_lengths(b, a, xi_b, xi_a, step_lr, lazy)
-        new_b, new_a = b - t * xi_b, a - t * xi_a
+        new_b, new_a = _stepped(b, a, xi_b, xi_a, step_lr, lazy)
         if wd > 0:
             scale = math.sqrt(max(0.0, 1.0 - lr * wd))
             new_b, new_a = new_b * scale, new_a * scale
