@@ -576,3 +576,25 @@ def test_off_cpu_rank_guard_picks_the_same_lengths(monkeypatch):
     monkeypatch.setattr(_pairs, "_ratio", lambda cb, ca, r: _pairs._ratio_iterative(cb, ca).to(cb.dtype))
     for lr, t in exact.items():
         torch.testing.assert_close(step_lengths(b, a, xi_b, xi_a, lr, lazy=False), t, atol=0, rtol=0)
+
+
+def test_chunked_groups_take_the_same_step(monkeypatch):
+    """Large groups are stepped in cache-sized chunks: one item per call gives the one-call result."""
+    from imuon_manopt.optim import _steps
+
+    mats, biases, manifold, pairs = _params()
+    params = mats + biases + manifold + [t for pair in pairs for t in pair]
+    clones = {id(p): _clone(p) for p in params}
+    grads = _grads(params, 2)
+    opt = IMuon(params, lr=0.05, polar="svd", pairs=pairs)
+    ref = IMuon([clones[id(p)] for p in params], lr=0.05, polar="svd",
+                pairs=[(clones[id(b)], clones[id(a)]) for b, a in pairs])
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad, clones[id(p)].grad = g.clone(), g.clone()
+        ref.step()
+        monkeypatch.setattr(_steps, "CHUNK_ELEMENTS", 1)
+        opt.step()
+        monkeypatch.undo()
+    for p in params:
+        torch.testing.assert_close(p.detach(), clones[id(p)].detach(), atol=1e-12, rtol=1e-12)

@@ -14,7 +14,7 @@ import torch
 
 from ..geometry import AmbientFixedRank, FixedRank
 from ._options import adjusted_lr
-from ._steps import Inputs, Outputs, direction, stack
+from ._steps import Inputs, Outputs, chunked, direction, stack
 
 #: Halvings of a pair's step before the pair stays put for this step (2^-12 ~ 2.4e-4 of the step).
 MAX_BACKTRACKS = 12
@@ -151,4 +151,4 @@ def pair_fn(group: dict[str, Any], shape2d: tuple[int, int], wdt: torch.dtype, o
             new_b, new_a = new_b * scale, new_a * scale
         return list(zip(new_b.to(out).unbind(0), new_a.to(out).unbind(0)))
 
-    return fn
+    return chunked(fn)
