@@ -82,8 +82,16 @@ def _steps(opt: IMuon, before_each, steps: int) -> list[dict]:
         t0 = time.perf_counter()
         with D.measure_comm() as s:
             opt.step()
-        rows.append(dict(sent=s.bytes_sent, received=s.bytes_received, collectives=s.collectives,
-                         gathered=s.gathered, replicated=s.replicated, seconds=time.perf_counter() - t0))
+        rows.append(
+            dict(
+                sent=s.bytes_sent,
+                received=s.bytes_received,
+                collectives=s.collectives,
+                gathered=s.gathered,
+                replicated=s.replicated,
+                seconds=time.perf_counter() - t0,
+            )
+        )
     return rows
 
 
@@ -162,8 +170,12 @@ def _size(n: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", action="append", choices=("test-model", "gpt2-lora", "gpt2-blocks"),
-                        help="run only this case (repeatable; default: all)")
+    parser.add_argument(
+        "--case",
+        action="append",
+        choices=("test-model", "gpt2-lora", "gpt2-blocks"),
+        help="run only this case (repeatable; default: all)",
+    )
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per case (default 3)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of gpt2-lora (default 8)")
     parser.add_argument("--blocks", type=int, default=1, help="GPT-2 small blocks of gpt2-blocks (default 1)")
@@ -176,17 +188,22 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as out:
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        mp.start_processes(_worker, args=(WORLD, _free_port(), out, cases, opts), nprocs=WORLD, join=True,
-                           start_method=method)
+        mp.start_processes(
+            _worker, args=(WORLD, _free_port(), out, cases, opts), nprocs=WORLD, join=True, start_method=method
+        )
         res = [torch.load(Path(out) / f"bench{r}.pt", weights_only=False) for r in range(WORLD)]
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"# bench_fsdp: torch {torch.__version__}, gloo, {WORLD} ranks on {platform.machine()} CPU, "
-          f"{args.threads} thread(s) per rank, {args.steps} steps, load average {load:.2f}")
+    print(
+        f"# bench_fsdp: torch {torch.__version__}, gloo, {WORLD} ranks on {platform.machine()} CPU, "
+        f"{args.threads} thread(s) per rank, {args.steps} steps, load average {load:.2f}"
+    )
     print(f"# command: python benchmarks/bench_fsdp.py {' '.join(sys.argv[1:])}".rstrip())
     print()
-    print("| case | parameters | sent per step, rank 0 / rank 1 | world per step | world / params "
-          "| collectives per step | matrices stepped, rank 0 / rank 1 | step (s, median, rank 0) |")
+    print(
+        "| case | parameters | sent per step, rank 0 / rank 1 | world per step | world / params "
+        "| collectives per step | matrices stepped, rank 0 / rank 1 | step (s, median, rank 0) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for case in cases:
         rows = [res[r][case][0] for r in range(WORLD)]
@@ -198,14 +215,18 @@ def main() -> None:
         seconds = statistics.median(x["seconds"] for x in rows[0])
         note = "" if all(len(v) == 1 for v in steady.values()) else " (varies by step)"
         per_rank = f"{_size(last[0]['sent'])} / {_size(last[1]['sent'])}{note}"
-        print(f"| {case} | {_size(params)} | {per_rank} | {_size(world)} | {world / params:.2f} | "
-              f"{last[0]['collectives']} | {stepped} | {seconds:.3f} |")
+        print(
+            f"| {case} | {_size(params)} | {per_rank} | {_size(world)} | {world / params:.2f} | "
+            f"{last[0]['collectives']} | {stepped} | {seconds:.3f} |"
+        )
         extra = res[0][case][2]
         if "gather_sent" in extra:
             gather_world = sum(res[r][case][2]["gather_sent"] for r in range(WORLD))
-            print(f"| {case}, all-gather mode instead (inputs only) | {_size(params)} | "
-                  f"{_size(res[0][case][2]['gather_sent'])} / {_size(res[1][case][2]['gather_sent'])} | "
-                  f"{_size(gather_world)} | {gather_world / params:.2f} | 1 | every matrix on both | - |")
+            print(
+                f"| {case}, all-gather mode instead (inputs only) | {_size(params)} | "
+                f"{_size(res[0][case][2]['gather_sent'])} / {_size(res[1][case][2]['gather_sent'])} | "
+                f"{_size(gather_world)} | {gather_world / params:.2f} | 1 | every matrix on both | - |"
+            )
 
 
 if __name__ == "__main__":

@@ -88,11 +88,20 @@ DEFAULT_CACHE = ROOT / "benchmarks" / ".cache"
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "output" / "lora_text"
 
 #: The byte-level GPT: 2 blocks of width 128, context 64, the 256 byte values as vocabulary, no dropout.
-MODEL = dict(vocab_size=256, n_positions=64, n_embd=128, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
-             attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+MODEL = dict(
+    vocab_size=256,
+    n_positions=64,
+    n_embd=128,
+    n_layer=2,
+    n_head=4,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+    bos_token_id=0,
+    eos_token_id=0,
+)
 #: Pretraining (AdamW, linear warmup then cosine decay to 10 %, gradient clipping at 1).
-PRETRAIN = dict(steps=1500, batch=32, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01, warmup=100, seed=0,
-                holdout=0.02)
+PRETRAIN = dict(steps=1500, batch=32, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01, warmup=100, seed=0, holdout=0.02)
 RANK, LORA_ALPHA = 4, 8
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 #: Spectral norm of the full-rank start of B (A keeps PEFT's Kaiming-uniform draw).
@@ -144,8 +153,9 @@ def grid_index(lr: float) -> int:
     return round(2.0 * math.log10(lr / 1e-3))
 
 
-def search_lr(evaluate: Callable[[float], float], center: float, *, lowest: float = 1e-6,
-              highest: float = 1.0) -> tuple[float, dict[float, float]]:
+def search_lr(
+    evaluate: Callable[[float], float], center: float, *, lowest: float = 1e-6, highest: float = 1.0
+) -> tuple[float, dict[float, float]]:
     """Best rate of a half-decade grid whose best point is interior.
 
     Starts with ``center`` and its two neighbours; while the best value sits at an edge of the evaluated grid, adds
@@ -244,7 +254,7 @@ def mean_loss(model: nn.Module, data: torch.Tensor, chunk: int = 256) -> float:
     """Token-weighted mean cross-entropy over all windows of ``data`` (every window has the same length)."""
     total = 0.0
     for i in range(0, len(data), chunk):
-        part = data[i:i + chunk]
+        part = data[i : i + chunk]
         total += float(lm_loss(model, part)) * len(part)
     return total / len(data)
 
@@ -286,13 +296,16 @@ def pretrained_model(cache: Path, steps: int, log: Callable[[str], None]) -> tup
     context = MODEL["n_positions"]
     held_windows = tiled_windows(held, context + 1, 256)
     gen = torch.Generator().manual_seed(settings["seed"] + 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=settings["betas"],
-                            weight_decay=settings["weight_decay"])
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=settings["lr"], betas=settings["betas"], weight_decay=settings["weight_decay"]
+    )
     warmup = min(settings["warmup"], max(1, steps // 10))
     initial = mean_loss(model.eval(), held_windows)
     model.train()
-    log(f"pretraining {steps} steps on {len(files)} stdlib files ({len(corpus) / 1e6:.2f} MB), held-out loss "
-        f"{initial:.3f}")
+    log(
+        f"pretraining {steps} steps on {len(files)} stdlib files ({len(corpus) / 1e6:.2f} MB), held-out loss "
+        f"{initial:.3f}"
+    )
     t0 = time.perf_counter()
     for k in range(steps):
         for g in opt.param_groups:
@@ -304,14 +317,26 @@ def pretrained_model(cache: Path, steps: int, log: Callable[[str], None]) -> tup
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if (k + 1) % max(1, steps // 5) == 0:
-            log(f"  pretraining step {k + 1}/{steps}: minibatch loss {float(loss.detach()):.3f} "
-                f"({time.perf_counter() - t0:.0f} s)")
+            log(
+                f"  pretraining step {k + 1}/{steps}: minibatch loss {float(loss.detach()):.3f} "
+                f"({time.perf_counter() - t0:.0f} s)"
+            )
     seconds = time.perf_counter() - t0
     model.eval()
     final = mean_loss(model, held_windows)
-    info = dict(key=key, steps=steps, seconds=seconds, heldout_before=initial, heldout_after=final,
-                corpus_bytes=len(corpus), corpus_files=len(files), corpus_sha256=sha256(corpus)[:16],
-                threads=torch.get_num_threads(), cached=False, path=str(path))
+    info = dict(
+        key=key,
+        steps=steps,
+        seconds=seconds,
+        heldout_before=initial,
+        heldout_after=final,
+        corpus_bytes=len(corpus),
+        corpus_files=len(files),
+        corpus_sha256=sha256(corpus)[:16],
+        threads=torch.get_num_threads(),
+        cached=False,
+        path=str(path),
+    )
     cache.mkdir(parents=True, exist_ok=True)
     torch.save({"state": model.state_dict(), "info": info}, path)
     log(f"pretrained in {seconds:.0f} s: stdlib held-out loss {initial:.3f} -> {final:.3f} nats/byte; saved {path}")
@@ -360,8 +385,14 @@ def add_adapters(base: nn.Module, how: str, dtype: torch.dtype = torch.float32) 
     if how == "peft":
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(TARGETS),
-                            fan_in_fan_out=True, bias="none")
+        config = LoraConfig(
+            r=RANK,
+            lora_alpha=LORA_ALPHA,
+            lora_dropout=0.0,
+            target_modules=list(TARGETS),
+            fan_in_fan_out=True,
+            bias="none",
+        )
         model = get_peft_model(model, config)
     elif how == "manual":
         for block in model.transformer.h:
@@ -487,8 +518,9 @@ class Context:
         gen = torch.Generator().manual_seed(20_000 + seed)
         return torch.randint(0, len(self.train) - MODEL["n_positions"] - 1, (self.steps, self.batch), generator=gen)
 
-    def run(self, variant: str, lr: float, seed: int, *, dtype: torch.dtype = torch.float32,
-            polar: str = "newton_schulz") -> Run:
+    def run(
+        self, variant: str, lr: float, seed: int, *, dtype: torch.dtype = torch.float32, polar: str = "newton_schulz"
+    ) -> Run:
         """Fine-tune from the seed's start with ``variant`` at ``lr`` (memoized)."""
         name = str(dtype).removeprefix("torch.")
         key = (variant, lr, seed, name, polar)
@@ -555,8 +587,7 @@ def max_difference(a: Run, b: Run) -> tuple[float, float]:
     """``(max |held-out loss difference| over the evaluation points, max |minibatch loss difference| over steps)``."""
     if a.diverged or b.diverged:
         return math.inf, math.inf
-    return (max(abs(x - y) for x, y in zip(a.heldout, b.heldout)),
-            max(abs(x - y) for x, y in zip(a.loss, b.loss)))
+    return (max(abs(x - y) for x, y in zip(a.heldout, b.heldout)), max(abs(x - y) for x, y in zip(a.loss, b.loss)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -622,8 +653,10 @@ def plot_curves(results: dict[str, list[Run]], output: Path, title: str) -> list
     import matplotlib.pyplot as plt
 
     paths = []
-    for xkey, xlabel, stem in (("at", "step", "heldout_vs_steps.png"),
-                               ("seconds_at", "training seconds (eval excluded)", "heldout_vs_seconds.png")):
+    for xkey, xlabel, stem in (
+        ("at", "step", "heldout_vs_steps.png"),
+        ("seconds_at", "training seconds (eval excluded)", "heldout_vs_seconds.png"),
+    ):
         fig, ax = plt.subplots(figsize=(7.5, 4.6))
         for i, (variant, runs) in enumerate(results.items()):
             runs = [r for r in runs if not r.diverged]
@@ -663,8 +696,9 @@ def plot_grids(grids: dict[str, dict[float, float]], output: Path) -> Path:
     for i, (variant, grid) in enumerate(grids.items()):
         lrs = [lr for lr in grid if math.isfinite(grid[lr])]
         color = COLORS.get(variant.split(" (")[0], f"C{i + 4}")
-        ax.plot(lrs, [grid[lr] for lr in lrs], "--o" if "(BM" in variant else "-o", color=color, label=variant,
-                markersize=4)
+        ax.plot(
+            lrs, [grid[lr] for lr in lrs], "--o" if "(BM" in variant else "-o", color=color, label=variant, markersize=4
+        )
     finite = [val for grid in grids.values() for val in grid.values() if math.isfinite(val)]
     if finite and max(finite) > min(finite) + 0.3:  # keep the interesting part readable; worse points off the top
         ax.set_ylim(min(finite) - 0.02, min(finite) + 0.3)
@@ -691,21 +725,37 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per run (default 200)")
     p.add_argument("--batch", type=int, default=16, help="fine-tuning minibatch, in windows of 64 bytes (default 16)")
     p.add_argument("--seeds", type=int, default=None, help="seeds at the best rate (default 3; 1 with --quick)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default 1: on a quiet 2-core machine 2 threads run a step ~1.9x "
-                        "faster, but on a shared, loaded one the second thread's waits make it several times slower)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a quiet 2-core machine 2 threads run a step ~1.9x "
+        "faster, but on a shared, loaded one the second thread's waits make it several times slower)",
+    )
     p.add_argument("--pretrain-steps", type=int, default=PRETRAIN["steps"], help="pretraining steps (default 1500)")
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="folder of the pretrained checkpoints")
-    p.add_argument("--adapters", choices=("auto", "peft", "manual"), default="auto",
-                   help="PEFT's get_peft_model (auto: when installed) or hand-built adapters with PEFT's names")
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
-                   help="optimizers to run (default: all)")
+    p.add_argument(
+        "--adapters",
+        choices=("auto", "peft", "manual"),
+        default="auto",
+        help="PEFT's get_peft_model (auto: when installed) or hand-built adapters with PEFT's names",
+    )
+    p.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="optimizers to run (default: all)"
+    )
     p.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (default ~15)")
-    p.add_argument("--curve-windows", type=int, default=128,
-                   help="held-out windows evaluated along the curves (default 128; the final loss uses all)")
+    p.add_argument(
+        "--curve-windows",
+        type=int,
+        default=128,
+        help="held-out windows evaluated along the curves (default 128; the final loss uses all)",
+    )
     p.add_argument("--final-windows", type=int, default=None, help="cap on the held-out windows of the final loss")
-    p.add_argument("--fidelity-svd", action="store_true",
-                   help="also run iMuon with polar='svd' in float64 from both gauges (exact fidelity check)")
+    p.add_argument(
+        "--fidelity-svd",
+        action="store_true",
+        help="also run iMuon with polar='svd' in float64 from both gauges (exact fidelity check)",
+    )
     args = p.parse_args(argv)
     if args.seeds is None:
         args.seeds = 1 if args.quick else 3
@@ -731,14 +781,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args.adapters_used = ("peft" if peft_available() else "manual") if args.adapters == "auto" else args.adapters
     if args.adapters_used == "peft" and not peft_available():
         raise SystemExit("--adapters peft needs the peft extra: pip install -e '.[peft]' -c constraints.txt")
-    log(f"bench_lora_text: torch threads {torch.get_num_threads()}, load {load_start[0]:.2f}, "
-        f"adapters: {args.adapters_used}")
+    log(
+        f"bench_lora_text: torch threads {torch.get_num_threads()}, load {load_start[0]:.2f}, "
+        f"adapters: {args.adapters_used}"
+    )
 
     def progress(run: Run) -> None:
         polar = f" {run.polar}" if run.variant.startswith("iMuon") else ""
-        log(f"{run.variant:18s} lr {fmt_lr(run.lr):>5s} seed {run.seed} {run.dtype}{polar}: "
+        log(
+            f"{run.variant:18s} lr {fmt_lr(run.lr):>5s} seed {run.seed} {run.dtype}{polar}: "
             f"final held-out {fmt(run.final)}, {run.median_step_ms:.1f} ms/step "
-            f"({run.median_opt_ms:.2f} ms step())")
+            f"({run.median_opt_ms:.2f} ms step())"
+        )
 
     base, pre = pretrained_model(Path(args.cache), args.pretrain_steps, log)
     train_bytes, held_bytes, train_topics, held_topics = topics_corpus()
@@ -747,13 +801,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     final_windows = tiled_windows(held_tokens, context + 1, args.final_windows)
     curve_windows = tiled_windows(held_tokens, context + 1, min(args.curve_windows, len(final_windows)))
     eval_every = args.eval_every or max(1, args.steps // 20)
-    ctx = Context(base, args.adapters_used, train_tokens, curve_windows, final_windows, args.steps, args.batch,
-                  eval_every)
+    ctx = Context(
+        base, args.adapters_used, train_tokens, curve_windows, final_windows, args.steps, args.batch, eval_every
+    )
     ctx.on_run = progress
     start_loss = mean_loss(base, final_windows)
-    log(f"fine-tuning text: {len(train_topics)} train topics ({len(train_bytes) / 1e3:.0f} kB), {len(held_topics)} "
+    log(
+        f"fine-tuning text: {len(train_topics)} train topics ({len(train_bytes) / 1e3:.0f} kB), {len(held_topics)} "
         f"held-out topics ({len(held_bytes) / 1e3:.0f} kB, {len(final_windows)} windows); pretrained model's "
-        f"held-out loss {start_loss:.4f}")
+        f"held-out loss {start_loss:.4f}"
+    )
 
     variants = [v for v in VARIANTS if v in args.variants]
     grids: dict[str, dict[float, float]] = {}
@@ -784,16 +841,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
         lr = best[ref]
         a, b = ctx.run(ref, lr, 0), ctx.run(v, lr, 0)
         held, mini = max_difference(a, b)
-        fidelity[v] = dict(reference=ref, lr=lr, heldout=held, minibatch=mini, dtype="float32",
-                           polar="newton_schulz" if ref.startswith("iMuon") else "-", final=(a.final, b.final))
+        fidelity[v] = dict(
+            reference=ref,
+            lr=lr,
+            heldout=held,
+            minibatch=mini,
+            dtype="float32",
+            polar="newton_schulz" if ref.startswith("iMuon") else "-",
+            final=(a.final, b.final),
+        )
     if args.fidelity_svd and "iMuon" in variants:
         lr = best["iMuon"]
         a = ctx.run("iMuon", lr, 0, dtype=torch.float64, polar="svd")
         b = ctx.run("iMuon (BM, M^-1A)", lr, 0, dtype=torch.float64, polar="svd")
         held, mini = max_difference(a, b)
-        fidelity["iMuon (BM, M^-1A), SVD float64"] = dict(reference="iMuon, SVD float64", lr=lr, heldout=held,
-                                                          minibatch=mini, dtype="float64", polar="svd",
-                                                          final=(a.final, b.final))
+        fidelity["iMuon (BM, M^-1A), SVD float64"] = dict(
+            reference="iMuon, SVD float64",
+            lr=lr,
+            heldout=held,
+            minibatch=mini,
+            dtype="float64",
+            polar="svd",
+            final=(a.final, b.final),
+        )
     load_end = os.getloadavg()
     wall = time.perf_counter() - wall0
 
@@ -810,18 +880,30 @@ def main(argv: Sequence[str] | None = None) -> dict:
         mean = statistics.mean(finals) if ok else math.inf
         spread = statistics.stdev(finals) if ok and len(finals) > 1 else math.nan
         fid = fidelity.get(v, {}).get("heldout", math.nan)
-        summary[v] = dict(lr=best[v], finals=finals, mean=mean, std=spread, diffs_vs_adamw=diffs, step_ms=step_ms,
-                          opt_ms=opt_ms, fidelity_heldout=fid, grid=grids.get(v))
+        summary[v] = dict(
+            lr=best[v],
+            finals=finals,
+            mean=mean,
+            std=spread,
+            diffs_vs_adamw=diffs,
+            step_ms=step_ms,
+            opt_ms=opt_ms,
+            fidelity_heldout=fid,
+            grid=grids.get(v),
+        )
         diff_text = "-" if v == "AdamW" else ", ".join(f"{d:+.4f}" for d in diffs)
         rows.append(
             f"| {v} | {fmt_lr(best[v])} | {fmt(mean)}"
             + (f" ± {spread:.4f}" if math.isfinite(spread) else "")
             + f" | {diff_text} | {'reference' if v == 'AdamW' else verdict(diffs)} | {step_ms:.1f} | {opt_ms:.2f} | "
-            + (f"{fid:.2e}" if math.isfinite(fid) else ("diverged" if math.isinf(fid) else "-")) + " |"
+            + (f"{fid:.2e}" if math.isfinite(fid) else ("diverged" if math.isinf(fid) else "-"))
+            + " |"
         )
     n_seeds = len(seeds)
-    title = (f"LoRA r={RANK} on a {MODEL['n_layer']}x{MODEL['n_embd']} byte GPT, {args.steps} steps x batch "
-             f"{args.batch}, {n_seeds} seed{'s' if n_seeds > 1 else ''}")
+    title = (
+        f"LoRA r={RANK} on a {MODEL['n_layer']}x{MODEL['n_embd']} byte GPT, {args.steps} steps x batch "
+        f"{args.batch}, {n_seeds} seed{'s' if n_seeds > 1 else ''}"
+    )
     lines = [f"# {title}", ""]
     lines += machine_lines(args, argv, load_start, load_end)
     lines += [
@@ -839,8 +921,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"change of the logits by the rescale: "
         f"{max(ctx.init_change.values(), default=math.nan):.1e} (float32)",
         "- schedule: linear warmup over 5 % of the steps, cosine decay to 0; no weight decay; "
-        + ("rates: QUICK_LRS (best of the full run)" if args.quick else
-           "rates: best of a half-decade grid on seed 0 (interior), then all seeds at it"),
+        + (
+            "rates: QUICK_LRS (best of the full run)"
+            if args.quick
+            else "rates: best of a half-decade grid on seed 0 (interior), then all seeds at it"
+        ),
         "",
         "Held-out loss after the last step (nats/byte, all held-out windows); Δ = this optimizer minus AdamW on the "
         "same seed (same start, same minibatches); verdict: every seed below (wins) / above (loses) AdamW by more "
@@ -854,19 +939,33 @@ def main(argv: Sequence[str] | None = None) -> dict:
         *rows,
     ]
     if fidelity:
-        lines += ["", "Gauge fidelity: rescaled start `(B M, M^-1 A)` against the original start, same rate, seed 0 "
-                  "(equal trajectories mean the optimizer does not see the gauge).", "",
-                  "| run | against | lr | polar, dtype | max \\|Δ held-out loss\\| | max \\|Δ minibatch loss\\| | "
-                  "final held-out (orig / rescaled) |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Gauge fidelity: rescaled start `(B M, M^-1 A)` against the original start, same rate, seed 0 "
+            "(equal trajectories mean the optimizer does not see the gauge).",
+            "",
+            "| run | against | lr | polar, dtype | max \\|Δ held-out loss\\| | max \\|Δ minibatch loss\\| | "
+            "final held-out (orig / rescaled) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for v, f in fidelity.items():
-            lines.append(f"| {v} | {f['reference']} | {fmt_lr(f['lr'])} | {f['polar']}, {f['dtype']} | "
-                         f"{f['heldout']:.2e} | {f['minibatch']:.2e} | {fmt(f['final'][0])} / {fmt(f['final'][1])} |")
+            lines.append(
+                f"| {v} | {f['reference']} | {fmt_lr(f['lr'])} | {f['polar']}, {f['dtype']} | "
+                f"{f['heldout']:.2e} | {f['minibatch']:.2e} | {fmt(f['final'][0])} / {fmt(f['final'][1])} |"
+            )
     if grids:
-        lines += ["", "Learning-rate grids (seed 0, final held-out loss; best in bold):", "",
-                  "| optimizer | grid |", "|---|---|"]
+        lines += [
+            "",
+            "Learning-rate grids (seed 0, final held-out loss; best in bold):",
+            "",
+            "| optimizer | grid |",
+            "|---|---|",
+        ]
         for v, grid in grids.items():
-            cells = [("**" if lr == best[v] else "") + f"{fmt_lr(lr)}: {fmt(val)}" + ("**" if lr == best[v] else "")
-                     for lr, val in grid.items()]
+            cells = [
+                ("**" if lr == best[v] else "") + f"{fmt_lr(lr)}: {fmt(val)}" + ("**" if lr == best[v] else "")
+                for lr, val in grid.items()
+            ]
             lines.append(f"| {v} | {', '.join(cells)} |")
     comparisons = []
     for v in variants:
@@ -875,8 +974,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         peer = "Muon (BM, M^-1A)" if "(BM" in v else "Muon"
         if peer in results:
             d = [a.final - b.final for a, b in zip(results[v], results[peer])]
-            comparisons.append(f"- {v} vs {peer}: Δ per seed {', '.join(f'{x:+.4f}' for x in d)} -> "
-                               f"{verdict(d)}")
+            comparisons.append(f"- {v} vs {peer}: Δ per seed {', '.join(f'{x:+.4f}' for x in d)} -> {verdict(d)}")
     if comparisons:
         lines += ["", "iMuon against torch.optim.Muon in the same gauge:", "", *comparisons]
     plots = plot_curves(results, output, title)
@@ -885,13 +983,28 @@ def main(argv: Sequence[str] | None = None) -> dict:
     lines += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in plots)]
     text = "\n".join(lines) + "\n"
     (output / "results.md").write_text(text)
-    raw = dict(summary=summary, fidelity=fidelity, pretrain=pre, wall_seconds=wall, argv=argv,
-               runs=[asdict(r) for r in ctx.runs.values()])
+    raw = dict(
+        summary=summary,
+        fidelity=fidelity,
+        pretrain=pre,
+        wall_seconds=wall,
+        argv=argv,
+        runs=[asdict(r) for r in ctx.runs.values()],
+    )
     (output / "results.json").write_text(json.dumps(raw, indent=1, default=str))
     print(text)
     log(f"done in {wall:.0f} s; results in {output / 'results.md'}")
-    return dict(summary=summary, fidelity=fidelity, grids=grids, best=best, pretrain=pre, text=text, plots=plots,
-                wall=wall, start_loss=start_loss)
+    return dict(
+        summary=summary,
+        fidelity=fidelity,
+        grids=grids,
+        best=best,
+        pretrain=pre,
+        text=text,
+        plots=plots,
+        wall=wall,
+        start_loss=start_loss,
+    )
 
 
 if __name__ == "__main__":

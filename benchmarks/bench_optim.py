@@ -176,8 +176,12 @@ def euclidean_case(m: int, n: int, g: torch.Generator, count: int = 1) -> dict:
         return IMuon(ps, lr=LR, polar=NS_BF16), ps
 
     if DEVICE.type == "cuda":
-        return {"IMuon": imuon, "IMuon (bf16 NS)": imuon_bf16, "torch.optim.Muon (fp32 NS)": muon32,
-                "torch.optim.Muon (bf16 NS)": muon}
+        return {
+            "IMuon": imuon,
+            "IMuon (bf16 NS)": imuon_bf16,
+            "torch.optim.Muon (fp32 NS)": muon32,
+            "torch.optim.Muon (bf16 NS)": muon,
+        }
     makers = {"IMuon": imuon, "torch.optim.Muon (fp32 NS)": muon32}
     if count == 1:  # CPUs without bfloat16 units emulate it (~30 s per step): timed as "slow"
         makers["torch.optim.Muon (bf16 NS)"] = muon
@@ -250,17 +254,39 @@ def build_cases(quick: bool, g: torch.Generator) -> tuple[list[Case], tuple[int,
     muon_ref = "torch.optim.Muon (bf16 NS)" if cuda else "torch.optim.Muon (fp32 NS)"
     return [
         Case("stiefel", f"Stiefel {st[0]}x{st[1]} (EuclideanStiefel)", stiefel_case(st, g), {"RiemannianAdam": 1.3}),
-        Case("stiefel-batch", f"Stiefel batch {bst[0]} x {bst[1]}x{bst[2]}", stiefel_case(bst, g),
-             {"RiemannianAdam": 1.3}),
+        Case(
+            "stiefel-batch",
+            f"Stiefel batch {bst[0]} x {bst[1]}x{bst[2]}",
+            stiefel_case(bst, g),
+            {"RiemannianAdam": 1.3},
+        ),
         Case("spd", f"SPD {spd}x{spd}", spd_case(spd, g), {"RiemannianAdam": None}),
-        Case("euclidean", f"Euclidean {eu[0]}x{eu[1]} ({NS_STEPS} NS steps)", euclidean_case(*eu, g),
-             {muon_ref: 1.1}, slow=() if cuda else ("torch.optim.Muon (bf16 NS)", "IMuon (bf16 NS)")),
-        Case("euclidean-24", f"{many[0]} x Euclidean {many[1]}x{many[2]}", euclidean_case(many[1], many[2], g, many[0]),
-             {muon_ref: 1.05 if not cuda else 1.1}, repeats=3 if not quick else None),
-        Case("lora-pair", f"LoRA pair {m}x{r} / {r}x{n}", lora_case(m, n, r, g), {"torch.optim.Muon": None,
-                                                                                   "AdamW": None}),
-        Case("lora-set", f"GPT-2-small LoRA set ({len(lora_set)} pairs, r = {lora_set[0][1]})",
-             _lora_makers(lora_set, g), {"AdamW": 2.0, "torch.optim.Muon": 0.5}),
+        Case(
+            "euclidean",
+            f"Euclidean {eu[0]}x{eu[1]} ({NS_STEPS} NS steps)",
+            euclidean_case(*eu, g),
+            {muon_ref: 1.1},
+            slow=() if cuda else ("torch.optim.Muon (bf16 NS)", "IMuon (bf16 NS)"),
+        ),
+        Case(
+            "euclidean-24",
+            f"{many[0]} x Euclidean {many[1]}x{many[2]}",
+            euclidean_case(many[1], many[2], g, many[0]),
+            {muon_ref: 1.05 if not cuda else 1.1},
+            repeats=3 if not quick else None,
+        ),
+        Case(
+            "lora-pair",
+            f"LoRA pair {m}x{r} / {r}x{n}",
+            lora_case(m, n, r, g),
+            {"torch.optim.Muon": None, "AdamW": None},
+        ),
+        Case(
+            "lora-set",
+            f"GPT-2-small LoRA set ({len(lora_set)} pairs, r = {lora_set[0][1]})",
+            _lora_makers(lora_set, g),
+            {"AdamW": 2.0, "torch.optim.Muon": 0.5},
+        ),
     ], (m, r, n)
 
 
@@ -329,8 +355,15 @@ def pair_allocation_check(m: int, r: int, n: int, g: torch.Generator, steps: int
         for _ in range(steps):  # without CUDA: the first step creates the momentum buffers, the second uses them
             opt.step()
     peak = torch.cuda.max_memory_allocated(DEVICE) - base if cuda else None
-    return {"ok": mode.numel < m * n, "largest_numel": mode.numel, "largest_op": mode.op,
-            "largest_shape": mode.shape, "limit": m * n, "shape": (m, r, n), "peak_bytes": peak}
+    return {
+        "ok": mode.numel < m * n,
+        "largest_numel": mode.numel,
+        "largest_op": mode.op,
+        "largest_shape": mode.shape,
+        "limit": m * n,
+        "shape": (m, r, n),
+        "peak_bytes": peak,
+    }
 
 
 def profile_imuon(case: Case, steps: int = 5, rows: int = 12) -> str:
@@ -355,16 +388,19 @@ def markdown(cases: list[Case], threads: int) -> str:
                 ratios.append(f"{ratio:.2f}x {ref}")
                 if name == "IMuon" and target is not None:
                     targets.append(f"<= {target}x {ref}: {'met' if ratio <= target else 'MISSED'}")
-            lines.append(f"| {threads} | {case.name} | {name} | {1e3 * t:.3f} | {'; '.join(ratios)} | "
-                         f"{'; '.join(targets)} |")
+            lines.append(
+                f"| {threads} | {case.name} | {name} | {1e3 * t:.3f} | {'; '.join(ratios)} | {'; '.join(targets)} |"
+            )
     return "\n".join(lines)
 
 
 def machine() -> str:
     gpu = f"{torch.cuda.get_device_name(DEVICE)}, " if DEVICE.type == "cuda" else ""
-    return (f"{gpu}{platform.machine()}, {os.cpu_count()} CPU cores visible, torch {torch.__version__} "
-            f"({torch.get_num_threads()} intra-op threads), geoopt {geoopt.__version__}, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{gpu}{platform.machine()}, {os.cpu_count()} CPU cores visible, torch {torch.__version__} "
+        f"({torch.get_num_threads()} intra-op threads), geoopt {geoopt.__version__}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def main(argv=None) -> dict:
@@ -405,17 +441,23 @@ def main(argv=None) -> dict:
                 print(f"\ntorch.profiler, IMuon.step() on {case.name}, {threads} threads:\n{profile_imuon(case)}")
     table = "\n".join([tables[0]] + [t.split("\n", 2)[2] for t in tables[1:]])
     load = os.getloadavg() if hasattr(os, "getloadavg") else "n/a"
-    print(f"\nmedian of {repeats} interleaved steps after {args.warmup} warm-up steps (24-matrix case: 3 after 1), "
-          f"float32 parameters on {DEVICE}; load average at the end {load}\n\n{table}\n")
+    print(
+        f"\nmedian of {repeats} interleaved steps after {args.warmup} warm-up steps (24-matrix case: 3 after 1), "
+        f"float32 parameters on {DEVICE}; load average at the end {load}\n\n{table}\n"
+    )
 
     check = pair_allocation_check(m, r, n, g)
     verdict = "PASS" if check["ok"] else "FAIL"
-    print(f"LoRA pair {m}x{r} / {r}x{n}: largest tensor produced during IMuon.step() has {check['largest_numel']} "
-          f"entries ({check['largest_op']}, shape {check['largest_shape']}); m*n = {check['limit']}: {verdict} "
-          "(no m x n allocation)")
+    print(
+        f"LoRA pair {m}x{r} / {r}x{n}: largest tensor produced during IMuon.step() has {check['largest_numel']} "
+        f"entries ({check['largest_op']}, shape {check['largest_shape']}); m*n = {check['limit']}: {verdict} "
+        "(no m x n allocation)"
+    )
     if check["peak_bytes"] is not None:
-        print(f"  peak device memory during 2 steps, above parameters, gradients and state: "
-              f"{check['peak_bytes'] / 2**20:.2f} MiB (an m x n float32 matrix: {4 * m * n / 2**20:.0f} MiB)")
+        print(
+            f"  peak device memory during 2 steps, above parameters, gradients and state: "
+            f"{check['peak_bytes'] / 2**20:.2f} MiB (an m x n float32 matrix: {4 * m * n / 2**20:.0f} MiB)"
+        )
     return {"cases": cases, "table": table, "allocation": check, "threads": thread_counts}
 
 

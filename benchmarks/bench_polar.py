@@ -184,9 +184,7 @@ def bench_shape(shape, dtypes, args, rows, notes):
         svd_time = time_interleaved({"svd": lambda: polar(x)}, device, args.repeats, args.budget)
         svd_time = svd_time["svd"]
         rel, orth = errors(polar(x), exact)
-        rows.append(
-            [name, "float32", "SVD polar (exact)", "-", svd_time, rel, orth, None, None, None]
-        )
+        rows.append([name, "float32", "SVD polar (exact)", "-", svd_time, rel, orth, None, None, None])
 
     for wd in dtypes:
         fns = {
@@ -194,9 +192,7 @@ def bench_shape(shape, dtypes, args, rows, notes):
             "matmul": plain_matmul_fns(shape, wd, device),
         }
         if batched:
-            fns["muon"] = lambda wd=wd: [
-                muon_ns(xi, steps, wd) for xi in x.reshape(-1, *shape[-2:])
-            ]
+            fns["muon"] = lambda wd=wd: [muon_ns(xi, steps, wd) for xi in x.reshape(-1, *shape[-2:])]
         else:
             fns["muon"] = lambda wd=wd: muon_ns(x, steps, wd)
         t = time_interleaved(fns, device, args.repeats, args.budget)
@@ -371,9 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.repeats = 1 if args.quick else 5
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda needs a CUDA build of torch and a GPU")
-    shapes = (
-        args.shapes.split(",") if args.shapes else (QUICK_SHAPES if args.quick else FULL_SHAPES)
-    )
+    shapes = args.shapes.split(",") if args.shapes else (QUICK_SHAPES if args.quick else FULL_SHAPES)
     dtypes = [DTYPES[d.strip()] for d in args.dtypes.split(",")]
     rows: list = []
     notes: list = []

@@ -88,6 +88,7 @@ def problems(quick: bool):
         def build():
             problem, x0, error, _ = pca.make_problem(n, p, gap, manifold)
             return problem, x0, error, 1e-8, ("iMuon-spectral", "iMuon-frobenius", "SD", "CG", "TR"), None
+
         return build
 
     def karcher_case():
@@ -98,13 +99,13 @@ def problems(quick: bool):
         def build():
             data = matrix_completion.make_completion(m, m, r, kappa)
             problem = matrix_completion.fixed_rank_problem(data)
-            x0 = (matrix_completion.random_start(data) if start == "random"
-                  else matrix_completion.spectral_start(data))
+            x0 = matrix_completion.random_start(data) if start == "random" else matrix_completion.spectral_start(data)
 
             def error(x):
                 return data.error((x[0] * x[1]) @ x[2])
 
             return problem, x0, error, 1e-3, ("iMuon-spectral", "iMuon-frobenius", "SD", "CG"), fr_copy
+
         return build
 
     def sphere_case():
@@ -133,8 +134,15 @@ def to_tolerance(name, build, *, repeats, max_time, max_iterations, progress):
     traced = cmp.solver_set(solvers, max_iterations=max_iterations, max_time=max_time, min_gradient_norm=1e-12)
     for solver_name, factory in traced.items():
         try:
-            record = cmp.run_solver(problem, factory(), _copy(x0, copy), error, problem_name=name,
-                                    solver_name=solver_name, progress=progress)
+            record = cmp.run_solver(
+                problem,
+                factory(),
+                _copy(x0, copy),
+                error,
+                problem_name=name,
+                solver_name=solver_name,
+                progress=progress,
+            )
         except Exception as exc:  # report it and go on
             progress(f"  {name} {solver_name} FAILED: {type(exc).__name__}: {exc}")
             record = cmp.failed_record(name, solver_name, exc)
@@ -142,22 +150,36 @@ def to_tolerance(name, build, *, repeats, max_time, max_iterations, progress):
         times = []
         if steps is not None and steps > 0:
             for _ in range(repeats):
-                solver = cmp.solver_set([solver_name], max_iterations=steps, max_time=10 * max_time,
-                                        min_gradient_norm=0.0, min_step_size=0.0, log=False)[solver_name]()
-                timed = cmp.run_solver(problem, solver, _copy(x0, copy), error, problem_name=name,
-                                       solver_name=solver_name, trace=False)
+                solver = cmp.solver_set(
+                    [solver_name],
+                    max_iterations=steps,
+                    max_time=10 * max_time,
+                    min_gradient_norm=0.0,
+                    min_step_size=0.0,
+                    log=False,
+                )[solver_name]()
+                timed = cmp.run_solver(
+                    problem, solver, _copy(x0, copy), error, problem_name=name, solver_name=solver_name, trace=False
+                )
                 times.append(timed.time)
         elif steps == 0:
             times = [0.0]
         iterations = max(record.iterations, 1)
-        rows.append({
-            "problem": name, "solver": solver_name, "tol": tol, "iterations": steps,
-            "time": statistics.median(times) if times else None, "final_error": record.error,
-            "budget_iterations": record.iterations, "budget_time": record.time,
-            "cost_per_it": record.cost_evaluations / iterations,
-            "grad_per_it": record.gradient_evaluations / iterations,
-            "hess_per_it": record.hessian_evaluations / iterations,
-        })
+        rows.append(
+            {
+                "problem": name,
+                "solver": solver_name,
+                "tol": tol,
+                "iterations": steps,
+                "time": statistics.median(times) if times else None,
+                "final_error": record.error,
+                "budget_iterations": record.iterations,
+                "budget_time": record.time,
+                "cost_per_it": record.cost_evaluations / iterations,
+                "grad_per_it": record.gradient_evaluations / iterations,
+                "hess_per_it": record.hessian_evaluations / iterations,
+            }
+        )
     return rows
 
 
@@ -169,21 +191,31 @@ def per_iteration(name, build, *, iterations, repeats, threads, progress):
     records = {}
     for _ in range(repeats):  # interleaved, so that both solvers see the same machine load
         for solver_name in solvers:
-            solver = cmp.solver_set([solver_name], max_iterations=iterations, max_time=1e9, min_gradient_norm=0.0,
-                                    min_step_size=0.0, log=False)[solver_name]()
-            record = cmp.run_solver(problem, solver, _copy(x0, copy), error, problem_name=name,
-                                    solver_name=solver_name, trace=False)
+            solver = cmp.solver_set(
+                [solver_name],
+                max_iterations=iterations,
+                max_time=1e9,
+                min_gradient_norm=0.0,
+                min_step_size=0.0,
+                log=False,
+            )[solver_name]()
+            record = cmp.run_solver(
+                problem, solver, _copy(x0, copy), error, problem_name=name, solver_name=solver_name, trace=False
+            )
             samples[solver_name].append(record.time / max(record.iterations, 1))
             records[solver_name] = record
     out = {}
     for solver_name, record in records.items():
         out[solver_name] = {
-            "time_per_it": statistics.median(samples[solver_name]), "iterations": record.iterations,
+            "time_per_it": statistics.median(samples[solver_name]),
+            "iterations": record.iterations,
             "cost_per_it": record.cost_evaluations / max(record.iterations, 1),
             "grad_per_it": record.gradient_evaluations / max(record.iterations, 1),
         }
-    progress(f"  {name:<52s} threads {threads}: iMuon {out['iMuon-spectral']['time_per_it'] * 1e3:.2f} ms/it, "
-             f"SD {out['SD']['time_per_it'] * 1e3:.2f} ms/it")
+    progress(
+        f"  {name:<52s} threads {threads}: iMuon {out['iMuon-spectral']['time_per_it'] * 1e3:.2f} ms/it, "
+        f"SD {out['SD']['time_per_it'] * 1e3:.2f} ms/it"
+    )
     return {"problem": name, "threads": threads, **{f"{k}:{s}": v for s, d in out.items() for k, v in d.items()}}
 
 
@@ -198,30 +230,40 @@ def tables(rows_a, rows_b) -> str:
 def _table_a(rows_a) -> str:
     if not rows_a:
         return ""
-    lines = ["### A. Iterations and time to the tolerance (same problem, same start)", "",
-             "| problem | solver | tol | iters to tol | time to tol [s] (median) | cost evals/iter | grad evals/iter "
-             "| hess-vec/iter | final error (budget run) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "### A. Iterations and time to the tolerance (same problem, same start)",
+        "",
+        "| problem | solver | tol | iters to tol | time to tol [s] (median) | cost evals/iter | grad evals/iter "
+        "| hess-vec/iter | final error (budget run) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows_a:
-        lines.append(f"| {r['problem']} | {r['solver']} | {r['tol']:g} | {_f(r['iterations'], 'd')} | "
-                     f"{_f(r['time'], '.3f')} | {r['cost_per_it']:.2f} | {r['grad_per_it']:.2f} | "
-                     f"{r['hess_per_it']:.1f} | {r['final_error']:.1e} ({r['budget_iterations']} it, "
-                     f"{r['budget_time']:.1f} s) |")
+        lines.append(
+            f"| {r['problem']} | {r['solver']} | {r['tol']:g} | {_f(r['iterations'], 'd')} | "
+            f"{_f(r['time'], '.3f')} | {r['cost_per_it']:.2f} | {r['grad_per_it']:.2f} | "
+            f"{r['hess_per_it']:.1f} | {r['final_error']:.1e} ({r['budget_iterations']} it, "
+            f"{r['budget_time']:.1f} s) |"
+        )
     return "\n".join(lines)
 
 
 def _table_b(rows_b) -> str:
     if not rows_b:
         return ""
-    lines = ["### B. Cost of one iteration: iMuon (spectral) vs SteepestDescent", "",
-             "| problem | torch threads | iMuon ms/iter | SD ms/iter | ratio | iMuon cost evals/iter "
-             "| SD cost evals/iter | iMuon grad evals/iter | SD grad evals/iter |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "### B. Cost of one iteration: iMuon (spectral) vs SteepestDescent",
+        "",
+        "| problem | torch threads | iMuon ms/iter | SD ms/iter | ratio | iMuon cost evals/iter "
+        "| SD cost evals/iter | iMuon grad evals/iter | SD grad evals/iter |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows_b:
         mu, sd = r["time_per_it:iMuon-spectral"], r["time_per_it:SD"]
-        lines.append(f"| {r['problem']} | {r['threads']} | {mu * 1e3:.2f} | {sd * 1e3:.2f} | {mu / sd:.2f} | "
-                     f"{r['cost_per_it:iMuon-spectral']:.2f} | {r['cost_per_it:SD']:.2f} | "
-                     f"{r['grad_per_it:iMuon-spectral']:.2f} | {r['grad_per_it:SD']:.2f} |")
+        lines.append(
+            f"| {r['problem']} | {r['threads']} | {mu * 1e3:.2f} | {sd * 1e3:.2f} | {mu / sd:.2f} | "
+            f"{r['cost_per_it:iMuon-spectral']:.2f} | {r['cost_per_it:SD']:.2f} | "
+            f"{r['grad_per_it:iMuon-spectral']:.2f} | {r['grad_per_it:SD']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -231,11 +273,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats (median); default 3, quick 1")
     parser.add_argument("--max-time", type=float, default=None, help="budget per traced run [s]; default 20")
     parser.add_argument("--iterations", type=int, default=None, help="iterations for part B; default 50")
-    parser.add_argument("--thread-sweep", type=int, nargs="+", default=None,
-                        help="torch thread counts for part B (default: --torch-threads only)")
+    parser.add_argument(
+        "--thread-sweep",
+        type=int,
+        nargs="+",
+        default=None,
+        help="torch thread counts for part B (default: --torch-threads only)",
+    )
     parser.add_argument("--only", nargs="+", default=None, help="substrings of the problem names to run")
-    parser.add_argument("--part", choices=("A", "B", "both"), default="both",
-                        help="A: iterations and time to the tolerance; B: cost of one iteration (default both)")
+    parser.add_argument(
+        "--part",
+        choices=("A", "B", "both"),
+        default="both",
+        help="A: iterations and time to the tolerance; B: cost of one iteration (default both)",
+    )
     parser.add_argument("--output", default=None, help="write the tables to this markdown file")
     cmp.add_thread_option(parser)
     args = parser.parse_args(argv)
@@ -248,14 +299,18 @@ def main(argv=None) -> dict:
     import torch
 
     parts = ([f"part A: {threads}"] if args.part in ("A", "both") else []) + (
-        [f"part B: {', '.join(map(str, sweep))}"] if args.part in ("B", "both") else [])
-    blas = "/".join(os.environ.get(name, "unset") for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
-                                                                "MKL_NUM_THREADS"))
+        [f"part B: {', '.join(map(str, sweep))}"] if args.part in ("B", "both") else []
+    )
+    blas = "/".join(
+        os.environ.get(name, "unset") for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    )
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     command = " ".join(["benchmarks/bench_pymanopt.py", *(sys.argv[1:] if argv is None else argv)])
-    header = (f"machine: {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-              f"numpy {np.__version__}, torch {torch.__version__}; torch intra-op threads {'; '.join(parts)}; "
-              f"OPENBLAS/OMP/MKL_NUM_THREADS {blas}; load average at start {load}\ncommand: {command}")
+    header = (
+        f"machine: {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"numpy {np.__version__}, torch {torch.__version__}; torch intra-op threads {'; '.join(parts)}; "
+        f"OPENBLAS/OMP/MKL_NUM_THREADS {blas}; load average at start {load}\ncommand: {command}"
+    )
     print(header, flush=True)
     start = time.time()
     cases = problems(args.quick)
@@ -264,12 +319,14 @@ def main(argv=None) -> dict:
     rows_a, rows_b = [], []
     for name, build in cases.items() if args.part in ("A", "both") else ():
         cmp.set_torch_threads(threads)
-        rows_a += to_tolerance(name, build, repeats=repeats, max_time=max_time,
-                               max_iterations=20 if args.quick else 20000, progress=print)
+        rows_a += to_tolerance(
+            name, build, repeats=repeats, max_time=max_time, max_iterations=20 if args.quick else 20000, progress=print
+        )
     for name, build in cases.items() if args.part in ("B", "both") else ():
         for count in sweep:
-            rows_b.append(per_iteration(name, build, iterations=iterations, repeats=repeats, threads=count,
-                                        progress=print))
+            rows_b.append(
+                per_iteration(name, build, iterations=iterations, repeats=repeats, threads=count, progress=print)
+            )
     cmp.set_torch_threads(threads)
     text = header + "\n\n" + tables(rows_a, rows_b) + f"\n\n(total benchmark time {time.time() - start:.0f} s)\n"
     print(text)

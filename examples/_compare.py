@@ -32,10 +32,14 @@ SolverFactory = Callable[[], Any]
 
 def add_thread_option(parser) -> None:
     """``--torch-threads`` (default 1) for an example's command line."""
-    parser.add_argument("--torch-threads", type=int, default=1,
-                        help="torch intra-op threads for iMuon's directions (default 1: the matrices here are small "
-                             "and more threads mostly add synchronization overhead, badly so on a busy machine); "
-                             "0 keeps torch's default")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for iMuon's directions (default 1: the matrices here are small "
+        "and more threads mostly add synchronization overhead, badly so on a busy machine); "
+        "0 keeps torch's default",
+    )
 
 
 def add_common_options(parser, output_help: str = "folder for the tables (.md) and plots (.png)") -> None:
@@ -59,12 +63,23 @@ def set_torch_threads(count: int) -> int:
 # Solvers
 
 
-def stopping(max_iterations: int = 1000, max_time: float = 10.0, min_gradient_norm: float = 1e-10,
-             min_step_size: float = 1e-14, log: bool = True) -> dict:
+def stopping(
+    max_iterations: int = 1000,
+    max_time: float = 10.0,
+    min_gradient_norm: float = 1e-10,
+    min_step_size: float = 1e-14,
+    log: bool = True,
+) -> dict:
     """Keyword arguments shared by every Pymanopt optimizer (silent, per-iteration log on)."""
-    return dict(max_iterations=max_iterations, max_time=max_time, min_gradient_norm=min_gradient_norm,
-                min_step_size=min_step_size, max_cost_evaluations=10**9, verbosity=0,
-                log_verbosity=1 if log else 0)
+    return dict(
+        max_iterations=max_iterations,
+        max_time=max_time,
+        min_gradient_norm=min_gradient_norm,
+        min_step_size=min_step_size,
+        max_cost_evaluations=10**9,
+        verbosity=0,
+        log_verbosity=1 if log else 0,
+    )
 
 
 def imuon(norm: str = "spectral", **kwargs) -> Any:
@@ -199,22 +214,51 @@ class Record:
 
     def summary(self) -> dict:
         """The scalar fields (for JSON or tables)."""
-        return {k: getattr(self, k) for k in ("problem", "solver", "iterations", "time", "cost", "error", "stop",
-                                              "cost_evaluations", "gradient_evaluations", "hessian_evaluations")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "problem",
+                "solver",
+                "iterations",
+                "time",
+                "cost",
+                "error",
+                "stop",
+                "cost_evaluations",
+                "gradient_evaluations",
+                "hessian_evaluations",
+            )
+        }
 
 
 def _short_stop(reason: str) -> str:
     reason = (reason or "").lower()
-    for key, short in (("max time", "max time"), ("max iter", "max iters"), ("grad norm", "grad norm"),
-                       ("step_size", "step size"), ("step size", "step size"), ("cost eval", "max evals")):
+    for key, short in (
+        ("max time", "max time"),
+        ("max iter", "max iters"),
+        ("grad norm", "grad norm"),
+        ("step_size", "step size"),
+        ("step size", "step size"),
+        ("cost eval", "max evals"),
+    ):
         if key in reason:
             return short
     return reason[:20]
 
 
-def run_solver(problem: Problem, solver: Any, initial_point: Any, error: ErrorFn, *, problem_name: str = "",
-               solver_name: str | None = None, trace: bool = True, progress: Callable[[str], None] | None = None,
-               keep_point: bool = False, final_info: Callable[[Any], dict] | None = None) -> Record:
+def run_solver(
+    problem: Problem,
+    solver: Any,
+    initial_point: Any,
+    error: ErrorFn,
+    *,
+    problem_name: str = "",
+    solver_name: str | None = None,
+    trace: bool = True,
+    progress: Callable[[str], None] | None = None,
+    keep_point: bool = False,
+    final_info: Callable[[Any], dict] | None = None,
+) -> Record:
     """Run one optimizer from ``initial_point`` and return its :class:`Record`.
 
     ``trace=False`` skips the per-iteration errors (for timing runs; set ``log_verbosity=0`` on the solver too).
@@ -234,10 +278,19 @@ def run_solver(problem: Problem, solver: Any, initial_point: Any, error: ErrorFn
         result = solver.run(counted, initial_point=initial_point)
         wall = time.time() - t0
     final_error = float(error(result.point))
-    record = Record(problem=problem_name, solver=name, iterations=int(result.iterations), time=wall,
-                    cost=float(result.cost), error=final_error, stop=_short_stop(result.stopping_criterion),
-                    cost_evaluations=counted.counts["cost"], gradient_evaluations=counted.counts["gradient"],
-                    hessian_evaluations=counted.counts["hessian"], point=result.point if keep_point else None)
+    record = Record(
+        problem=problem_name,
+        solver=name,
+        iterations=int(result.iterations),
+        time=wall,
+        cost=float(result.cost),
+        error=final_error,
+        stop=_short_stop(result.stopping_criterion),
+        cost_evaluations=counted.counts["cost"],
+        gradient_evaluations=counted.counts["gradient"],
+        hessian_evaluations=counted.counts["hessian"],
+        point=result.point if keep_point else None,
+    )
     if final_info is not None:
         record.info.update(final_info(result.point))
     if trace:
@@ -258,8 +311,10 @@ def run_solver(problem: Problem, solver: Any, initial_point: Any, error: ErrorFn
         record.trace_cost = np.asarray(costs, dtype=float)
         record.trace_error = np.asarray([error(p) for p in points], dtype=float)
     if progress is not None:
-        progress(f"  {problem_name:<34s} {name:<26s} {record.iterations:6d} it  {record.time:7.2f} s  "
-                 f"error {record.error:9.2e}  ({record.stop})")
+        progress(
+            f"  {problem_name:<34s} {name:<26s} {record.iterations:6d} it  {record.time:7.2f} s  "
+            f"error {record.error:9.2e}  ({record.stop})"
+        )
     return record
 
 
@@ -278,9 +333,17 @@ def _trace_entries(result, counted: CountingProblem) -> list[tuple[float, Any, f
     return entries
 
 
-def compare(problem: Problem, initial_point: Any, solvers: dict[str, SolverFactory], error: ErrorFn, *,
-            problem_name: str, progress: Callable[[str], None] | None = print, copy_start: Callable | None = None,
-            final_info: Callable[[Any], dict] | None = None) -> list[Record]:
+def compare(
+    problem: Problem,
+    initial_point: Any,
+    solvers: dict[str, SolverFactory],
+    error: ErrorFn,
+    *,
+    problem_name: str,
+    progress: Callable[[str], None] | None = print,
+    copy_start: Callable | None = None,
+    final_info: Callable[[Any], dict] | None = None,
+) -> list[Record]:
     """Run every solver from the same start (``copy_start`` copies the point; default: deep copy)."""
     import copy
 
@@ -288,8 +351,18 @@ def compare(problem: Problem, initial_point: Any, solvers: dict[str, SolverFacto
     for name, factory in solvers.items():
         x0 = copy_start(initial_point) if copy_start else copy.deepcopy(initial_point)
         try:
-            records.append(run_solver(problem, factory(), x0, error, problem_name=problem_name, solver_name=name,
-                                      progress=progress, final_info=final_info))
+            records.append(
+                run_solver(
+                    problem,
+                    factory(),
+                    x0,
+                    error,
+                    problem_name=problem_name,
+                    solver_name=name,
+                    progress=progress,
+                    final_info=final_info,
+                )
+            )
         except Exception as exc:  # a failing solver is a result too; the other runs go on
             records.append(failed_record(problem_name, name, exc))
             if progress is not None:
@@ -299,9 +372,17 @@ def compare(problem: Problem, initial_point: Any, solvers: dict[str, SolverFacto
 
 def failed_record(problem_name: str, solver_name: str, exc: BaseException) -> Record:
     """A record for a run that raised (NaN cost and error, ``stop = "failed: <exception>"``)."""
-    return Record(problem=problem_name, solver=solver_name, iterations=0, time=float("nan"), cost=float("nan"),
-                  error=float("nan"), stop=f"failed: {type(exc).__name__}", cost_evaluations=0,
-                  gradient_evaluations=0)
+    return Record(
+        problem=problem_name,
+        solver=solver_name,
+        iterations=0,
+        time=float("nan"),
+        cost=float("nan"),
+        error=float("nan"),
+        stop=f"failed: {type(exc).__name__}",
+        cost_evaluations=0,
+        gradient_evaluations=0,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -316,14 +397,26 @@ def _fmt(value: float | None, spec: str) -> str:
     return format(value, spec)
 
 
-def markdown_table(records: Sequence[Record], tol: float | None = None, *, with_problem: bool = False,
-                   extra: Sequence[tuple[str, str, str]] = ()) -> str:
+def markdown_table(
+    records: Sequence[Record],
+    tol: float | None = None,
+    *,
+    with_problem: bool = False,
+    extra: Sequence[tuple[str, str, str]] = (),
+) -> str:
     """A markdown table: one row per run (iterations and time to ``tol`` when given).
 
     ``extra``: more columns ``(header, key in Record.info, format)``.
     """
-    head = (["problem"] if with_problem else []) + ["solver", "iters", "time [s]", "time/iter", "cost evals",
-                                                    "final cost", "error"]
+    head = (["problem"] if with_problem else []) + [
+        "solver",
+        "iters",
+        "time [s]",
+        "time/iter",
+        "cost evals",
+        "final cost",
+        "error",
+    ]
     head += [h for h, _, _ in extra]
     if tol is not None:
         head += [f"iters to {tol:g}", f"time to {tol:g} [s]"]
@@ -331,8 +424,14 @@ def markdown_table(records: Sequence[Record], tol: float | None = None, *, with_
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in records:
         row = ([r.problem] if with_problem else []) + [
-            r.solver, str(r.iterations), _fmt(r.time, ".3f"), _fmt(r.time_per_iteration * 1e3, ".2f") + " ms",
-            str(r.cost_evaluations), _fmt(r.cost, ".6e"), _fmt(r.error, ".2e")]
+            r.solver,
+            str(r.iterations),
+            _fmt(r.time, ".3f"),
+            _fmt(r.time_per_iteration * 1e3, ".2f") + " ms",
+            str(r.cost_evaluations),
+            _fmt(r.cost, ".6e"),
+            _fmt(r.error, ".2e"),
+        ]
         row += [_fmt(r.info.get(key), spec) for _, key, spec in extra]
         if tol is not None:
             it, sec = r.reached(tol)
@@ -365,8 +464,10 @@ def verdict(records: Sequence[Record], tol: float) -> str:
         m, o = min(mu, key=lambda x: x[2]), min(other, key=lambda x: x[2])
         ratio = m[2] / max(o[2], 1e-12)
         word = "faster" if ratio < 1 else "slower"
-        parts.append(f"best iMuon ({m[0].solver}, {m[1]} it, {m[2]:.3f} s) is {word} than the best baseline "
-                     f"({o[0].solver}, {o[1]} it, {o[2]:.3f} s): time ratio {ratio:.2f}")
+        parts.append(
+            f"best iMuon ({m[0].solver}, {m[1]} it, {m[2]:.3f} s) is {word} than the best baseline "
+            f"({o[0].solver}, {o[1]} it, {o[2]:.3f} s): time ratio {ratio:.2f}"
+        )
     elif other and not mu and any(r.solver.lower().startswith("imuon") for r in records):
         parts.append("iMuon did not reach it")
     return "; ".join(parts) + "."
@@ -407,8 +508,16 @@ def plot(groups: dict[str, Sequence[Record]], path: str, *, tol: float | None = 
     return path
 
 
-def grouped_report(records: Sequence[Record], output: str | None, *, heading: str, tol: float,
-                   extra: Sequence[tuple[str, str, str]], stem: str, plot_title: str) -> str:
+def grouped_report(
+    records: Sequence[Record],
+    output: str | None,
+    *,
+    heading: str,
+    tol: float,
+    extra: Sequence[tuple[str, str, str]],
+    stem: str,
+    plot_title: str,
+) -> str:
     """One table and verdict per problem (``record.problem``) as markdown; with ``output``, writes
     ``<stem>.md`` and the plot ``<stem>.png`` there. Returns the markdown."""
     groups: dict[str, list[Record]] = {}
@@ -416,8 +525,14 @@ def grouped_report(records: Sequence[Record], output: str | None, *, heading: st
         groups.setdefault(r.problem, []).append(r)
     lines = [f"## {heading}, tolerance {tol:g}", ""]
     for name, group in groups.items():
-        lines += [f"### {name}", "", markdown_table(group, tol, extra=list(extra)), "",
-                  "Verdict: " + verdict(group, tol), ""]
+        lines += [
+            f"### {name}",
+            "",
+            markdown_table(group, tol, extra=list(extra)),
+            "",
+            "Verdict: " + verdict(group, tol),
+            "",
+        ]
     text = "\n".join(lines)
     if output:
         write_text(os.path.join(output, f"{stem}.md"), text)

@@ -39,9 +39,13 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--output", default=DEFAULT_OUTPUT, help="folder for the PNG plot (default: examples/output/)")
     p.add_argument("--seed", type=int, default=0, help="random seed (data, initial point, minibatches)")
     p.add_argument("--steps", type=int, default=None, help="number of optimization steps (default: by size)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default 1: these problems are small, and extra threads only add "
-                        "synchronization, badly so on a shared machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: these problems are small, and extra threads only add "
+        "synchronization, badly so on a shared machine)",
+    )
     return p
 
 
@@ -278,8 +282,9 @@ def epoch_batches(n_samples: int, batch: int, epochs: int, seed: int) -> torch.T
         raise ValueError(f"batch={batch} exceeds the {n_samples} samples; pass a smaller batch")
     g = torch.Generator().manual_seed(seed + 7919)
     per_epoch = n_samples // batch
-    return torch.cat([torch.randperm(n_samples, generator=g)[: per_epoch * batch].view(per_epoch, batch)
-                      for _ in range(epochs)])
+    return torch.cat(
+        [torch.randperm(n_samples, generator=g)[: per_epoch * batch].view(per_epoch, batch) for _ in range(epochs)]
+    )
 
 
 def digits(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,8 +330,14 @@ class Sweep:
         return f"{fmt(self.best)} ({fmt(grid[0])}-{fmt(grid[-1])}, {len(grid)} pts{where})"
 
 
-def sweep_lr(name: str, score: Callable[[float], float], center: float, width: int = 2, max_extend: int = 4,
-             progress: Callable[[str], None] | None = None) -> Sweep:
+def sweep_lr(
+    name: str,
+    score: Callable[[float], float],
+    center: float,
+    width: int = 2,
+    max_extend: int = 4,
+    progress: Callable[[str], None] | None = None,
+) -> Sweep:
     """Tune a learning rate on the half-decade grid.
 
     Evaluates ``score(lr)`` at the ``2 * width + 1`` half-decade points around ``center``; while the best point is at

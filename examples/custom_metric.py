@@ -106,8 +106,7 @@ def main() -> None:
     e = torch.randn(10, 3, dtype=torch.float64)
     mine = intrinsic_direction(CanonicalStiefelFromScratch(), x, e).xi
     builtin = intrinsic_direction(Stiefel("canonical"), x, e).xi
-    print(f"canonical Stiefel from scratch vs built-in: max difference "
-          f"{float((mine - builtin).abs().max()):.1e}")
+    print(f"canonical Stiefel from scratch vs built-in: max difference {float((mine - builtin).abs().max()):.1e}")
 
 
 if __name__ == "__main__":

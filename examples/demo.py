@@ -128,21 +128,27 @@ def core_checks(seed: int = 0) -> list[tuple[str, str, float, float]]:
     xb, xa = intrinsic_direction(FixedRank(), (b, a), (gamma @ a.T, b.T @ gamma)).xi
     b2, a2 = b @ m, minv @ a
     yb, ya = intrinsic_direction(FixedRank(), (b2, a2), (gamma @ a2.T, b2.T @ gamma)).xi
-    rows.append(("FixedRank", "gauge invariance of xi_B A + B xi_A",
-                 rel(yb @ a2 + b2 @ ya, xb @ a + b @ xa), 1e-8))
+    rows.append(("FixedRank", "gauge invariance of xi_B A + B xi_A", rel(yb @ a2 + b2 @ ya, xb @ a + b @ xa), 1e-8))
     # Per-factor Muon (Euclidean on each factor) is not invariant:
     mb, ma = intrinsic_direction(Euclidean(), b, gamma @ a.T).xi, intrinsic_direction(Euclidean(), a, b.T @ gamma).xi
-    nb, na = (intrinsic_direction(Euclidean(), b2, gamma @ a2.T).xi,
-              intrinsic_direction(Euclidean(), a2, b2.T @ gamma).xi)
-    rows.append(("FixedRank", "(contrast) per-factor Muon changes by", rel(nb @ a2 + b2 @ na, mb @ a + b @ ma),
-                 float("inf")))
+    nb, na = (
+        intrinsic_direction(Euclidean(), b2, gamma @ a2.T).xi,
+        intrinsic_direction(Euclidean(), a2, b2.T @ gamma).xi,
+    )
+    rows.append(
+        ("FixedRank", "(contrast) per-factor Muon changes by", rel(nb @ a2 + b2 @ na, mb @ a + b @ ma), float("inf"))
+    )
     return rows
 
 
 def core_demo() -> str:
     rows = core_checks()
-    lines = ["## Core: closed-form iMuon directions", "", "| geometry | property | measured | tolerance | ok |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "## Core: closed-form iMuon directions",
+        "",
+        "| geometry | property | measured | tolerance | ok |",
+        "|---|---|---|---|---|",
+    ]
     for geometry, prop, value, tol in rows:
         ok = "yes" if value <= tol else "NO"
         tol_text = f"{tol:.0e}" if np.isfinite(tol) else "(not invariant)"
@@ -179,8 +185,20 @@ def lora_text_demo(output: str, quick: bool, threads: int) -> dict:
     spec.loader.exec_module(bench)
     argv = ["--quick", "--output", os.path.join(output, "lora_text"), "--threads", str(max(1, threads))]
     if quick:
-        argv += ["--pretrain-steps", "20", "--steps", "20", "--batch", "8", "--final-windows", "128",
-                 "--curve-windows", "32", "--cache", os.path.join(output, "lora_text", "cache")]
+        argv += [
+            "--pretrain-steps",
+            "20",
+            "--steps",
+            "20",
+            "--batch",
+            "8",
+            "--final-windows",
+            "128",
+            "--curve-windows",
+            "32",
+            "--cache",
+            os.path.join(output, "lora_text", "cache"),
+        ]
     return bench.main(argv)
 
 
@@ -190,8 +208,11 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a smoke version (< 1 minute)")
     parser.add_argument("--skip-core", action="store_true", help="skip the core checks (section 1)")
     parser.add_argument("--skip-torch", action="store_true", help="skip the torch/geoopt examples (section 5)")
-    parser.add_argument("--skip-lora-text", action="store_true",
-                        help="skip the LoRA fine-tuning on real text (section 6, benchmarks/bench_lora_text.py)")
+    parser.add_argument(
+        "--skip-lora-text",
+        action="store_true",
+        help="skip the LoRA fine-tuning on real text (section 6, benchmarks/bench_lora_text.py)",
+    )
     cmp.add_thread_option(parser)
     return parser.parse_args(argv)
 
@@ -202,8 +223,11 @@ def main(argv=None) -> dict:
     output = os.path.abspath(args.output)
     os.makedirs(output, exist_ok=True)
     threads = cmp.set_torch_threads(args.torch_threads)
-    print(f"imuon_manopt demo: output folder {output}; {os.cpu_count()} CPUs, torch threads {threads}"
-          f"{'; quick mode' if args.quick else ''}", flush=True)
+    print(
+        f"imuon_manopt demo: output folder {output}; {os.cpu_count()} CPUs, torch threads {threads}"
+        f"{'; quick mode' if args.quick else ''}",
+        flush=True,
+    )
     sections = []
 
     if not args.skip_core:
@@ -226,12 +250,14 @@ def main(argv=None) -> dict:
     pca_args = quick + ["--output", output] + ([] if args.quick else ["--max-time", "5"])
     runs["pca"] = pca.main(pca_args, progress=progress)
     _banner("3. Karcher mean of SPD matrices")
-    runs["karcher_mean"] = karcher_mean.main(quick + ["--output", output] + ([] if args.quick else ["--max-time", "5"]),
-                                             progress=progress)
+    runs["karcher_mean"] = karcher_mean.main(
+        quick + ["--output", output] + ([] if args.quick else ["--max-time", "5"]), progress=progress
+    )
     _banner("4. Matrix completion on FixedRankEmbedded, and the gauge experiment")
     mc_args = ["--torch-threads", str(args.torch_threads)]
-    mc_args += (["--quick", "--max-time", "0.75"] if args.quick else ["--kappas", "1", "10", "100", "1000",
-                                                                     "--max-time", "4"])
+    mc_args += (
+        ["--quick", "--max-time", "0.75"] if args.quick else ["--kappas", "1", "10", "100", "1000", "--max-time", "4"]
+    )
     runs["matrix_completion"] = matrix_completion.main(mc_args + ["--output", output], progress=progress)
 
     for stem in ("pca", "karcher_mean", "matrix_completion"):
@@ -254,8 +280,10 @@ def main(argv=None) -> dict:
     if not args.skip_lora_text:
         _banner("6. LoRA fine-tuning of a byte-level GPT on real text (benchmarks/bench_lora_text.py --quick)")
         runs["lora_text"] = lora_text_demo(output, args.quick, args.torch_threads)
-        sections.append("## benchmarks/bench_lora_text.py --quick: LoRA on real text\n\n"
-                        + runs["lora_text"]["text"].split("\n", 2)[2].strip())
+        sections.append(
+            "## benchmarks/bench_lora_text.py --quick: LoRA on real text\n\n"
+            + runs["lora_text"]["text"].split("\n", 2)[2].strip()
+        )
     summary = cmp.write_text(os.path.join(output, "summary.md"), "# imuon_manopt demo\n\n" + "\n\n".join(sections))
     elapsed = time.time() - start
     files = sorted(f for f in os.listdir(output) if f.endswith((".md", ".png")))

@@ -47,12 +47,13 @@ def _sym(x: np.ndarray) -> np.ndarray:
 
 def spd_distance(x: np.ndarray, y: np.ndarray) -> float:
     """Affine-invariant distance ``||logm(x^{-1/2} y x^{-1/2})||_F``."""
-    xi = _eig_fn(x, lambda w: w ** -0.5)
+    xi = _eig_fn(x, lambda w: w**-0.5)
     return float(np.sqrt(np.sum(np.log(np.linalg.eigvalsh(_sym(xi @ y @ xi))) ** 2)))
 
 
-def karcher_fixed_point(mats: np.ndarray, x0: np.ndarray | None = None, tol: float = 1e-13,
-                        max_iterations: int = 1000) -> np.ndarray:
+def karcher_fixed_point(
+    mats: np.ndarray, x0: np.ndarray | None = None, tol: float = 1e-13, max_iterations: int = 1000
+) -> np.ndarray:
     """The Karcher mean by the fixed-point iteration, until ``||mean_i logm(X^{-1/2} A_i X^{-1/2})||_F < tol`` or
     until that residual stops decreasing (rounding level)."""
     x = np.mean(mats, axis=0) if x0 is None else x0
@@ -121,27 +122,44 @@ def make_problem(mats: np.ndarray, mean: np.ndarray | None = None):
     return problem, mats[0].copy(), error, final_info, mean
 
 
-def run(n: int = 20, count: int = 30, spreads=(0.5, 2.0), condition: float = 10.0, solvers=SOLVERS,
-        max_iterations: int = 2000, max_time: float = 10.0, min_gradient_norm: float = 1e-10, seed: int = 0,
-        progress=print) -> list[cmp.Record]:
+def run(
+    n: int = 20,
+    count: int = 30,
+    spreads=(0.5, 2.0),
+    condition: float = 10.0,
+    solvers=SOLVERS,
+    max_iterations: int = 2000,
+    max_time: float = 10.0,
+    min_gradient_norm: float = 1e-10,
+    seed: int = 0,
+    progress=print,
+) -> list[cmp.Record]:
     """One problem per data spread; returns the records."""
     records = []
     for spread in spreads:
         mats = make_data(n, count, spread, condition, seed)
         problem, x0, error, final_info, _ = make_problem(mats)
-        factories = cmp.solver_set(solvers, max_iterations=max_iterations, max_time=max_time,
-                                   min_gradient_norm=min_gradient_norm)
+        factories = cmp.solver_set(
+            solvers, max_iterations=max_iterations, max_time=max_time, min_gradient_norm=min_gradient_norm
+        )
         name = f"Karcher SPD({n}) N={count} spread={spread:g}"
-        records += cmp.compare(problem, x0, factories, error, problem_name=name, progress=progress,
-                               final_info=final_info)
+        records += cmp.compare(
+            problem, x0, factories, error, problem_name=name, progress=progress, final_info=final_info
+        )
     return records
 
 
 def report(records: list[cmp.Record], output: str | None, tol: float = TOL, stem: str = "karcher_mean") -> str:
     """Tables and verdicts as markdown (printed by :func:`main`); writes ``<stem>.md`` and ``<stem>.png``."""
-    return cmp.grouped_report(records, output, heading="Karcher mean on SPD; error = affine-invariant distance to "
-                              "the mean", tol=tol, extra=[("rel. cost gap", "cost_gap", ".1e")], stem=stem,
-                              plot_title="Karcher mean (SPD)")
+    return cmp.grouped_report(
+        records,
+        output,
+        heading="Karcher mean on SPD; error = affine-invariant distance to the mean",
+        tol=tol,
+        extra=[("rel. cost gap", "cost_gap", ".1e")],
+        stem=stem,
+        plot_title="Karcher mean (SPD)",
+    )
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -158,8 +176,14 @@ def main(argv=None, progress=print) -> list[cmp.Record]:
     args = parse(argv)
     cmp.set_torch_threads(args.torch_threads)
     n, count, spreads, budget = (8, 10, (1.0,), 3.0) if args.quick else (20, 30, (0.5, 2.0), 10.0)
-    records = run(n=args.n or n, count=args.count or count, spreads=tuple(args.spreads or spreads),
-                  max_time=args.max_time or budget, seed=args.seed, progress=progress)
+    records = run(
+        n=args.n or n,
+        count=args.count or count,
+        spreads=tuple(args.spreads or spreads),
+        max_time=args.max_time or budget,
+        seed=args.seed,
+        progress=progress,
+    )
     print(report(records, args.output))
     if args.output:
         print(f"tables and plot written to {os.path.abspath(args.output)}")

@@ -79,8 +79,9 @@ class Completion:
         return float(np.linalg.norm(product - self.truth) / np.linalg.norm(self.truth))
 
 
-def make_completion(m: int = 200, n: int = 200, r: int = 5, kappa: float = 1.0, oversampling: float = 5.0,
-                    seed: int = 0) -> Completion:
+def make_completion(
+    m: int = 200, n: int = 200, r: int = 5, kappa: float = 1.0, oversampling: float = 5.0, seed: int = 0
+) -> Completion:
     rng = np.random.default_rng(seed)
     u = np.linalg.qr(rng.standard_normal((m, r)))[0]
     v = np.linalg.qr(rng.standard_normal((n, r)))[0]
@@ -134,7 +135,8 @@ def fixed_rank_problem(data: Completion) -> pymanopt.Problem:
 
 def factor_problem(data: Completion) -> pymanopt.Problem:
     mani = pymanopt.manifolds.Product(
-        [pymanopt.manifolds.Euclidean(data.m, data.r), pymanopt.manifolds.Euclidean(data.r, data.n)])
+        [pymanopt.manifolds.Euclidean(data.m, data.r), pymanopt.manifolds.Euclidean(data.r, data.n)]
+    )
 
     @pymanopt.function.numpy(mani)
     def cost(b, a):
@@ -153,9 +155,16 @@ def _copy_fixed_rank(x):
     return _FixedRankPoint(x[0].copy(), x[1].copy(), x[2].copy())
 
 
-def run_fixed_rank(data: Completion, starts=("random", "spectral"), solvers=SOLVERS, max_time: float = 4.0,
-                   max_iterations: int = 20000, min_gradient_norm: float = 1e-6, progress=print,
-                   seed: int = 1) -> list[cmp.Record]:
+def run_fixed_rank(
+    data: Completion,
+    starts=("random", "spectral"),
+    solvers=SOLVERS,
+    max_time: float = 4.0,
+    max_iterations: int = 20000,
+    min_gradient_norm: float = 1e-6,
+    progress=print,
+    seed: int = 1,
+) -> list[cmp.Record]:
     problem = fixed_rank_problem(data)
 
     def error(x):
@@ -164,11 +173,13 @@ def run_fixed_rank(data: Completion, starts=("random", "spectral"), solvers=SOLV
     records = []
     for start in starts:
         x0 = random_start(data, seed) if start == "random" else spectral_start(data)
-        factories = cmp.solver_set(solvers, max_iterations=max_iterations, max_time=max_time,
-                                   min_gradient_norm=min_gradient_norm)
+        factories = cmp.solver_set(
+            solvers, max_iterations=max_iterations, max_time=max_time, min_gradient_norm=min_gradient_norm
+        )
         name = f"completion kappa={data.kappa:g} {start} start"
-        group = cmp.compare(problem, x0, factories, error, problem_name=name, progress=progress,
-                            copy_start=_copy_fixed_rank)
+        group = cmp.compare(
+            problem, x0, factories, error, problem_name=name, progress=progress, copy_start=_copy_fixed_rank
+        )
         for r in group:
             r.info.update(kappa=data.kappa, start=start, start_error=error(x0))
         records += group
@@ -187,16 +198,25 @@ def gauge_starts(x0: _FixedRankPoint) -> dict[str, list[np.ndarray]]:
     }
 
 
-def run_gauge(data: Completion, solvers=GAUGE_SOLVERS, max_time: float = 4.0, max_iterations: int = 20000,
-              min_gradient_norm: float = 1e-6, progress=print, seed: int = 1) -> list[cmp.Record]:
+def run_gauge(
+    data: Completion,
+    solvers=GAUGE_SOLVERS,
+    max_time: float = 4.0,
+    max_iterations: int = 20000,
+    min_gradient_norm: float = 1e-6,
+    progress=print,
+    seed: int = 1,
+) -> list[cmp.Record]:
     """Factor solvers from balanced and unbalanced starts, and iMuon on FixedRankEmbedded from the same products."""
     factors = factor_problem(data)
     embedded = fixed_rank_problem(data)
     x0 = random_start(data, seed)
-    factories = cmp.solver_set(solvers, max_iterations=max_iterations, max_time=max_time,
-                               min_gradient_norm=min_gradient_norm)
-    imuon = cmp.solver_set(["iMuon-spectral"], max_iterations=max_iterations, max_time=max_time,
-                           min_gradient_norm=min_gradient_norm)
+    factories = cmp.solver_set(
+        solvers, max_iterations=max_iterations, max_time=max_time, min_gradient_norm=min_gradient_norm
+    )
+    imuon = cmp.solver_set(
+        ["iMuon-spectral"], max_iterations=max_iterations, max_time=max_time, min_gradient_norm=min_gradient_norm
+    )
 
     def factor_error(x):
         return data.error(x[0] @ x[1])
@@ -206,17 +226,29 @@ def run_gauge(data: Completion, solvers=GAUGE_SOLVERS, max_time: float = 4.0, ma
 
     records = []
     for label, (b, a) in gauge_starts(x0).items():
-        group = cmp.compare(factors, [b, a], {f"{k} (factors)": f for k, f in factories.items()}, factor_error,
-                            problem_name=f"gauge {label}", progress=progress,
-                            copy_start=lambda p: [p[0].copy(), p[1].copy()])
+        group = cmp.compare(
+            factors,
+            [b, a],
+            {f"{k} (factors)": f for k, f in factories.items()},
+            factor_error,
+            problem_name=f"gauge {label}",
+            progress=progress,
+            copy_start=lambda p: [p[0].copy(), p[1].copy()],
+        )
         # The same matrix B A as a point of FixedRankEmbedded: its (u, s, vt) does not depend on the balance.
         qb, rb = np.linalg.qr(b)
         qa, ra = np.linalg.qr(a.T)
         w, s, zt = np.linalg.svd(rb @ ra.T)
         point = _FixedRankPoint(qb @ w, s, (qa @ zt.T).T)
-        group += cmp.compare(embedded, point, {"iMuon-spectral (FixedRankEmbedded)": imuon["iMuon-spectral"]},
-                             embedded_error, problem_name=f"gauge {label}", progress=progress,
-                             copy_start=_copy_fixed_rank)
+        group += cmp.compare(
+            embedded,
+            point,
+            {"iMuon-spectral (FixedRankEmbedded)": imuon["iMuon-spectral"]},
+            embedded_error,
+            problem_name=f"gauge {label}",
+            progress=progress,
+            copy_start=_copy_fixed_rank,
+        )
         for r in group:
             r.info.update(balance=label, start_error=factor_error([b, a]))
         records += group
@@ -248,8 +280,14 @@ def gauge_summary(records: list[cmp.Record], tol: float = TOL) -> list[str]:
         cells = []
         for label, r in runs.items():
             it, sec = r.reached(tol)
-            cells.append(f"{label}: " + (f"{it} it / {sec:.2f} s" if it is not None else
-                                         f"not reached ({r.iterations} it, error {r.error:.1e})"))
+            cells.append(
+                f"{label}: "
+                + (
+                    f"{it} it / {sec:.2f} s"
+                    if it is not None
+                    else f"not reached ({r.iterations} it, error {r.error:.1e})"
+                )
+            )
         its = [r.reached(tol)[0] for r in runs.values()]
         if all(i is not None for i in its) and max(its) == min(its):
             tag = "unaffected by the balance"
@@ -261,8 +299,13 @@ def gauge_summary(records: list[cmp.Record], tol: float = TOL) -> list[str]:
     return lines
 
 
-def report(fixed: list[cmp.Record], gauge: list[cmp.Record], output: str | None, tol: float = TOL,
-           stem: str = "matrix_completion") -> str:
+def report(
+    fixed: list[cmp.Record],
+    gauge: list[cmp.Record],
+    output: str | None,
+    tol: float = TOL,
+    stem: str = "matrix_completion",
+) -> str:
     lines = [f"## Matrix completion on FixedRankEmbedded; error = relative Frobenius error, tolerance {tol:g}", ""]
     extra = [("start error", "start_error", ".2e")]
     for name, group in _groups(fixed).items():

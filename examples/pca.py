@@ -119,15 +119,27 @@ def problem_for(cov: np.ndarray, top: np.ndarray, optimum: float, x0: np.ndarray
     def final_info(x):
         qx = np.linalg.qr(x)[0]
         cosines = np.clip(np.linalg.svd(top.T @ qx, compute_uv=False), 0.0, 1.0)
-        return {"sin_theta": float(np.sqrt(max(0.0, 1.0 - cosines.min() ** 2))),
-                "captured": float(np.sum(x * (cov @ x))) / optimum}
+        return {
+            "sin_theta": float(np.sqrt(max(0.0, 1.0 - cosines.min() ** 2))),
+            "captured": float(np.sum(x * (cov @ x))) / optimum,
+        }
 
     return problem, x0, error, final_info
 
 
-def run(n: int = 1000, p: int = 10, gap: float = 0.01, manifolds=("grassmann", "stiefel"), solvers=SOLVERS,
-        max_iterations: int = 3000, max_time: float = 10.0, min_gradient_norm: float = 1e-9, seed: int = 0,
-        progress=print, data: str = "synthetic") -> list[cmp.Record]:
+def run(
+    n: int = 1000,
+    p: int = 10,
+    gap: float = 0.01,
+    manifolds=("grassmann", "stiefel"),
+    solvers=SOLVERS,
+    max_iterations: int = 3000,
+    max_time: float = 10.0,
+    min_gradient_norm: float = 1e-9,
+    seed: int = 0,
+    progress=print,
+    data: str = "synthetic",
+) -> list[cmp.Record]:
     """Run every solver on every manifold; returns the records (``record.problem`` names the data and manifold).
 
     ``data="synthetic"``: the covariance with the known spectrum (``n``, ``p``, ``gap``); ``data="digits"``: the
@@ -143,19 +155,26 @@ def run(n: int = 1000, p: int = 10, gap: float = 0.01, manifolds=("grassmann", "
         else:
             problem, x0, error, final_info = make_problem(n, p, gap, manifold, seed)
             name = f"PCA {manifold.capitalize()}({n},{p}) gap={gap:g}"
-        factories = cmp.solver_set(solvers, max_iterations=max_iterations, max_time=max_time,
-                                   min_gradient_norm=min_gradient_norm)
-        records += cmp.compare(problem, x0, factories, error, problem_name=name, progress=progress,
-                               final_info=final_info)
+        factories = cmp.solver_set(
+            solvers, max_iterations=max_iterations, max_time=max_time, min_gradient_norm=min_gradient_norm
+        )
+        records += cmp.compare(
+            problem, x0, factories, error, problem_name=name, progress=progress, final_info=final_info
+        )
     return records
 
 
 def report(records: list[cmp.Record], output: str | None, tol: float = TOL, stem: str = "pca") -> str:
     """Tables and verdicts as markdown (printed by :func:`main`); writes ``<stem>.md`` and ``<stem>.png``."""
-    return cmp.grouped_report(records, output, heading="Dominant subspace (PCA); error = relative cost error",
-                              tol=tol, extra=[("sin theta", "sin_theta", ".1e"), ("captured var.", "captured", ".10f")],
-                              stem=stem,
-                              plot_title="Dominant subspace (PCA)")
+    return cmp.grouped_report(
+        records,
+        output,
+        heading="Dominant subspace (PCA); error = relative cost error",
+        tol=tol,
+        extra=[("sin theta", "sin_theta", ".1e"), ("captured var.", "captured", ".10f")],
+        stem=stem,
+        plot_title="Dominant subspace (PCA)",
+    )
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -164,8 +183,12 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=None)
     parser.add_argument("--p", type=int, default=None)
     parser.add_argument("--gap", type=float, default=None)
-    parser.add_argument("--data", choices=("synthetic", "digits", "all"), default="all",
-                        help="the synthetic covariance, the digits' covariance, or both (default)")
+    parser.add_argument(
+        "--data",
+        choices=("synthetic", "digits", "all"),
+        default="all",
+        help="the synthetic covariance, the digits' covariance, or both (default)",
+    )
     parser.add_argument("--digits-p", type=int, default=10, help="subspace dimension for the digits (default 10)")
     cmp.add_common_options(parser, output_help="folder for pca.md / pca.png")
     return parser.parse_args(argv)
@@ -177,11 +200,18 @@ def main(argv=None, progress=print) -> list[cmp.Record]:
     n, p, gap, budget = (200, 5, 0.05, 3.0) if args.quick else (1000, 10, 0.01, 10.0)
     records = []
     if args.data in ("synthetic", "all"):
-        records += run(n=args.n or n, p=args.p or p, gap=args.gap or gap, max_time=args.max_time or budget,
-                       seed=args.seed, progress=progress)
+        records += run(
+            n=args.n or n,
+            p=args.p or p,
+            gap=args.gap or gap,
+            max_time=args.max_time or budget,
+            seed=args.seed,
+            progress=progress,
+        )
     if args.data in ("digits", "all"):
-        records += run(p=args.digits_p, max_time=args.max_time or budget, seed=args.seed, progress=progress,
-                       data="digits")
+        records += run(
+            p=args.digits_p, max_time=args.max_time or budget, seed=args.seed, progress=progress, data="digits"
+        )
     print(report(records, args.output))
     if args.output:
         print(f"tables and plot written to {os.path.abspath(args.output)}")

@@ -102,8 +102,10 @@ def synthetic(args) -> dict:
         ("captured variance", lambda r: r.final("captured variance")),
         ("\\|Y^T Y - I\\|_F", lambda r: r.final("feasibility")),
     ]
-    panels = [tc.Panel("subspace distance", "sin of the largest principal angle to the top-p subspace"),
-              tc.Panel("loss", "minibatch loss (moving average)", log=False, smooth=10)]
+    panels = [
+        tc.Panel("subspace distance", "sin of the largest principal angle to the top-p subspace"),
+        tc.Panel("loss", "minibatch loss (moving average)", log=False, smooth=10),
+    ]
     title = f"Streaming PCA on Gr({n}, {p}): batch {batch}, {steps} steps"
     table, path = tc.report(title, runs, columns, panels, args.output, "torch_grassmann.png")
     return {"runs": {r.name: r for r in runs}, "table": table, "plot": path, "title": title}
@@ -123,8 +125,9 @@ def top_subspace(x: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
     return lam.flip(0), vec.flip(1)[:, :p]
 
 
-def stream_pca_run(name: str, lr: float, seed: int, x: torch.Tensor, p: int, batch: int, steps: int,
-                   every: int) -> tc.Run:
+def stream_pca_run(
+    name: str, lr: float, seed: int, x: torch.Tensor, p: int, batch: int, steps: int, every: int
+) -> tc.Run:
     """Streaming PCA of the rows of ``x`` (``N x n``) on ``Gr(n, p)`` with optimizer ``name`` from seed ``seed``'s
     random start and minibatch order. Records ``captured variance``, ``subspace distance`` (``sin`` of the largest
     principal angle to the exact top-``p`` subspace) and ``feasibility``; a run that fails on a non-finite value
@@ -132,8 +135,9 @@ def stream_pca_run(name: str, lr: float, seed: int, x: torch.Tensor, p: int, bat
     lam, top = top_subspace(x, p)
     cov, best = x.mT @ x / x.shape[0], float(lam[:p].sum())
     g = tc.generator(seed)
-    y = geoopt.ManifoldParameter(torch.linalg.qr(torch.randn(x.shape[1], p, generator=g, dtype=DTYPE))[0],
-                                 manifold=Grassmann())
+    y = geoopt.ManifoldParameter(
+        torch.linalg.qr(torch.randn(x.shape[1], p, generator=g, dtype=DTYPE))[0], manifold=Grassmann()
+    )
     opt = SETUPS[name](y, lr)
     per_epoch = x.shape[0] // batch
     batches = tc.epoch_batches(x.shape[0], batch, math.ceil(steps / per_epoch), seed)[:steps]
@@ -144,15 +148,26 @@ def stream_pca_run(name: str, lr: float, seed: int, x: torch.Tensor, p: int, bat
 
     def evaluate() -> dict[str, float]:
         captured = float((y * (cov @ y)).sum()) / best
-        return {"captured variance": captured, "variance deficit": 1.0 - captured,
-                "subspace distance": tc.subspace_distance(y, top), "feasibility": tc.stiefel_feasibility(y)}
+        return {
+            "captured variance": captured,
+            "variance deficit": 1.0 - captured,
+            "subspace distance": tc.subspace_distance(y, top),
+            "feasibility": tc.stiefel_feasibility(y),
+        }
 
     try:
         run = tc.train(name, opt, loss_fn, steps, evaluate=evaluate, every=every)
     except FloatingPointError:  # iMuon refuses a non-finite gradient: a diverged run
         run = tc.Run(name, lr=lr)
-        run.record(steps, {"captured variance": -math.inf, "variance deficit": math.inf, "subspace distance": 1.0,
-                           "feasibility": math.inf})
+        run.record(
+            steps,
+            {
+                "captured variance": -math.inf,
+                "variance deficit": math.inf,
+                "subspace distance": 1.0,
+                "feasibility": math.inf,
+            },
+        )
     if not math.isfinite(run.final("captured variance")):
         run.metrics["captured variance"][-1] = -math.inf
     return run
@@ -182,50 +197,94 @@ def digits(args) -> dict:
             tried[lr] = [stream_pca_run(name, lr, s, x, p, batch, steps, every) for s in seeds]
             return tc.mean_std([1.0 - r.final("captured variance") for r in tried[lr]])[0]
 
-        sweeps[name] = tc.sweep_lr(name, score, DIGITS_CENTERS[name], width=width, max_extend=extend,
-                                   progress=progress)
+        sweeps[name] = tc.sweep_lr(name, score, DIGITS_CENTERS[name], width=width, max_extend=extend, progress=progress)
         seeded[name] = tried[sweeps[name].best]
 
     def finals(name: str, key: str) -> list[float]:
         return [r.final(key) for r in seeded[name]]
 
-    header = ["optimizer", "best lr (grid)", "captured variance", "1 - captured", "sin angle to top-p",
-              "max \\|Y^T Y - I\\|_F", "s / run"]
-    rows = [[name, sweeps[name].describe(), tc.pm(finals(name, "captured variance"), 6),
-             tc.pm([1.0 - v for v in finals(name, "captured variance")], 3),
-             tc.pm(finals(name, "subspace distance"), 3), max(finals(name, "feasibility")),
-             sum(r.seconds for r in seeded[name]) / len(seeded[name])] for name in SETUPS]
+    header = [
+        "optimizer",
+        "best lr (grid)",
+        "captured variance",
+        "1 - captured",
+        "sin angle to top-p",
+        "max \\|Y^T Y - I\\|_F",
+        "s / run",
+    ]
+    rows = [
+        [
+            name,
+            sweeps[name].describe(),
+            tc.pm(finals(name, "captured variance"), 6),
+            tc.pm([1.0 - v for v in finals(name, "captured variance")], 3),
+            tc.pm(finals(name, "subspace distance"), 3),
+            max(finals(name, "feasibility")),
+            sum(r.seconds for r in seeded[name]) / len(seeded[name]),
+        ]
+        for name in SETUPS
+    ]
     table = tc.markdown_table(header, rows)
     lrs = sorted({lr for s in sweeps.values() for lr in s.scores})
-    grid_rows = [[name] + [("**" + tc.fmt(s.scores[lr]) + "**" if lr == s.best else tc.fmt(s.scores[lr]))
-                           if lr in s.scores else "" for lr in lrs] for name, s in sweeps.items()]
+    grid_rows = [
+        [name]
+        + [
+            ("**" + tc.fmt(s.scores[lr]) + "**" if lr == s.best else tc.fmt(s.scores[lr])) if lr in s.scores else ""
+            for lr in lrs
+        ]
+        for name, s in sweeps.items()
+    ]
     grid = tc.markdown_table(["1 - captured, lr ="] + [tc.fmt(lr) for lr in lrs], grid_rows)
-    title = (f"Streaming PCA of the digits on Gr({x.shape[1]}, {p}): batch {batch}, {steps} steps "
-             f"({steps / per_epoch:.3g} epochs), {len(seeds)} seeds at the best rate")
-    note = (f"mean ± std over seeds {seeds}; exact top-{p} subspace by eigh of the covariance (it holds "
-            f"{float(lam[:p].sum() / lam.sum()):.1%} of the variance; eigengap (lambda_{p} - lambda_{p + 1}) / "
-            f"lambda_{p} = {float((lam[p - 1] - lam[p]) / lam[p - 1]):.3g}); the rates are tuned on the mean over "
-            "the same seeds; "
-            f"{time.perf_counter() - started:.0f} s in all, {torch.get_num_threads()} torch thread(s).")
-    text = (f"### {title}\n\n{table}\n\n{note}\n\nLearning-rate sweep (captured-variance deficit, "
-            f"mean over the seeds):\n\n{grid}")
+    title = (
+        f"Streaming PCA of the digits on Gr({x.shape[1]}, {p}): batch {batch}, {steps} steps "
+        f"({steps / per_epoch:.3g} epochs), {len(seeds)} seeds at the best rate"
+    )
+    note = (
+        f"mean ± std over seeds {seeds}; exact top-{p} subspace by eigh of the covariance (it holds "
+        f"{float(lam[:p].sum() / lam.sum()):.1%} of the variance; eigengap (lambda_{p} - lambda_{p + 1}) / "
+        f"lambda_{p} = {float((lam[p - 1] - lam[p]) / lam[p - 1]):.3g}); the rates are tuned on the mean over "
+        "the same seeds; "
+        f"{time.perf_counter() - started:.0f} s in all, {torch.get_num_threads()} torch thread(s)."
+    )
+    text = (
+        f"### {title}\n\n{table}\n\n{note}\n\nLearning-rate sweep (captured-variance deficit, "
+        f"mean over the seeds):\n\n{grid}"
+    )
     print(f"\n{text}\n")
     runs = {name: seeded[name][0] for name in SETUPS}
-    panels = [tc.Panel("subspace distance", "sin of the largest principal angle to the exact top-p subspace"),
-              tc.Panel("variance deficit", "1 - captured variance (whole data set)"),
-              tc.Panel("loss", "minibatch loss (moving average)", log=False, smooth=10)]
+    panels = [
+        tc.Panel("subspace distance", "sin of the largest principal angle to the exact top-p subspace"),
+        tc.Panel("variance deficit", "1 - captured variance (whole data set)"),
+        tc.Panel("loss", "minibatch loss (moving average)", log=False, smooth=10),
+    ]
     path = tc.plot(list(runs.values()), panels, os.path.join(args.output, "torch_grassmann_digits.png"), title)
-    lr_path = tc.plot_sweeps(list(sweeps.values()), os.path.join(args.output, "torch_grassmann_digits_lr.png"),
-                             "streaming PCA of the digits: learning-rate sweeps", "1 - captured variance", log=True)
+    lr_path = tc.plot_sweeps(
+        list(sweeps.values()),
+        os.path.join(args.output, "torch_grassmann_digits_lr.png"),
+        "streaming PCA of the digits: learning-rate sweeps",
+        "1 - captured variance",
+        log=True,
+    )
     print(f"plots: {path}, {lr_path}")
-    return {"runs": runs, "seeds": seeded, "sweeps": sweeps, "table": table, "plot": path, "sweep_plot": lr_path,
-            "text": text}
+    return {
+        "runs": runs,
+        "seeds": seeded,
+        "sweeps": sweeps,
+        "table": table,
+        "plot": path,
+        "sweep_plot": lr_path,
+        "text": text,
+    }
 
 
 def main(argv=None) -> dict:
     parser = tc.parser(__doc__.splitlines()[0])
-    parser.add_argument("--data", choices=("synthetic", "digits", "all"), default="all",
-                        help="the synthetic Gaussian stream, the digits, or both (default)")
+    parser.add_argument(
+        "--data",
+        choices=("synthetic", "digits", "all"),
+        default="all",
+        help="the synthetic Gaussian stream, the digits, or both (default)",
+    )
     parser.add_argument("--p", type=int, default=10, help="digits: dimension of the subspace (default 10)")
     parser.add_argument("--batch", type=int, default=32, help="digits: minibatch size (default 32)")
     parser.add_argument("--seeds", type=int, default=None, help="digits: seeds per learning rate (default 3; 2 quick)")

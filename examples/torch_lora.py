@@ -151,8 +151,10 @@ def main(argv=None) -> dict:
                 return ((model(x[idx]) - y[idx]) ** 2).mean()
 
             def evaluate(model=model):
-                return {"train loss": float(((model(x[:2048]) - y[:2048]) ** 2).mean()),
-                        "test loss": float(((model(x_test) - y_test) ** 2).mean())}
+                return {
+                    "train loss": float(((model(x[:2048]) - y[:2048]) ** 2).mean()),
+                    "test loss": float(((model(x_test) - y_test) ** 2).mean()),
+                }
 
             label = f"{name} (B M, M^-1 A)" if rescaled else name
             run = tc.train(label, opt, loss_fn, steps, evaluate=evaluate, every=max(steps // 25, 1))
@@ -169,15 +171,18 @@ def main(argv=None) -> dict:
         ("final test loss", lambda run: run.final("test loss")),
         ("max \\|loss - loss_orig\\| over steps", diff),
     ]
-    panels = [tc.Panel("train loss", "training MSE, 2048 samples (dashed: rescaled gauge)"),
-              tc.Panel("loss", "minibatch MSE (moving average)", smooth=10)]
-    title = (f"LoRA r={r} on a frozen MLP {d_in}-{hidden}-{d_out}, batch {batch}, {steps} steps; "
-             "gauge M = diag(geomspace(1, 100, r))")
+    panels = [
+        tc.Panel("train loss", "training MSE, 2048 samples (dashed: rescaled gauge)"),
+        tc.Panel("loss", "minibatch MSE (moving average)", smooth=10),
+    ]
+    title = (
+        f"LoRA r={r} on a frozen MLP {d_in}-{hidden}-{d_out}, batch {batch}, {steps} steps; "
+        "gauge M = diag(geomspace(1, 100, r))"
+    )
     table, path = tc.report(title, list(runs.values()), columns, panels, args.output, "torch_lora.png")
     for name, value in gauge_diff.items():
         print(f"gauge (B M, M^-1 A): {name:8s} max |loss difference| over {steps} steps = {value:.2e}")
-    return {"runs": runs, "table": table, "plot": path, "gauge_difference": gauge_diff,
-            "init_change": init_change}
+    return {"runs": runs, "table": table, "plot": path, "gauge_difference": gauge_diff, "init_change": init_change}
 
 
 if __name__ == "__main__":

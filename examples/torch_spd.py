@@ -97,9 +97,11 @@ def main(argv=None) -> dict:
         ("AIRM dist. to sample cov.", lambda r: r.final("distance")),
         ("min eig(S)", lambda r: r.final("min eigenvalue")),
     ]
-    panels = [tc.Panel("excess loss", "full-data loss - closed-form optimum"),
-              tc.Panel("distance", "AIRM distance to the sample covariance"),
-              tc.Panel("loss", "minibatch loss (moving average)", log=False, smooth=10)]
+    panels = [
+        tc.Panel("excess loss", "full-data loss - closed-form optimum"),
+        tc.Panel("distance", "AIRM distance to the sample covariance"),
+        tc.Panel("loss", "minibatch loss (moving average)", log=False, smooth=10),
+    ]
     title = f"SPD covariance MLE: n={n}, N={samples}, batch {batch}, {steps} steps (closed form: {best:.4g})"
     table, path = tc.report(title, runs, columns, panels, args.output, "torch_spd.png")
     return {"runs": {r.name: r for r in runs}, "table": table, "plot": path, "closed_form_loss": best}

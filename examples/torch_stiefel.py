@@ -51,8 +51,13 @@ from imuon_manopt.optim import IMuon  # noqa: E402
 DTYPE = torch.float64
 #: Centers of the learning-rate grids (the grid spans two half-decades either side and grows while its best point is
 #: at an end). They are the best rates of the full run, so that a default run needs no extension.
-CENTERS = {"iMuon (embedded)": 0.1, "iMuon (canonical)": 0.1, "RiemannianSGD": 0.1, "RiemannianAdam": 0.1,
-           "AdamW (penalty)": 0.03}
+CENTERS = {
+    "iMuon (embedded)": 0.1,
+    "iMuon (canonical)": 0.1,
+    "RiemannianSGD": 0.1,
+    "RiemannianAdam": 0.1,
+    "AdamW (penalty)": 0.03,
+}
 NAMES = tuple(CENTERS)
 
 
@@ -103,15 +108,27 @@ SETUPS: dict[str, tuple[Callable[[], geoopt.Manifold | None], Callable[[nn.Modul
 SETUPS = {
     "iMuon (embedded)": (geoopt.EuclideanStiefel, lambda m, lr: imuon(m, lr)),
     "iMuon (canonical)": (geoopt.CanonicalStiefel, lambda m, lr: imuon(m, lr)),
-    "RiemannianSGD": (geoopt.EuclideanStiefel,
-                      lambda m, lr: geoopt.optim.RiemannianSGD(m.parameters(), lr=lr, momentum=0.9, nesterov=True)),
+    "RiemannianSGD": (
+        geoopt.EuclideanStiefel,
+        lambda m, lr: geoopt.optim.RiemannianSGD(m.parameters(), lr=lr, momentum=0.9, nesterov=True),
+    ),
     "RiemannianAdam": (geoopt.EuclideanStiefel, lambda m, lr: geoopt.optim.RiemannianAdam(m.parameters(), lr=lr)),
     "AdamW (penalty)": (lambda: None, lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0)),
 }
 
 
-def train_one(name: str, lr: float, seed: int, data: dict[str, torch.Tensor], *, k: int, batch: int, steps: int,
-              penalty: float, every: int) -> tc.Run:
+def train_one(
+    name: str,
+    lr: float,
+    seed: int,
+    data: dict[str, torch.Tensor],
+    *,
+    k: int,
+    batch: int,
+    steps: int,
+    penalty: float,
+    every: int,
+) -> tc.Run:
     """Train the classifier with optimizer ``name`` at peak rate ``lr`` from seed ``seed``'s start and batch order.
 
     Recorded every ``every`` steps: ``fit loss``, ``val loss``, ``test loss`` (cross-entropies), ``test accuracy``,
@@ -147,8 +164,10 @@ def train_one(name: str, lr: float, seed: int, data: dict[str, torch.Tensor], *,
         run = tc.train(name, opt, loss_fn, steps, evaluate=evaluate, every=every)
     except FloatingPointError:  # iMuon refuses a non-finite gradient: a diverged run
         run = tc.Run(name, lr=lr)
-        run.record(steps, {key: math.inf for key in ("fit loss", "val loss", "test loss", "feasibility")}
-                   | {"test accuracy": 0.0})
+        run.record(
+            steps,
+            {key: math.inf for key in ("fit loss", "val loss", "test loss", "feasibility")} | {"test accuracy": 0.0},
+        )
     if not all(math.isfinite(run.final(key)) for key in ("val loss", "test loss")):
         for key in ("fit loss", "val loss", "test loss"):
             run.metrics[key][-1] = math.inf
@@ -189,8 +208,9 @@ def main(argv=None) -> dict:
     every = max(steps // (8 if args.quick else 20), 1)
 
     def one(name: str, lr: float, seed: int) -> tc.Run:
-        return train_one(name, lr, seed, data, k=args.k, batch=args.batch, steps=steps, penalty=args.penalty,
-                         every=every)
+        return train_one(
+            name, lr, seed, data, k=args.k, batch=args.batch, steps=steps, penalty=args.penalty, every=every
+        )
 
     def progress(line: str) -> None:
         if not args.quick:
@@ -210,34 +230,70 @@ def main(argv=None) -> dict:
     def finals(name: str, key: str) -> list[float]:
         return [r.final(key) for r in seeded[name]]
 
-    header = ["optimizer", "best lr (grid)", "test accuracy", "test cross-entropy", "fit cross-entropy",
-              "max \\|W^T W - I\\|_F", "s / run"]
-    rows = [[name, sweeps[name].describe(), tc.pm(finals(name, "test accuracy")), tc.pm(finals(name, "test loss")),
-             tc.pm(finals(name, "fit loss")), max(finals(name, "feasibility")),
-             sum(r.seconds for r in seeded[name]) / len(seeded[name])] for name in NAMES]
+    header = [
+        "optimizer",
+        "best lr (grid)",
+        "test accuracy",
+        "test cross-entropy",
+        "fit cross-entropy",
+        "max \\|W^T W - I\\|_F",
+        "s / run",
+    ]
+    rows = [
+        [
+            name,
+            sweeps[name].describe(),
+            tc.pm(finals(name, "test accuracy")),
+            tc.pm(finals(name, "test loss")),
+            tc.pm(finals(name, "fit loss")),
+            max(finals(name, "feasibility")),
+            sum(r.seconds for r in seeded[name]) / len(seeded[name]),
+        ]
+        for name in NAMES
+    ]
     table = tc.markdown_table(header, rows)
     grid = sweep_table(sweeps)
-    title = (f"Digits, Stiefel feature map W (64 x {args.k}) + linear head: batch {args.batch}, {steps} steps "
-             f"({steps / per_epoch:.3g} epochs), {len(seeds)} seeds at the best rate")
-    note = (f"mean ± std over seeds {seeds}; AdamW's W is unconstrained (penalty lambda = {args.penalty:g}); "
-            "the rates are tuned on the mean validation cross-entropy of the same seeds; "
-            f"{time.perf_counter() - started:.0f} s in all, "
-            f"{torch.get_num_threads()} torch thread(s).")
-    text = (f"### {title}\n\n{table}\n\n{note}\n\n"
-            f"Learning-rate sweep (validation cross-entropy, mean over the seeds):\n\n{grid}")
+    title = (
+        f"Digits, Stiefel feature map W (64 x {args.k}) + linear head: batch {args.batch}, {steps} steps "
+        f"({steps / per_epoch:.3g} epochs), {len(seeds)} seeds at the best rate"
+    )
+    note = (
+        f"mean ± std over seeds {seeds}; AdamW's W is unconstrained (penalty lambda = {args.penalty:g}); "
+        "the rates are tuned on the mean validation cross-entropy of the same seeds; "
+        f"{time.perf_counter() - started:.0f} s in all, "
+        f"{torch.get_num_threads()} torch thread(s)."
+    )
+    text = (
+        f"### {title}\n\n{table}\n\n{note}\n\n"
+        f"Learning-rate sweep (validation cross-entropy, mean over the seeds):\n\n{grid}"
+    )
     print(f"\n{text}\n")
 
     best_runs = {name: seeded[name][0] for name in NAMES}
-    panels = [tc.Panel("val loss", "validation cross-entropy"), tc.Panel("test accuracy", "test accuracy", log=False),
-              tc.Panel("feasibility", "||W^T W - I||_F")]
+    panels = [
+        tc.Panel("val loss", "validation cross-entropy"),
+        tc.Panel("test accuracy", "test accuracy", log=False),
+        tc.Panel("feasibility", "||W^T W - I||_F"),
+    ]
     path = tc.plot(list(best_runs.values()), panels, os.path.join(args.output, "torch_stiefel.png"), title)
-    lr_path = tc.plot_sweeps(list(sweeps.values()), os.path.join(args.output, "torch_stiefel_lr.png"),
-                             "digits classifier: learning-rate sweeps",
-                             "final validation cross-entropy (mean over seeds)", log=True)
+    lr_path = tc.plot_sweeps(
+        list(sweeps.values()),
+        os.path.join(args.output, "torch_stiefel_lr.png"),
+        "digits classifier: learning-rate sweeps",
+        "final validation cross-entropy (mean over seeds)",
+        log=True,
+    )
     md = tc.write_text(os.path.join(args.output, "torch_stiefel.md"), text + "\n")
     print(f"plots: {path}, {lr_path}; tables: {md}")
-    return {"runs": best_runs, "seeds": seeded, "sweeps": sweeps, "table": table, "plot": path,
-            "sweep_plot": lr_path, "markdown": md}
+    return {
+        "runs": best_runs,
+        "seeds": seeded,
+        "sweeps": sweeps,
+        "table": table,
+        "plot": path,
+        "sweep_plot": lr_path,
+        "markdown": md,
+    }
 
 
 if __name__ == "__main__":

@@ -156,9 +156,7 @@ def intrinsic_direction(
         geometry is evaluated in at least float32.
     """
     if not isinstance(geometry, MetricOperator):
-        raise TypeError(
-            f"geometry must be an imuon_manopt.geometry.MetricOperator, got {type(geometry).__name__}"
-        )
+        raise TypeError(f"geometry must be an imuon_manopt.geometry.MetricOperator, got {type(geometry).__name__}")
     nrm = resolve_norm(norm, p)
     if polar not in _POLARS:
         raise ValueError(f"unknown polar {polar!r}; valid choices: {list(_POLARS)}")
@@ -209,9 +207,16 @@ def intrinsic_direction(
             z, d = torch.zeros_like(h), torch.zeros(h.shape[:-2], dtype=h.dtype, device=h.device)
         else:  # the LMO kernel: the arguments were validated once above
             work = _exact_dtype(h, dtype)
-            z, d = _lmo_tensor(h.to(work), nrm, symmetric=symmetric, schedule=schedule,
-                               ns_work=dtype if dtype is not None else _promote(h.dtype),
-                               return_dual=need_duals, rank=rank, eps=eps)
+            z, d = _lmo_tensor(
+                h.to(work),
+                nrm,
+                symmetric=symmetric,
+                schedule=schedule,
+                ns_work=dtype if dtype is not None else _promote(h.dtype),
+                return_dual=need_duals,
+                rank=rank,
+                eps=eps,
+            )
             if tau != 1.0:
                 z = z * tau
             z = z.to(h.dtype)
@@ -233,7 +238,5 @@ def intrinsic_direction(
     xi = geometry.tangent(state, geometry.unwhiten(state, tuple(zs)))
     xi = _map(lambda t: t.to(out_dtype), xi)
     if as_numpy:
-        return Direction(
-            _map(lambda t: t.detach().cpu().numpy(), xi), None if gap is None else float(gap)
-        )
+        return Direction(_map(lambda t: t.detach().cpu().numpy(), xi), None if gap is None else float(gap))
     return Direction(xi, gap)

@@ -122,18 +122,13 @@ def resolve_norm(norm: str | Norm, p: float | None = None) -> Norm:
             raise ValueError(f"p={p!r} contradicts the given {norm}")
         return norm
     if not isinstance(norm, str):
-        raise TypeError(
-            f"norm must be a string (one of {list(NORMS)}) or a Norm, got {type(norm).__name__}"
-        )
+        raise TypeError(f"norm must be a string (one of {list(NORMS)}) or a Norm, got {type(norm).__name__}")
     name = norm.strip().lower()
     if name not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; valid choices: {list(NORMS)} (schatten with p)")
     if name == "schatten":
         if p is None:
-            raise ValueError(
-                "norm='schatten' needs p, with 1 <= p <= inf "
-                "(p=1 nuclear, 2 Frobenius, inf spectral)"
-            )
+            raise ValueError("norm='schatten' needs p, with 1 <= p <= inf (p=1 nuclear, 2 Frobenius, inf spectral)")
         pf = _check_p(p)
         if pf == 1.0:
             return _make_norm("nuclear", 1.0)
@@ -144,8 +139,7 @@ def resolve_norm(norm: str | Norm, p: float | None = None) -> Norm:
         return _make_norm("schatten", pf)
     if p is not None and _check_p(p) != _FIXED_P[name]:
         raise ValueError(
-            f"p={p!r} contradicts norm={norm!r} (its exponent is {_FIXED_P[name]}); "
-            "use norm='schatten' with p"
+            f"p={p!r} contradicts norm={norm!r} (its exponent is {_FIXED_P[name]}); use norm='schatten' with p"
         )
     return _make_norm(name, _FIXED_P[name])
 
@@ -153,9 +147,7 @@ def resolve_norm(norm: str | Norm, p: float | None = None) -> Norm:
 # --------------------------------------------------------------------------------------------------
 
 
-def _tau_tensor(
-    tau: Any, batch: torch.Size, work: torch.dtype, device: torch.device
-) -> torch.Tensor | float:
+def _tau_tensor(tau: Any, batch: torch.Size, work: torch.dtype, device: torch.device) -> torch.Tensor | float:
     """tau -> (..., 1, 1) tensor in ``work`` broadcastable to ``batch + (1, 1)``; a number stays a
     Python float (no tensor is created for the common scalar budget)."""
     if isinstance(tau, (torch.Tensor, np.ndarray)):
@@ -165,24 +157,17 @@ def _tau_tensor(
         except RuntimeError:
             shape = None
         if shape != batch:
-            raise ValueError(
-                f"tau of shape {tuple(tt.shape)} does not broadcast to the batch shape "
-                f"{tuple(batch)}"
-            )
+            raise ValueError(f"tau of shape {tuple(tt.shape)} does not broadcast to the batch shape {tuple(batch)}")
         tt = tt.to(device=device, dtype=work)
         if bool(torch.any(~(tt >= 0))):
             raise ValueError("tau must be >= 0 (and not NaN)")
         return tt[..., None, None]
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not float(tau) >= 0:
-        raise ValueError(
-            f"tau must be a non-negative number or a tensor broadcastable to the batch, got {tau!r}"
-        )
+        raise ValueError(f"tau must be a non-negative number or a tensor broadcastable to the batch, got {tau!r}")
     return float(tau)
 
 
-def _singular_lmo(
-    s: torch.Tensor, keep: torch.Tensor, nrm: Norm
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _singular_lmo(s: torch.Tensor, keep: torch.Tensor, nrm: Norm) -> tuple[torch.Tensor, torch.Tensor]:
     """Vector LMO on scaled singular values ``s`` (..., k); ``keep`` masks the numerical rank.
 
     Returns ``(z, dual)`` with ``phi_vec(z) = 1`` (or ``z = 0``) and ``dual = phi_dual(s)`` (the
@@ -312,9 +297,7 @@ def lmo(
     if method not in _LMO_METHODS:
         raise ValueError(f"unknown method {method!r} for lmo; valid choices: {list(_LMO_METHODS)}")
     if method == "eigh" and not symmetric:
-        raise ValueError(
-            "method='eigh' needs symmetric=True; use method='svd' for general matrices"
-        )
+        raise ValueError("method='eigh' needs symmetric=True; use method='svd' for general matrices")
     t, was_numpy = to_torch(h)
     _check_matrix(t, "h")
     if symmetric:
@@ -334,8 +317,16 @@ def lmo(
         dual = torch.zeros(batch, dtype=out_dtype, device=t.device)
     else:
         ns_work = dtype if dtype is not None else _promote(t.dtype)
-        z, dual = _lmo_tensor(t.to(work), nrm, symmetric=symmetric, schedule=schedule if use_ns else None,
-                              ns_work=ns_work, return_dual=return_dual, rank=rank, eps=eps)
+        z, dual = _lmo_tensor(
+            t.to(work),
+            nrm,
+            symmetric=symmetric,
+            schedule=schedule if use_ns else None,
+            ns_work=ns_work,
+            return_dual=return_dual,
+            rank=rank,
+            eps=eps,
+        )
         if not (isinstance(tau_t, float) and tau_t == 1.0):
             z = z * tau_t
         z = z.to(out_dtype).contiguous()
@@ -346,9 +337,7 @@ def lmo(
     return z
 
 
-def dual_norm(
-    h: Any, norm: str | Norm = "spectral", *, p: float | None = None, symmetric: bool = False
-) -> Any:
+def dual_norm(h: Any, norm: str | Norm = "spectral", *, p: float | None = None, symmetric: bool = False) -> Any:
     """The dual norm ``phi_dual(H)`` per matrix, equal to ``<H, lmo(H)> / tau``.
 
     spectral -> nuclear, Frobenius -> Frobenius, nuclear -> spectral, Schatten-p -> Schatten-q

@@ -109,22 +109,16 @@ def _use_gram(s: int, l: int, work: torch.dtype, device: torch.device, count: in
 
 def _check_matrix(t: torch.Tensor, name: str = "x") -> None:
     if t.ndim < 2:
-        raise ValueError(
-            f"{name} must have at least 2 dimensions (..., m, n), got shape {tuple(t.shape)}"
-        )
+        raise ValueError(f"{name} must have at least 2 dimensions (..., m, n), got shape {tuple(t.shape)}")
     if not t.dtype.is_floating_point:
         raise TypeError(
-            f"{name} must have a real floating-point dtype (float16, bfloat16, float32, float64), "
-            f"got {t.dtype}"
+            f"{name} must have a real floating-point dtype (float16, bfloat16, float32, float64), got {t.dtype}"
         )
 
 
 def _check_square(t: torch.Tensor, name: str = "x") -> None:
     if t.shape[-1] != t.shape[-2]:
-        raise ValueError(
-            f"{name} must be square (..., n, n) for the symmetric variant, "
-            f"got shape {tuple(t.shape)}"
-        )
+        raise ValueError(f"{name} must be square (..., n, n) for the symmetric variant, got shape {tuple(t.shape)}")
 
 
 def _as_dtype(dtype: Any) -> torch.dtype | None:
@@ -139,10 +133,7 @@ def _as_dtype(dtype: Any) -> torch.dtype | None:
         except (TypeError, ValueError):
             out = None
     if out is None or not out.is_floating_point:
-        raise ValueError(
-            "dtype must be a floating torch dtype (e.g. torch.bfloat16, torch.float32), "
-            f"got {dtype!r}"
-        )
+        raise ValueError(f"dtype must be a floating torch dtype (e.g. torch.bfloat16, torch.float32), got {dtype!r}")
     return out
 
 
@@ -160,15 +151,11 @@ def _resolve_steps(steps: Any) -> int:
     if steps is None:
         return DEFAULT_NS_STEPS
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(
-            f"steps must be a positive integer (default {DEFAULT_NS_STEPS}), got {steps!r}"
-        )
+        raise ValueError(f"steps must be a positive integer (default {DEFAULT_NS_STEPS}), got {steps!r}")
     return int(steps)
 
 
-def _resolve_schedule(
-    coefficients: Coefficients, steps: Any
-) -> tuple[list[tuple[float, float, float]], float]:
+def _resolve_schedule(coefficients: Coefficients, steps: Any) -> tuple[list[tuple[float, float, float]], float]:
     """-> (one (a, b, c) per step, input normalization margin)."""
     n_steps = _resolve_steps(steps)
     if coefficients is None:
@@ -188,13 +175,7 @@ def _resolve_schedule(
             arr = None
         if arr is not None and arr.shape == (3,):
             arr = arr[None]
-        if (
-            arr is None
-            or arr.ndim != 2
-            or arr.shape[0] < 1
-            or arr.shape[1] != 3
-            or not np.isfinite(arr).all()
-        ):
+        if arr is None or arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] != 3 or not np.isfinite(arr).all():
             raise ValueError(
                 f"coefficients must be one of {sorted(NS_COEFFICIENTS)} or a non-empty sequence "
                 f"of finite (a, b, c) tuples, got {coefficients!r}"
@@ -355,9 +336,7 @@ def _newton_schulz(
     return y.mT if transpose else y
 
 
-def _newton_schulz_gram(
-    y: torch.Tensor, coeffs: Sequence[tuple[float, float, float]]
-) -> torch.Tensor:
+def _newton_schulz_gram(y: torch.Tensor, coeffs: Sequence[tuple[float, float, float]]) -> torch.Tensor:
     """The same iteration as :func:`_newton_schulz` for a short-and-wide ``y`` (..., s, l), ``l >> s``,
     run on its ``s x s`` Gram matrix ``G = Y_0 Y_0^T``.
 
@@ -399,8 +378,9 @@ def _check_rank(rank: Any) -> int | None:
     if rank is None:
         return None
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 0:
-        raise ValueError(f"rank must be None or a non-negative integer (an upper bound on the input's rank), "
-                         f"got {rank!r}")
+        raise ValueError(
+            f"rank must be None or a non-negative integer (an upper bound on the input's rank), got {rank!r}"
+        )
     return int(rank)
 
 

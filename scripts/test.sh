@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check imuon_manopt tests examples benchmarks
+.venv/bin/ruff format --check imuon_manopt tests examples benchmarks
 .venv/bin/python -m pytest -q "$@"

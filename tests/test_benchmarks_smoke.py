@@ -101,9 +101,32 @@ def test_bench_lora_text_tiny(tmp_path):
     bench = _load("bench_lora_text")
     threads = torch.get_num_threads()
     try:
-        out = bench.main(["--quick", "--pretrain-steps", "3", "--steps", "4", "--batch", "4", "--threads", "1",
-                          "--final-windows", "32", "--curve-windows", "8", "--eval-every", "2", "--fidelity-svd",
-                          "--adapters", "manual", "--cache", str(tmp_path / "cache"), "--output", str(tmp_path)])
+        out = bench.main(
+            [
+                "--quick",
+                "--pretrain-steps",
+                "3",
+                "--steps",
+                "4",
+                "--batch",
+                "4",
+                "--threads",
+                "1",
+                "--final-windows",
+                "32",
+                "--curve-windows",
+                "8",
+                "--eval-every",
+                "2",
+                "--fidelity-svd",
+                "--adapters",
+                "manual",
+                "--cache",
+                str(tmp_path / "cache"),
+                "--output",
+                str(tmp_path),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     for name in ("results.md", "results.json", "heldout_vs_steps.png", "heldout_vs_seconds.png"):

@@ -122,9 +122,7 @@ def test_optimizer_on_cuda_keeps_every_parameter_feasible():
         "sphere": (geoopt.Sphere(), torch.nn.functional.normalize(torch.randn(5, 16, dtype=DT), dim=-1)),
         "grassmann": (Grassmann(), _orth(40, 6)),
     }
-    mparams = {
-        k: geoopt.ManifoldParameter(x.float().cuda(), manifold=m) for k, (m, x) in manifolds.items()
-    }
+    mparams = {k: geoopt.ManifoldParameter(x.float().cuda(), manifold=m) for k, (m, x) in manifolds.items()}
     w = torch.nn.Parameter(torch.randn(64, 32, device="cuda"))
     bias = torch.nn.Parameter(torch.zeros(32, device="cuda"))
     b = torch.nn.Parameter(torch.randn(128, 4, device="cuda") / 128**0.5)

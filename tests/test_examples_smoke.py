@@ -95,8 +95,9 @@ def test_karcher_fixed_point_matches_closed_form():
 
 
 def test_matrix_completion_quick(tmp_path):
-    records = matrix_completion.main(["--quick", "--kappas", "1", "--no-gauge", "--max-time", "3",
-                                      "--output", str(tmp_path)], progress=_quiet)
+    records = matrix_completion.main(
+        ["--quick", "--kappas", "1", "--no-gauge", "--max-time", "3", "--output", str(tmp_path)], progress=_quiet
+    )
     _files(tmp_path, "matrix_completion.md", "matrix_completion.png")
     for start in ("random", "spectral"):
         (imuon,) = _by(records, "iMuon-spectral", f"kappa=1 {start}")
@@ -129,10 +130,21 @@ def test_gauge_starts_same_product():
 
 
 def test_markdown_table_and_verdict():
-    r = cmp.Record(problem="p", solver="iMuon", iterations=3, time=0.1, cost=1.0, error=1e-9, stop="grad norm",
-                   cost_evaluations=4, gradient_evaluations=4, trace_step=np.arange(4),
-                   trace_time=np.array([0.0, 0.01, 0.02, 0.03]), trace_cost=np.ones(4),
-                   trace_error=np.array([1.0, 1e-2, 1e-5, 1e-9]))
+    r = cmp.Record(
+        problem="p",
+        solver="iMuon",
+        iterations=3,
+        time=0.1,
+        cost=1.0,
+        error=1e-9,
+        stop="grad norm",
+        cost_evaluations=4,
+        gradient_evaluations=4,
+        trace_step=np.arange(4),
+        trace_time=np.array([0.0, 0.01, 0.02, 0.03]),
+        trace_cost=np.ones(4),
+        trace_error=np.array([1.0, 1e-2, 1e-5, 1e-9]),
+    )
     assert r.reached(1e-4) == (2, 0.02)
     assert r.reached(1e-9) == (3, 0.03)
     assert r.reached(1e-12) == (None, None)
@@ -160,9 +172,18 @@ def test_main_demo_quick_writes_every_table_and_plot(tmp_path, capsys):
 
     runs = demo.main(["--quick", "--output", str(tmp_path)])
     assert {"pca", "karcher_mean", "matrix_completion", "torch_stiefel", "torch_lora"} <= set(runs)
-    _files(tmp_path, "summary.md", "pca.png", "karcher_mean.png", "matrix_completion.png",
-           "matrix_completion_gauge.png", "torch_stiefel.png", "torch_spd.png", "torch_grassmann.png",
-           "torch_lora.png")
+    _files(
+        tmp_path,
+        "summary.md",
+        "pca.png",
+        "karcher_mean.png",
+        "matrix_completion.png",
+        "matrix_completion_gauge.png",
+        "torch_stiefel.png",
+        "torch_spd.png",
+        "torch_grassmann.png",
+        "torch_lora.png",
+    )
     summary = (tmp_path / "summary.md").read_text()
     assert "Core: closed-form iMuon directions" in summary and "| no |" not in summary
     assert "examples/torch_lora.py" in summary

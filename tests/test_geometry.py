@@ -129,35 +129,80 @@ def make_cases():
     mask = (torch.rand(m, n, generator=g) < 0.6).to(DT)
     c5 = rand(5, 5, gen=g)
     cases = [
-        Case("euclidean", Euclidean(), rand(6, 4, gen=g),
-             lambda x: 0.5 * ((x - t64) ** 2).sum() + (x ** 4).sum() / 4, add),
-        Case("euclidean-vector", Euclidean(), rand(5, gen=g),
-             lambda x: ((x - 1.0) ** 2).sum(), add),
-        Case("sphere", Sphere(), torch.nn.functional.normalize(rand(3, 6, gen=g), dim=-1),
-             lambda x: torch.einsum("bi,ij,bj->", x, a6, x) + x[:, 0].sum(), sphere_retraction),
-        Case("stiefel-embedded", Stiefel(), orth(7, 3, gen=g),
-             lambda x: torch.trace(x.T @ c7 @ x) + (d73 * x).sum(), qr_retraction),
-        Case("stiefel-canonical", Stiefel("canonical"), orth(7, 3, gen=g),
-             lambda x: torch.trace(x.T @ c7 @ x) + (d73 * x).sum(), qr_retraction),
-        Case("stiefel-batched", Stiefel(), orth(4, 7, 3, gen=g),
-             lambda x: torch.einsum("bij,ik,bkj->", x, c7, x) + (d73 * x).sum(), qr_retraction),
-        Case("grassmann", Grassmann(), orth(7, 3, gen=g),
-             lambda x: -torch.trace(x.T @ c7 @ x), polar_retraction),
-        Case("grassmann-general", Grassmann("general"), rand(7, 3, gen=g),
-             lambda y: -torch.trace(torch.linalg.solve(y.T @ y, y.T @ c7 @ y)), add),
-        Case("spd", SPD(), spd(5, gen=g),
-             lambda x: torch.trace(c5 @ x) + (x ** 2).sum() - torch.logdet(x), spd_exp),
-        Case("spd-batched", SPD(), spd(5, batch=(2,), gen=g),
-             lambda x: torch.einsum("ij,bji->", c5, x) - torch.logdet(x).sum(), spd_exp),
-        Case("fixed-rank", FixedRank(), (rand(m, r, gen=g), rand(r, n, gen=g)),
-             lambda x: 0.5 * ((mask * (x[0] @ x[1] - target)) ** 2).sum(), add),
-        Case("fixed-rank-gram", FixedRank("gram"), (rand(m, r, gen=g), rand(r, n, gen=g)),
-             lambda x: 0.5 * ((mask * (x[0] @ x[1] - target)) ** 2).sum(), add),
-        Case("product", Product([Stiefel(), SPD(), Euclidean()]),
-             [orth(7, 3, gen=g), spd(5, gen=g), rand(6, 4, gen=g)],
-             lambda x: torch.trace(x[0].T @ c7 @ x[0]) + torch.trace(c5 @ x[1]) - torch.logdet(x[1])
-             + ((x[2] - t64) ** 2).sum(),
-             lambda x, v: [qr_retraction(x[0], v[0]), spd_exp(x[1], v[1]), x[2] + v[2]]),
+        Case(
+            "euclidean", Euclidean(), rand(6, 4, gen=g), lambda x: 0.5 * ((x - t64) ** 2).sum() + (x**4).sum() / 4, add
+        ),
+        Case("euclidean-vector", Euclidean(), rand(5, gen=g), lambda x: ((x - 1.0) ** 2).sum(), add),
+        Case(
+            "sphere",
+            Sphere(),
+            torch.nn.functional.normalize(rand(3, 6, gen=g), dim=-1),
+            lambda x: torch.einsum("bi,ij,bj->", x, a6, x) + x[:, 0].sum(),
+            sphere_retraction,
+        ),
+        Case(
+            "stiefel-embedded",
+            Stiefel(),
+            orth(7, 3, gen=g),
+            lambda x: torch.trace(x.T @ c7 @ x) + (d73 * x).sum(),
+            qr_retraction,
+        ),
+        Case(
+            "stiefel-canonical",
+            Stiefel("canonical"),
+            orth(7, 3, gen=g),
+            lambda x: torch.trace(x.T @ c7 @ x) + (d73 * x).sum(),
+            qr_retraction,
+        ),
+        Case(
+            "stiefel-batched",
+            Stiefel(),
+            orth(4, 7, 3, gen=g),
+            lambda x: torch.einsum("bij,ik,bkj->", x, c7, x) + (d73 * x).sum(),
+            qr_retraction,
+        ),
+        Case("grassmann", Grassmann(), orth(7, 3, gen=g), lambda x: -torch.trace(x.T @ c7 @ x), polar_retraction),
+        Case(
+            "grassmann-general",
+            Grassmann("general"),
+            rand(7, 3, gen=g),
+            lambda y: -torch.trace(torch.linalg.solve(y.T @ y, y.T @ c7 @ y)),
+            add,
+        ),
+        Case("spd", SPD(), spd(5, gen=g), lambda x: torch.trace(c5 @ x) + (x**2).sum() - torch.logdet(x), spd_exp),
+        Case(
+            "spd-batched",
+            SPD(),
+            spd(5, batch=(2,), gen=g),
+            lambda x: torch.einsum("ij,bji->", c5, x) - torch.logdet(x).sum(),
+            spd_exp,
+        ),
+        Case(
+            "fixed-rank",
+            FixedRank(),
+            (rand(m, r, gen=g), rand(r, n, gen=g)),
+            lambda x: 0.5 * ((mask * (x[0] @ x[1] - target)) ** 2).sum(),
+            add,
+        ),
+        Case(
+            "fixed-rank-gram",
+            FixedRank("gram"),
+            (rand(m, r, gen=g), rand(r, n, gen=g)),
+            lambda x: 0.5 * ((mask * (x[0] @ x[1] - target)) ** 2).sum(),
+            add,
+        ),
+        Case(
+            "product",
+            Product([Stiefel(), SPD(), Euclidean()]),
+            [orth(7, 3, gen=g), spd(5, gen=g), rand(6, 4, gen=g)],
+            lambda x: (
+                torch.trace(x[0].T @ c7 @ x[0])
+                + torch.trace(c5 @ x[1])
+                - torch.logdet(x[1])
+                + ((x[2] - t64) ** 2).sum()
+            ),
+            lambda x, v: [qr_retraction(x[0], v[0]), spd_exp(x[1], v[1]), x[2] + v[2]],
+        ),
     ]
     return cases
 
@@ -242,16 +287,17 @@ def test_closed_forms_spectral():
     e = rng.standard_normal((8, 3))
     omega = 0.5 * (x.T @ e - e.T @ x)
     k = e - x @ (x.T @ e)
-    np.testing.assert_allclose(intrinsic_direction(Stiefel(), x, e).xi,
-                               x @ np_polar(omega) + np_polar(k), atol=1e-12)
-    np.testing.assert_allclose(intrinsic_direction(Stiefel("canonical"), x, e).xi,
-                               np.sqrt(2) * x @ np_polar(omega) + np_polar(k), atol=1e-12)
+    np.testing.assert_allclose(intrinsic_direction(Stiefel(), x, e).xi, x @ np_polar(omega) + np_polar(k), atol=1e-12)
+    np.testing.assert_allclose(
+        intrinsic_direction(Stiefel("canonical"), x, e).xi, np.sqrt(2) * x @ np_polar(omega) + np_polar(k), atol=1e-12
+    )
     # Grassmann, general representative: polar(Pi(E) S^{1/2}) S^{1/2}
     y = rng.standard_normal((8, 3))
     s = y.T @ y
     pi = e - y @ np.linalg.solve(s, y.T @ e)
-    np.testing.assert_allclose(intrinsic_direction(Grassmann("general"), y, e).xi,
-                               np_polar(pi @ psd_sqrt(s)) @ psd_sqrt(s), atol=1e-10)
+    np.testing.assert_allclose(
+        intrinsic_direction(Grassmann("general"), y, e).xi, np_polar(pi @ psd_sqrt(s)) @ psd_sqrt(s), atol=1e-10
+    )
     # SPD: X^{1/2} sign(X^{1/2} sym(E) X^{1/2}) X^{1/2}
     a = rng.standard_normal((5, 5))
     xs = a @ a.T + 0.5 * np.eye(5)
@@ -286,9 +332,12 @@ def _rand_gl(rng, r, cond):
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), cond=st.floats(1.0, 1e3),
-       norm=st.sampled_from(["spectral", "frobenius", "nuclear"]),
-       factorization=st.sampled_from(["qr", "gram"]))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    cond=st.floats(1.0, 1e3),
+    norm=st.sampled_from(["spectral", "frobenius", "nuclear"]),
+    factorization=st.sampled_from(["qr", "gram"]),
+)
 def test_fixed_rank_gauge_invariance(seed, cond, norm, factorization):
     """At (B M, M^-1 A) the directions are (xi_B M, M^-1 xi_A): the step's product is unchanged."""
     rng = np.random.default_rng(seed)
@@ -304,8 +353,9 @@ def test_fixed_rank_gauge_invariance(seed, cond, norm, factorization):
     scale = max(1.0, np.abs(xi_b @ a).max())
     np.testing.assert_allclose(yi_b @ a2 + b2 @ yi_a, xi_b @ a + b @ xi_a, atol=1e-9 * scale * cond)
     eta = 0.3
-    np.testing.assert_allclose((b2 - eta * yi_b) @ (a2 - eta * yi_a),
-                               (b - eta * xi_b) @ (a - eta * xi_a), atol=1e-9 * scale * cond)
+    np.testing.assert_allclose(
+        (b2 - eta * yi_b) @ (a2 - eta * yi_a), (b - eta * xi_b) @ (a - eta * xi_a), atol=1e-9 * scale * cond
+    )
 
 
 @settings(max_examples=25, deadline=None)
@@ -401,14 +451,11 @@ def test_bfloat16_point_is_computed_in_float32():
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match="rank-deficient.*full_rank_lora_init_"):
-        intrinsic_direction(FixedRank(), (np.zeros((6, 2)), np.ones((2, 5))),
-                            (np.ones((6, 2)), np.ones((2, 5))))
+        intrinsic_direction(FixedRank(), (np.zeros((6, 2)), np.ones((2, 5))), (np.ones((6, 2)), np.ones((2, 5))))
     with pytest.raises(ValueError, match="rank-deficient"):
-        intrinsic_direction(FixedRank("gram"), (np.zeros((6, 2)), np.ones((2, 5))),
-                            (np.ones((6, 2)), np.ones((2, 5))))
+        intrinsic_direction(FixedRank("gram"), (np.zeros((6, 2)), np.ones((2, 5))), (np.ones((6, 2)), np.ones((2, 5))))
     with pytest.raises(ValueError, match="do not chain"):
-        intrinsic_direction(FixedRank(), (np.ones((6, 2)), np.ones((3, 5))),
-                            (np.ones((6, 2)), np.ones((3, 5))))
+        intrinsic_direction(FixedRank(), (np.ones((6, 2)), np.ones((3, 5))), (np.ones((6, 2)), np.ones((3, 5))))
     with pytest.raises(ValueError, match="not positive definite"):
         intrinsic_direction(SPD(), -np.eye(3), np.eye(3))
     with pytest.raises(TypeError, match="MetricOperator"):

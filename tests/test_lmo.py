@@ -168,12 +168,8 @@ def test_symmetric_spectral_and_nuclear_against_eigh(rng):
     s = sym_case(rng)
     lam, q = np.linalg.eigh(s)
     keep = np.abs(lam) > 1e-12
-    np.testing.assert_allclose(
-        lmo(s, symmetric=True), (q * (np.sign(lam) * keep)) @ q.T, atol=1e-12
-    )
-    np.testing.assert_allclose(
-        lmo(s, symmetric=True, method="eigh"), (q * (np.sign(lam) * keep)) @ q.T, atol=1e-12
-    )
+    np.testing.assert_allclose(lmo(s, symmetric=True), (q * (np.sign(lam) * keep)) @ q.T, atol=1e-12)
+    np.testing.assert_allclose(lmo(s, symmetric=True, method="eigh"), (q * (np.sign(lam) * keep)) @ q.T, atol=1e-12)
     k = np.argmax(np.abs(lam))  # -5: the top |eigenvalue| pair keeps its sign
     np.testing.assert_allclose(
         lmo(s, "nuclear", symmetric=True), np.sign(lam[k]) * np.outer(q[:, k], q[:, k]), atol=1e-12

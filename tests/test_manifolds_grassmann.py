@@ -295,9 +295,7 @@ def test_expmap_agrees_with_integrated_geodesic_equation():
         k2 = rhs(tuple(s + 0.5 * h * k for s, k in zip(state, k1)))
         k3 = rhs(tuple(s + 0.5 * h * k for s, k in zip(state, k2)))
         k4 = rhs(tuple(s + h * k for s, k in zip(state, k3)))
-        state = tuple(
-            s + h / 6 * (a + 2 * b + 2 * c + d) for s, a, b, c, d in zip(state, k1, k2, k3, k4)
-        )
+        state = tuple(s + h / 6 * (a + 2 * b + 2 * c + d) for s, a, b, c, d in zip(state, k1, k2, k3, k4))
     assert torch.allclose(m.expmap(x0, v0), state[0], atol=1e-9)
 
 
@@ -452,9 +450,7 @@ def _dominant_problem(n: int = 8, p: int = 2) -> tuple[torch.Tensor, np.ndarray]
     [
         pytest.param(lambda ps: geoopt.optim.RiemannianSGD(ps, lr=0.05), id="sgd"),
         pytest.param(
-            lambda ps: geoopt.optim.RiemannianSGD(
-                ps, lr=0.03, momentum=0.5, nesterov=True, stabilize=10
-            ),
+            lambda ps: geoopt.optim.RiemannianSGD(ps, lr=0.03, momentum=0.5, nesterov=True, stabilize=10),
             id="sgd-nesterov",
         ),
         pytest.param(lambda ps: geoopt.optim.RiemannianAdam(ps, lr=0.05), id="adam"),

@@ -54,9 +54,7 @@ def manifold_cases():
             geo.Stiefel("embedded"),
             id="euclidean-stiefel",
         ),
-        pytest.param(
-            geoopt.Stiefel(), _stiefel(None, 7, 3), geo.Stiefel("canonical"), id="canonical-stiefel"
-        ),
+        pytest.param(geoopt.Stiefel(), _stiefel(None, 7, 3), geo.Stiefel("canonical"), id="canonical-stiefel"),
         pytest.param(
             geoopt.EuclideanStiefel(),
             _stiefel(None, 2, 3, 6, 2),
@@ -64,9 +62,7 @@ def manifold_cases():
             id="batched-stiefel",
         ),
         pytest.param(geoopt.SymmetricPositiveDefinite(), _spd(4, 4), geo.SPD(), id="spd"),
-        pytest.param(
-            geoopt.SymmetricPositiveDefinite(), _spd(3, 4, 4), geo.SPD(), id="batched-spd"
-        ),
+        pytest.param(geoopt.SymmetricPositiveDefinite(), _spd(3, 4, 4), geo.SPD(), id="batched-spd"),
         pytest.param(geoopt.Sphere(), _sphere(3, 5), geo.Sphere(), id="sphere"),
         pytest.param(
             geoopt.EuclideanStiefelExact(),
@@ -125,9 +121,7 @@ def test_plain_matrices_take_the_muon_step(shape):
     w.grad = torch.randn_like(w)
     IMuon([w], lr=LR, momentum=0.0, polar="svd").step()
     flat = (shape[0], -1)
-    xi = intrinsic_direction(
-        geo.Euclidean(), x0.reshape(flat), w.grad.reshape(flat), polar="svd"
-    ).xi
+    xi = intrinsic_direction(geo.Euclidean(), x0.reshape(flat), w.grad.reshape(flat), polar="svd").xi
     torch.testing.assert_close(w.detach(), x0 - LR * xi.reshape(shape), atol=1e-12, rtol=1e-12)
     # independent truth: a full-rank Muon step has all singular values equal to lr
     s = torch.linalg.svdvals((w.detach() - x0).reshape(flat))
@@ -222,9 +216,7 @@ def test_pair_factor_momentum_by_hand():
         b.grad, a.grad = gb.clone(), ga.clone()
         opt.step()
         mb, ma = beta * mb + gb, beta * ma + ga
-        xi_b, xi_a = intrinsic_direction(
-            geo.FixedRank(), (xb, xa), (gb + beta * mb, ga + beta * ma), polar="svd"
-        ).xi
+        xi_b, xi_a = intrinsic_direction(geo.FixedRank(), (xb, xa), (gb + beta * mb, ga + beta * ma), polar="svd").xi
         xb, xa = xb - LR * xi_b, xa - LR * xi_a
     torch.testing.assert_close(b.detach(), xb, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(a.detach(), xa, atol=1e-12, rtol=1e-12)
@@ -304,9 +296,7 @@ def test_adamw_fallback_matches_torch_adamw():
     kw = dict(lr=1e-2, weight_decay=0.05)
     bias = torch.nn.Parameter(torch.randn(7, dtype=DT))
     scalar = torch.nn.Parameter(torch.tensor(0.3, dtype=DT))
-    head = torch.nn.Parameter(
-        torch.randn(4, 3, dtype=DT)
-    )  # use_imuon=False: every plain tensor -> AdamW
+    head = torch.nn.Parameter(torch.randn(4, 3, dtype=DT))  # use_imuon=False: every plain tensor -> AdamW
     ref = [torch.nn.Parameter(t.detach().clone()) for t in (bias, scalar, head)]
     opt = IMuon(
         [{"params": [bias, scalar]}, {"params": [head], "use_imuon": False}],
@@ -388,7 +378,6 @@ def test_bfloat16_parameters_keep_their_dtype(polar):
     assert (step16 - step32).abs().max() < 0.02 * step32.abs().max() + 1e-2 * x16.abs().max()
 
 
-
 def _polar_svd(g):
     u, _, vh = torch.linalg.svd(g.double(), full_matrices=False)
     return u @ vh
@@ -413,9 +402,7 @@ def test_ns_dtype_rounds_only_the_orthogonalization():
     assert errors[None] < 1e-5
     assert 1e-3 < errors[torch.bfloat16] < 3e-2
 
-    x = geoopt.ManifoldParameter(
-        _stiefel(None, 64, 8).float(), manifold=geoopt.EuclideanStiefel()
-    )
+    x = geoopt.ManifoldParameter(_stiefel(None, 64, 8).float(), manifold=geoopt.EuclideanStiefel())
     opt = IMuon([x], lr=0.1, polar={"method": "newton_schulz", "dtype": torch.bfloat16})
     for _ in range(20):
         x.grad = torch.randn(64, 8)
@@ -564,8 +551,7 @@ def test_cuda_matches_cpu():
         torch.nn.Parameter(torch.randn(2, 5)),
     ]
     cuda_params = [
-        type(p)(p.detach().cuda(), **({"manifold": man} if hasattr(p, "manifold") else {}))
-        for p in cpu_params
+        type(p)(p.detach().cuda(), **({"manifold": man} if hasattr(p, "manifold") else {})) for p in cpu_params
     ]
     grads = [[torch.randn_like(p) for p in cpu_params] for _ in range(3)]
     for params in (cpu_params, cuda_params):

@@ -52,18 +52,13 @@ def _train(model: torch.nn.Module, net: Net, batches) -> None:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         net = Net()
         ddp = torch.nn.parallel.DistributedDataParallel(net)
         shard = GLOBAL_BATCH // world
-        batches = [
-            (x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard])
-            for x, y in _data()
-        ]
+        batches = [(x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]) for x, y in _data()]
         _train(ddp, net, batches)
         torch.save(net.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -77,9 +72,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.distributed
-@pytest.mark.skipif(
-    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
-)
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_ddp_matches_single_process(tmp_path):
     net = Net()
     _train(net, net, _data())

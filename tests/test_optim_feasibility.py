@@ -38,9 +38,7 @@ def test_ten_thousand_float32_steps_stay_feasible():
     b, a = torch.nn.Parameter(torch.randn(8, 2)), torch.nn.Parameter(torch.randn(2, 6))
     opt = IMuon([y, x, s, b, a], lr=0.01, pairs=[(b, a)], polar="svd")  # Nesterov 0.95
     frame_target = torch.randn(2, 8, 3)
-    spd_target = torch.diag(
-        torch.tensor([1e-2, 0.1, 1.0, 10.0])
-    )  # pulls towards an ill-conditioned SPD
+    spd_target = torch.diag(torch.tensor([1e-2, 0.1, 1.0, 10.0]))  # pulls towards an ill-conditioned SPD
     pair_target = torch.randn(8, 2) @ torch.randn(2, 6)
     noise = torch.randn(64, 2, 8, 3)
     pair_noise = 0.1 * torch.randn(64, 8, 6)

@@ -151,8 +151,9 @@ def _apply_full_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         # plain tensors: exactly fn(inputs), the very objects
         plain_in = [(fulls[0],)]
         sentinel = [(fulls[1],)]
-        res["plain_is_fn"] = D.apply_full([fulls[0]], plain_in, lambda fi: sentinel if fi is plain_in else None,
-                                          owner=True) is sentinel
+        res["plain_is_fn"] = (
+            D.apply_full([fulls[0]], plain_in, lambda fi: sentinel if fi is plain_in else None, owner=True) is sentinel
+        )
         torch.save(res, os.path.join(out_dir, f"apply{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -316,8 +317,9 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         # HSDP layout (mesh "replicate" x "shard", here 1 x 2) with matrices split by columns where FSDP allows it
         # (Shard(1) needs an even split: lin.weight, the LoRA pair and head; the 3-column frames stay by rows)
         mesh2d = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
-        net3 = _sharded_net(mesh2d, shard_placement_fn=lambda p: Shard(1) if p.ndim == 2 and p.shape[1] % 2 == 0
-                            else Shard(0))
+        net3 = _sharded_net(
+            mesh2d, shard_placement_fn=lambda p: Shard(1) if p.ndim == 2 and p.shape[1] % 2 == 0 else Shard(0)
+        )
         assert net3.lin.weight.placements == (Replicate(), Shard(1))
         opt3 = _optimizer(net3)
         for x, y in batches[:STEPS]:

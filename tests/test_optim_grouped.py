@@ -47,15 +47,20 @@ def _params(dtype=DT):
     mats.append(torch.nn.Parameter(torch.randn(3, 2, 2, dtype=dtype)))  # a convolution-like tensor, alone
     biases = [torch.nn.Parameter(torch.randn(4, dtype=dtype)) for _ in range(2)]
     manifold = [geoopt.ManifoldParameter(_orth(7, 3, dtype=dtype), manifold=emb) for _ in range(3)]
-    manifold += [geoopt.ManifoldParameter(_orth(7, 3, dtype=dtype), manifold=geoopt.CanonicalStiefel())
-                 for _ in range(2)]
+    manifold += [
+        geoopt.ManifoldParameter(_orth(7, 3, dtype=dtype), manifold=geoopt.CanonicalStiefel()) for _ in range(2)
+    ]
     manifold += [geoopt.ManifoldParameter(_orth(2, 6, 2, dtype=dtype), manifold=can)]
     manifold += [geoopt.ManifoldParameter(_spd(4, dtype), manifold=spd) for _ in range(2)]
-    manifold += [geoopt.ManifoldParameter(torch.nn.functional.normalize(torch.randn(3, 5, dtype=dtype), dim=-1),
-                                          manifold=sph) for _ in range(2)]
+    manifold += [
+        geoopt.ManifoldParameter(torch.nn.functional.normalize(torch.randn(3, 5, dtype=dtype), dim=-1), manifold=sph)
+        for _ in range(2)
+    ]
     manifold += [geoopt.ManifoldParameter(_orth(8, 2, dtype=dtype), manifold=Grassmann()) for _ in range(2)]
-    pairs = [(torch.nn.Parameter(torch.randn(7, 2, dtype=dtype)), torch.nn.Parameter(torch.randn(2, 5, dtype=dtype)))
-             for _ in range(3)]
+    pairs = [
+        (torch.nn.Parameter(torch.randn(7, 2, dtype=dtype)), torch.nn.Parameter(torch.randn(2, 5, dtype=dtype)))
+        for _ in range(3)
+    ]
     return mats, biases, manifold, pairs
 
 
@@ -469,8 +474,10 @@ def test_deprecated_keywords_warn_and_act_like_the_new_forms():
     bias0 = torch.randn(4, dtype=DT)
     g, gb = torch.randn(6, 4, dtype=DT), torch.randn(4, dtype=DT)
     old_kw = dict(ns_steps=3, ns_dtype=torch.float32, fallback_lr=0.2, betas=(0.8, 0.9), eps=1e-6, p=None)
-    new_kw = dict(polar={"method": "newton_schulz", "steps": 3, "dtype": torch.float32},
-                  fallback={"name": "adamw", "lr": 0.2, "betas": (0.8, 0.9), "eps": 1e-6})
+    new_kw = dict(
+        polar={"method": "newton_schulz", "steps": 3, "dtype": torch.float32},
+        fallback={"name": "adamw", "lr": 0.2, "betas": (0.8, 0.9), "eps": 1e-6},
+    )
     out = []
     for kw in (old_kw, new_kw):
         w, bias = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(bias0.clone())
@@ -587,8 +594,9 @@ def test_chunked_groups_take_the_same_step(monkeypatch):
     clones = {id(p): _clone(p) for p in params}
     grads = _grads(params, 2)
     opt = IMuon(params, lr=0.05, polar="svd", pairs=pairs)
-    ref = IMuon([clones[id(p)] for p in params], lr=0.05, polar="svd",
-                pairs=[(clones[id(b)], clones[id(a)]) for b, a in pairs])
+    ref = IMuon(
+        [clones[id(p)] for p in params], lr=0.05, polar="svd", pairs=[(clones[id(b)], clones[id(a)]) for b, a in pairs]
+    )
     for gs in grads:
         for p, g in zip(params, gs):
             p.grad, clones[id(p)].grad = g.clone(), g.clone()

@@ -98,16 +98,12 @@ def test_backtracking_keeps_factors_full_rank():
 
 def test_ill_conditioned_factor_may_not_degrade_further():
     """Below the sqrt(eps) guard the product's s_min / s_max may not shrink: such a step is refused."""
-    b0 = torch.tensor(
-        [[1.0, 0.0], [0.0, 1e-5], [0.0, 0.0]]
-    )  # float32, ratio 1e-5 < sqrt(eps) ~ 3.5e-4
+    b0 = torch.tensor([[1.0, 0.0], [0.0, 1e-5], [0.0, 0.0]])  # float32, ratio 1e-5 < sqrt(eps) ~ 3.5e-4
     a0 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     b, a = nn.Parameter(b0.clone()), nn.Parameter(a0.clone())
     b.grad = torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # pushes the small column to zero
     a.grad = torch.zeros_like(a)
-    opt = IMuon(
-        [b, a], lr=1e-6, momentum=0.0, polar="svd", pairs=[(b, a)]
-    )  # does not jump across 0
+    opt = IMuon([b, a], lr=1e-6, momentum=0.0, polar="svd", pairs=[(b, a)])  # does not jump across 0
     opt.step()
     assert torch.equal(b.detach(), b0) and torch.equal(a.detach(), a0)
     b.grad = -b.grad  # the opposite direction improves the conditioning: taken in full
@@ -139,9 +135,7 @@ def test_rank_guard_is_gauge_invariant():
 class LoraLinear(nn.Module):
     """PEFT-style LoRA layer: base_layer, lora_A / lora_B ModuleDicts, scaling dict, B = 0."""
 
-    def __init__(
-        self, d_in: int, d_out: int, r: int, alpha: float = 4.0, fan_in_fan_out: bool = False
-    ):
+    def __init__(self, d_in: int, d_out: int, r: int, alpha: float = 4.0, fan_in_fan_out: bool = False):
         super().__init__()
         self.base_layer = nn.Linear(d_in, d_out, bias=True).double()
         if fan_in_fan_out:  # GPT-2 Conv1D stores the weight as (in, out)
@@ -186,9 +180,7 @@ def test_lora_pairs_by_parameter_name():
         def __init__(self) -> None:
             super().__init__()
             self.block = nn.Module()
-            self.block.lora_A = (
-                nn.Module()
-            )  # no lora_B attribute on the same module: names must do it
+            self.block.lora_A = nn.Module()  # no lora_B attribute on the same module: names must do it
             self.block.lora_A.default = nn.Parameter(torch.randn(2, 6))
             self.block.extra = nn.Module()
             self.block.extra.lora_B = nn.Module()
@@ -221,9 +213,7 @@ def test_full_rank_lora_init_keeps_the_function():
     assert full_rank_lora_model_init_(model) == 2
     torch.testing.assert_close(model(x).detach(), before, atol=1e-12, rtol=1e-12)
     for b, a in lora_pairs(model):
-        assert (
-            torch.linalg.matrix_rank(b) == b.shape[1] and torch.linalg.matrix_rank(a) == a.shape[0]
-        )
+        assert torch.linalg.matrix_rank(b) == b.shape[1] and torch.linalg.matrix_rank(a) == a.shape[0]
 
     # and IMuon now trains the adapters (base frozen, norm via AdamW)
     base = model.q_proj.base_layer.weight.detach().clone()

@@ -42,9 +42,7 @@ class Mixed(torch.nn.Module):
         return (h**2).mean() + 0.1 * c + 0.01 * geo_terms
 
     def optimizer(self, **kw) -> IMuon:
-        return IMuon(
-            self.parameters(), lr=0.01, pairs=[(self.lora_b, self.lora_a)], polar="svd", **kw
-        )
+        return IMuon(self.parameters(), lr=0.01, pairs=[(self.lora_b, self.lora_a)], polar="svd", **kw)
 
 
 def _train(model: Mixed, opt: IMuon, data: list[torch.Tensor]) -> None:
@@ -172,9 +170,7 @@ def _same(snap_a, snap_b) -> bool:
     def eq(x, y) -> bool:
         return torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
 
-    return all(
-        sa[k].keys() == sb[k].keys() and all(eq(sa[k][n], sb[k][n]) for n in sa[k]) for k in sa
-    )
+    return all(sa[k].keys() == sb[k].keys() and all(eq(sa[k][n], sb[k][n]) for n in sa[k]) for k in sa)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -240,6 +236,4 @@ def test_stabilize_projects_back_onto_the_manifold():
     p.data.add_(1e-7)  # drift that the next stabilize removes
     p.grad = torch.randn_like(p)
     opt.step()
-    torch.testing.assert_close(
-        p.detach().mT @ p.detach(), torch.eye(2, dtype=DT), atol=1e-12, rtol=0
-    )
+    torch.testing.assert_close(p.detach().mT @ p.detach(), torch.eye(2, dtype=DT), atol=1e-12, rtol=0)

@@ -498,6 +498,4 @@ def test_cuda_matches_cpu():
         torch.testing.assert_close(z.cpu(), polar(x, method=method), atol=1e-10, rtol=0)
     zb = polar(x.float().cuda(), method="newton_schulz", dtype=torch.bfloat16)
     assert zb.dtype == torch.float32
-    torch.testing.assert_close(
-        zb.cpu().double(), polar(x, method="newton_schulz"), atol=5e-2, rtol=0
-    )
+    torch.testing.assert_close(zb.cpu().double(), polar(x, method="newton_schulz"), atol=5e-2, rtol=0)

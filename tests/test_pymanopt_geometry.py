@@ -95,8 +95,7 @@ def make_problem(manifold, seed: int = 0):
 
     def egrad_fn(x):
         grads = [
-            leaf_grad(m, p, c, w)
-            for m, p, (c, w) in zip(comps, x if isinstance(manifold, pm.Product) else [x], data)
+            leaf_grad(m, p, c, w) for m, p, (c, w) in zip(comps, x if isinstance(manifold, pm.Product) else [x], data)
         ]
         return grads if isinstance(manifold, pm.Product) else grads[0]
 
@@ -170,9 +169,7 @@ def _ambient(manifold, x, xi):
 def _host_tangent(manifold, x, xi):
     """Core direction -> Pymanopt tangent: the manifold's projection of the dense direction."""
     if isinstance(manifold, pm.Product):
-        return manifold.projection(
-            x, [_ambient(m, a, b) for m, a, b in zip(manifold.manifolds, x, xi)]
-        )
+        return manifold.projection(x, [_ambient(m, a, b) for m, a, b in zip(manifold.manifolds, x, xi)])
     if isinstance(manifold, pm.FixedRankEmbedded):
         return manifold.projection(x, _ambient(manifold, x, xi))
     return _ambient(manifold, x, xi)
@@ -219,9 +216,7 @@ def test_one_iteration_is_core_direction_then_retraction(name):
     cx, ce = _core_inputs(manifold, x0, egrad(x0))
     d = intrinsic_direction(_core_geometry(manifold), cx, ce)
     expected = manifold.retraction(x0, -eta * _host_tangent(manifold, x0, d.xi))
-    _assert_tree_close(
-        _points(manifold, result.point), _points(manifold, expected), rtol=1e-10, atol=1e-12
-    )
+    _assert_tree_close(_points(manifold, result.point), _points(manifold, expected), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", sorted(MANIFOLDS))
@@ -237,9 +232,7 @@ def test_gap_is_the_directional_derivative(name):
     np.testing.assert_allclose(manifold.inner_product(x, rgrad, xi), d.gap, rtol=1e-9)
     # The Riemannian gradient lowered by the metric gives the same direction.
     d2 = intrinsic_direction(host.geometry, host.core_point(x), host.flat(x, rgrad))
-    _assert_tree_close(
-        _dense(manifold, x, host.tangent(x, d2.xi)), _dense(manifold, x, xi), atol=1e-9
-    )
+    _assert_tree_close(_dense(manifold, x, host.tangent(x, d2.xi)), _dense(manifold, x, xi), atol=1e-9)
     f0 = problem.cost(x)
     slopes = [(problem.cost(manifold.retraction(x, -t * xi)) - f0) / t for t in (1e-4, 1e-5)]
     assert abs(slopes[-1] + d.gap) <= 1e-3 * max(1.0, d.gap)
@@ -260,11 +253,7 @@ def test_fixed_rank_direction_matches_ambient_formula():
     host = host_geometry(manifold)
     d = intrinsic_direction(host.geometry, host.core_point(x), host.core_egrad(x, egrad))
     ambient = host.ambient(x, d.xi)
-    assert (
-        isinstance(ambient, tuple)
-        and ambient[0].shape == (m, 2 * k)
-        and ambient[2].shape == (n, 2 * k)
-    )
+    assert isinstance(ambient, tuple) and ambient[0].shape == (m, 2 * k) and ambient[2].shape == (n, 2 * k)
     xi = host.tangent(x, d.xi)
     expected = _polar(gamma @ vt.T) @ vt + u @ _polar(u.T @ gamma)
     np.testing.assert_allclose(_dense(manifold, x, xi), expected, atol=1e-10)
@@ -308,9 +297,7 @@ def test_host_geometry_keeps_the_manifold_tangent_types():
     manifold = MANIFOLDS["product"]()
     problem, x, egrad = make_problem(manifold)
     host = host_geometry(manifold)
-    xi = host.tangent(
-        x, intrinsic_direction(host.geometry, host.core_point(x), host.core_egrad(x, egrad(x))).xi
-    )
+    xi = host.tangent(x, intrinsic_direction(host.geometry, host.core_point(x), host.core_egrad(x, egrad(x))).xi)
     assert type(xi) is type(manifold.zero_vector(x))
     assert type(xi[2]) is type(manifold.manifolds[2].zero_vector(x[2]))
     manifold.retraction(x, -0.1 * xi)  # arithmetic and retraction work on the host types
@@ -402,8 +389,7 @@ def test_fixed_rank_gradient_forms_agree():
     np.testing.assert_allclose(expected[1], np.sqrt(s)[:, None] * (u.T @ gamma), atol=1e-12)
     for form in (gamma, sp.csr_matrix(gamma), factored):
         _assert_tree_close(host.core_egrad(x, form), expected, atol=1e-12)
-        _assert_tree_close(host.gradients(x, form), host.gradients(x, factors),
-                           atol=1e-12)
+        _assert_tree_close(host.gradients(x, form), host.gradients(x, factors), atol=1e-12)
     with pytest.raises(ValueError, match="factor gradients"):
         host.core_egrad(x, gamma[:, :3])
 
@@ -418,9 +404,7 @@ def test_fixed_rank_riemannian_gradient_is_the_projection():
         projected = manifold.projection(x, gamma)
         _assert_tree_close(rgrad, projected, atol=1e-12)
         if distinct:
-            _assert_tree_close(
-                rgrad, manifold.euclidean_to_riemannian_gradient(x, factors), atol=1e-10
-            )
+            _assert_tree_close(rgrad, manifold.euclidean_to_riemannian_gradient(x, factors), atol=1e-10)
         else:
             with np.errstate(all="ignore"):
                 pymanopt_rgrad = manifold.euclidean_to_riemannian_gradient(x, factors)

@@ -246,12 +246,8 @@ def test_momentum_converges_and_uses_transport(momentum, nesterov, monkeypatch):
     problem, x0, optimum, _ = pca_problem("stiefel", n=30, p=3)
     calls = []
     transport = problem.manifold.transport
-    monkeypatch.setattr(
-        problem.manifold, "transport", lambda a, b, v: calls.append(1) or transport(a, b, v)
-    )
-    result = IMuon(momentum=momentum, nesterov=nesterov, max_iterations=3000, **QUIET).run(
-        problem, initial_point=x0
-    )
+    monkeypatch.setattr(problem.manifold, "transport", lambda a, b, v: calls.append(1) or transport(a, b, v))
+    result = IMuon(momentum=momentum, nesterov=nesterov, max_iterations=3000, **QUIET).run(problem, initial_point=x0)
     assert abs(result.cost - optimum) <= 1e-8 * abs(optimum)
     assert len(calls) >= result.iterations - 5
 
@@ -407,9 +403,7 @@ def test_min_gradient_norm():
     assert result.gradient_norm < 1e-3
     assert "min grad norm" in result.stopping_criterion
     rgrad = problem.riemannian_gradient(result.point)
-    np.testing.assert_allclose(
-        problem.manifold.norm(result.point, rgrad), result.gradient_norm, rtol=1e-10
-    )
+    np.testing.assert_allclose(problem.manifold.norm(result.point, rgrad), result.gradient_norm, rtol=1e-10)
 
 
 def test_max_time():
@@ -437,9 +431,7 @@ def test_max_cost_evaluations_counts_real_evaluations():
 
 def test_min_lmo_gap():
     problem, x0, _, _ = pca_problem()
-    result = IMuon(min_lmo_gap=1e-2, min_gradient_norm=0.0, log_verbosity=1, **QUIET).run(
-        problem, initial_point=x0
-    )
+    result = IMuon(min_lmo_gap=1e-2, min_gradient_norm=0.0, log_verbosity=1, **QUIET).run(problem, initial_point=x0)
     assert "min LMO gap" in result.stopping_criterion
     gaps = result.log["iterations"]["lmo_gap"]
     assert gaps[-1] < 1e-2 <= gaps[-2]
@@ -517,9 +509,7 @@ def test_armijo_slope_is_the_lmo_gap(monkeypatch):
 )
 def test_schedules_run_and_decrease(rule):
     problem, x0, _, _ = pca_problem()
-    result = IMuon(step_size=rule, max_iterations=60, log_verbosity=1, **QUIET).run(
-        problem, initial_point=x0
-    )
+    result = IMuon(step_size=rule, max_iterations=60, log_verbosity=1, **QUIET).run(problem, initial_point=x0)
     assert result.iterations == 60
     assert result.cost < problem.cost(x0)
     assert result.cost_evaluations == 61  # schedules evaluate the cost once per new point
@@ -565,9 +555,7 @@ def test_custom_geometry_for_an_unsupported_manifold():
 
         def project(self, state, egrad):
             radial = (state * egrad).sum(-2, keepdim=True)
-            return (
-                (egrad - radial * state).mT.unsqueeze(-1),
-            )  # (p, n, 1): a batch of column vectors
+            return ((egrad - radial * state).mT.unsqueeze(-1),)  # (p, n, 1): a batch of column vectors
 
         def whiten(self, state, blocks):
             return blocks
@@ -588,9 +576,7 @@ def test_custom_geometry_for_an_unsupported_manifold():
     x0 = mani.random_point()
     with pytest.raises(TypeError, match="geometry="):
         IMuon(**QUIET).run(pymanopt.Problem(mani, cost), initial_point=x0)
-    result = IMuon(geometry=ObliqueColumns(), **QUIET).run(
-        pymanopt.Problem(mani, cost), initial_point=x0
-    )
+    result = IMuon(geometry=ObliqueColumns(), **QUIET).run(pymanopt.Problem(mani, cost), initial_point=x0)
     np.testing.assert_allclose(result.point, target / np.linalg.norm(target, axis=0), atol=1e-6)
 
 
@@ -681,9 +667,7 @@ def test_nan_gradient_stops_with_a_finite_point():
         calls.append(1)
         return np.full_like(x, np.nan) if len(calls) > 3 else -2.0 * (cov @ x)
 
-    result = IMuon(**QUIET).run(
-        pymanopt.Problem(mani, cost, euclidean_gradient=egrad), initial_point=x0
-    )
+    result = IMuon(**QUIET).run(pymanopt.Problem(mani, cost, euclidean_gradient=egrad), initial_point=x0)
     assert "non-finite" in result.stopping_criterion
     assert np.all(np.isfinite(result.point)) and math.isfinite(result.cost)
     assert result.iterations == 3

@@ -105,8 +105,9 @@ def check_matrix(name: str, t: torch.Tensor, *, min_ndim: int = 2) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch tensor or numpy array, got {type(t).__name__}")
     if t.ndim < min_ndim:
-        raise ValueError(f"{name} must have at least {min_ndim} dimensions (..., rows, cols), got shape "
-                         f"{tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must have at least {min_ndim} dimensions (..., rows, cols), got shape {tuple(t.shape)}"
+        )
     if not t.is_floating_point():
         raise ValueError(f"{name} must be a floating-point array, got dtype {t.dtype}")
 

@@ -79,9 +79,7 @@ def _check_chain(b: torch.Tensor, a: torch.Tensor) -> None:
     if r == 0:
         raise ValueError(f"rank r = 0 (B {tuple(b.shape)}, A {tuple(a.shape)}): a fixed-rank point needs r >= 1")
     if b.shape[-2] < r or a.shape[-1] < r:
-        raise ValueError(
-            f"rank r = {r} exceeds a dimension: B {tuple(b.shape)}, A {tuple(a.shape)}; {RANK_HINT}"
-        )
+        raise ValueError(f"rank r = {r} exceeds a dimension: B {tuple(b.shape)}, A {tuple(a.shape)}; {RANK_HINT}")
 
 
 class FixedRank(MetricOperator):
@@ -91,9 +89,7 @@ class FixedRank(MetricOperator):
 
     def __init__(self, factorization: str = "qr", *, check: bool = True) -> None:
         if factorization not in _FACTORIZATIONS:
-            raise ValueError(
-                f"unknown factorization {factorization!r}; expected one of {_FACTORIZATIONS}"
-            )
+            raise ValueError(f"unknown factorization {factorization!r}; expected one of {_FACTORIZATIONS}")
         self.factorization = factorization
         #: raise on a rank-deficient factor in ``at`` (one host synchronization); ``False`` leaves the
         #: detection (non-finite directions) to the caller, e.g. an optimizer that avoids host syncs.

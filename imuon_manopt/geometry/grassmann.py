@@ -27,9 +27,7 @@ class Grassmann(MetricOperator):
 
     def __init__(self, representative: str = "orthonormal") -> None:
         if representative not in _REPRESENTATIVES:
-            raise ValueError(
-                f"unknown Grassmann representative {representative!r}; expected one of {_REPRESENTATIVES}"
-            )
+            raise ValueError(f"unknown Grassmann representative {representative!r}; expected one of {_REPRESENTATIVES}")
         self.representative = representative
 
     def at(self, x: torch.Tensor):

@@ -28,14 +28,15 @@ class Product(MetricOperator):
     def _check(self, seq, what: str):
         if not isinstance(seq, (list, tuple)) or len(seq) != len(self.factors):
             n = len(seq) if isinstance(seq, (list, tuple)) else type(seq).__name__
-            raise ValueError(f"Product of {len(self.factors)} factors needs a list of {len(self.factors)} "
-                             f"{what}, got {n}")
+            raise ValueError(
+                f"Product of {len(self.factors)} factors needs a list of {len(self.factors)} {what}, got {n}"
+            )
         return seq
 
     def _split(self, blocks: Blocks) -> list[Blocks]:
         out, start = [], 0
         for size in self._sizes:
-            out.append(tuple(blocks[start:start + size]))
+            out.append(tuple(blocks[start : start + size]))
             start += size
         return out
 
@@ -47,12 +48,10 @@ class Product(MetricOperator):
         return tuple(b for f, s, e in zip(self.factors, state, egrad) for b in f.project(s, e))
 
     def whiten(self, state, blocks: Blocks) -> Blocks:
-        return tuple(b for f, s, bl in zip(self.factors, state, self._split(blocks))
-                     for b in f.whiten(s, bl))
+        return tuple(b for f, s, bl in zip(self.factors, state, self._split(blocks)) for b in f.whiten(s, bl))
 
     def unwhiten(self, state, blocks: Blocks) -> Blocks:
-        return tuple(b for f, s, bl in zip(self.factors, state, self._split(blocks))
-                     for b in f.unwhiten(s, bl))
+        return tuple(b for f, s, bl in zip(self.factors, state, self._split(blocks)) for b in f.unwhiten(s, bl))
 
     def block_ranks(self, state) -> tuple[int | None, ...] | None:
         per = [f.block_ranks(s) for f, s in zip(self.factors, state)]

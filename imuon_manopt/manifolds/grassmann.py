@@ -93,9 +93,7 @@ class Grassmann(geoopt.Manifold):
     def __init__(self, retraction: str = "polar") -> None:
         super().__init__()
         if retraction not in _RETRACTIONS:
-            raise ValueError(
-                f"unknown Grassmann retraction {retraction!r}; expected one of {_RETRACTIONS}"
-            )
+            raise ValueError(f"unknown Grassmann retraction {retraction!r}; expected one of {_RETRACTIONS}")
         self.retraction = retraction
 
     def extra_repr(self) -> str:
@@ -136,8 +134,7 @@ class Grassmann(geoopt.Manifold):
     ) -> tuple[bool, str | None]:
         if u.shape[-2:] != x.shape[-2:]:
             return False, (
-                f"`u` should have the point's trailing shape {tuple(x.shape[-2:])}, "
-                f"got {tuple(u.shape[-2:])}"
+                f"`u` should have the point's trailing shape {tuple(x.shape[-2:])}, got {tuple(u.shape[-2:])}"
             )
         if not bool(torch.isfinite(u).all()):
             return False, "`u` has non-finite entries (nan or inf)"
@@ -167,9 +164,7 @@ class Grassmann(geoopt.Manifold):
             v = u
         return (u * v).sum(dim=(-1, -2), keepdim=keepdim)
 
-    def component_inner(
-        self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def component_inner(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
         """One inner product per point, shape ``(..., 1, 1)``.
 
         ``RiemannianAdam`` keeps its second moment from this. Per-entry products would depend on
@@ -263,16 +258,12 @@ class Grassmann(geoopt.Manifold):
         """Vector transport by projection onto the horizontal space at ``y``."""
         return self.proju(y, v)
 
-    def retr_transp(
-        self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def retr_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``y = retr(x, u)`` and ``v`` transported to ``y``."""
         y = self.retr(x, u)
         return y, self.transp(x, y, v)
 
-    def expmap_transp(
-        self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def expmap_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``y = expmap(x, u)`` and ``v`` transported (by projection) to ``y``."""
         y = self.expmap(x, u)
         return y, self.transp(x, y, v)
@@ -281,9 +272,7 @@ class Grassmann(geoopt.Manifold):
         """Transport ``v`` from ``x`` to ``retr(x, u)``."""
         return self.retr_transp(x, u, v)[1]
 
-    def transp_follow_expmap(
-        self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor:
+    def transp_follow_expmap(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Transport ``v`` from ``x`` to ``expmap(x, u)``."""
         return self.expmap_transp(x, u, v)[1]
 

@@ -161,9 +161,7 @@ def batch_key(manifold: geoopt.Manifold) -> Any:
     a manifold holding tensors (e.g. a curvature) is keyed by identity."""
     if any(True for _ in manifold.parameters()) or any(True for _ in manifold.buffers()):
         return ("instance", id(manifold))
-    simple = tuple(
-        sorted((k, repr(v)) for k, v in vars(manifold).items() if not k.startswith("_") and k != "training")
-    )
+    simple = tuple(sorted((k, repr(v)) for k, v in vars(manifold).items() if not k.startswith("_") and k != "training"))
     return (type(manifold), simple)
 
 

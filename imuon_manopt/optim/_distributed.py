@@ -136,9 +136,7 @@ def like(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return t
     if isinstance(t, DTensor):
         return t
-    return DTensor.from_local(
-        t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
-    )
+    return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
 @contextmanager
@@ -226,9 +224,9 @@ _sinks: list[CommStats] = [comm_stats]
 def measure_comm() -> Iterator[CommStats]:
     """Record the optimizer's traffic (:func:`apply_full`, :func:`agree`) inside the block, on this process::
 
-        with measure_comm() as s:
-            opt.step()
-        print(s.bytes_sent, s.bytes_received, s.collectives)
+    with measure_comm() as s:
+        opt.step()
+    print(s.bytes_sent, s.bytes_received, s.collectives)
     """
     s = CommStats()
     _sinks.append(s)
@@ -681,8 +679,10 @@ def agree(flag: torch.Tensor, params: Iterable[torch.Tensor]) -> torch.Tensor:
 def _call(fn: FullFn, full_inputs: list[tuple[torch.Tensor, ...]], items: list[int]) -> list[tuple[torch.Tensor, ...]]:
     outs = [tuple(o) for o in fn(full_inputs)]
     if len(outs) != len(items):
-        raise ValueError(f"apply_full: fn returned {len(outs)} results for {len(items)} inputs; it must return one "
-                         "tuple per input tuple")
+        raise ValueError(
+            f"apply_full: fn returned {len(outs)} results for {len(items)} inputs; it must return one "
+            "tuple per input tuple"
+        )
     return outs
 
 

@@ -63,19 +63,48 @@ def fallback_outputs(
         beta = group["momentum"]
         if wd > 0:
             torch._foreach_mul_(new_x, 1.0 - lr * wd)
-        bufs = [None if beta == 0 or "momentum_buffer" not in s else _copy(s["momentum_buffer"], x)
-                for s, x in zip(states, new_x)]
-        sgd(new_x, g, bufs, foreach=True, weight_decay=0.0, momentum=beta, lr=lr, dampening=0.0,
-            nesterov=group["nesterov"] and beta > 0, maximize=False)
+        bufs = [
+            None if beta == 0 or "momentum_buffer" not in s else _copy(s["momentum_buffer"], x)
+            for s, x in zip(states, new_x)
+        ]
+        sgd(
+            new_x,
+            g,
+            bufs,
+            foreach=True,
+            weight_decay=0.0,
+            momentum=beta,
+            lr=lr,
+            dampening=0.0,
+            nesterov=group["nesterov"] and beta > 0,
+            maximize=False,
+        )
         return new_x, ({"momentum_buffer": bufs} if beta > 0 else {})
     m = [_copy(s.get("exp_avg"), x) for s, x in zip(states, new_x)]
     v = [_copy(s.get("exp_avg_sq"), x) for s, x in zip(states, new_x)]
     if capturable:
-        steps = [torch.as_tensor(s.get("step", 0), dtype=torch.float32, device=x.device).clone()
-                 for s, x in zip(states, new_x)]
+        steps = [
+            torch.as_tensor(s.get("step", 0), dtype=torch.float32, device=x.device).clone()
+            for s, x in zip(states, new_x)
+        ]
     else:
         steps = [torch.tensor(float(host_step(s.get("step", 0)))) for s in states]
     beta1, beta2 = group["betas"]
-    adamw(new_x, g, m, v, [], steps, foreach=True, capturable=capturable, amsgrad=False, beta1=beta1,
-          beta2=beta2, lr=lr, weight_decay=wd, eps=group["eps"], maximize=False)
+    adamw(
+        new_x,
+        g,
+        m,
+        v,
+        [],
+        steps,
+        foreach=True,
+        capturable=capturable,
+        amsgrad=False,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=wd,
+        eps=group["eps"],
+        maximize=False,
+    )
     return new_x, {"exp_avg": m, "exp_avg_sq": v}

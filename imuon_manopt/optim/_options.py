@@ -154,8 +154,7 @@ def check_options(opts: dict[str, Any], where: str = "") -> None:
     fn = opts["adjust_lr_fn"]
     if fn is not None and not callable(fn) and fn not in ADJUST_NAMES:
         raise ValueError(
-            f"{where}unknown adjust_lr_fn={fn!r}; expected None, one of {ADJUST_NAMES} or a callable "
-            "(lr, (a, b)) -> lr"
+            f"{where}unknown adjust_lr_fn={fn!r}; expected None, one of {ADJUST_NAMES} or a callable (lr, (a, b)) -> lr"
         )
     if opts["pair_momentum"] not in PAIR_MOMENTUM:
         raise ValueError(f"{where}unknown pair_momentum={opts['pair_momentum']!r}; expected one of {PAIR_MOMENTUM}")
@@ -165,11 +164,7 @@ def check_options(opts: dict[str, Any], where: str = "") -> None:
     if flr is not None and (not _real(flr) or not flr >= 0.0 or not math.isfinite(flr)):
         raise ValueError(f"{where}invalid fallback_lr: {flr!r} (must be None or finite and >= 0)")
     betas = opts["betas"]
-    if (
-        not isinstance(betas, (tuple, list))
-        or len(betas) != 2
-        or not all(_real(b) and 0.0 <= b < 1.0 for b in betas)
-    ):
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(_real(b) and 0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"{where}invalid betas: {betas!r} (must be two numbers in [0, 1))")
     if not _real(opts["eps"]) or not opts["eps"] >= 0.0:
         raise ValueError(f"{where}invalid eps: {opts['eps']!r} (must be >= 0)")

@@ -573,5 +573,3 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
                 if rule.covector_update:  # geoopt's proju takes a covector here: proju(flat(v)) = v on tangents
                     v = geometry.flat(geometry.at(x), v)
                 buf.copy_(manifold.proju(x, v))
-
-

@@ -193,8 +193,7 @@ def full_rank_lora_init_(
     """
     if not (_chains(B, A)):
         raise ValueError(
-            f"B must have shape (out, r) and A shape (r, in); got B {tuple(B.shape)} and A "
-            f"{tuple(A.shape)}"
+            f"B must have shape (out, r) and A shape (r, in); got B {tuple(B.shape)} and A {tuple(A.shape)}"
         )
     m, r = B.shape
     n = A.shape[1]
@@ -206,15 +205,11 @@ def full_rank_lora_init_(
             f"A {tuple(A.shape)} (fan_in_fan_out={fan_in_fan_out})"
         )
     if r > min(m, n):
-        raise ValueError(
-            f"rank r = {r} exceeds min(out, in) = {min(m, n)}: no full-rank factors exist"
-        )
+        raise ValueError(f"rank r = {r} exceeds min(out, in) = {min(m, n)}: no full-rank factors exist")
     if not init_scale > 0:
         raise ValueError(f"init_scale must be positive, got {init_scale}")
     b_old, a_old = B.detach().to(torch.float64), A.detach().to(torch.float64)
-    b_new = (
-        b_old if _full_rank(B.detach()) else init_scale * _orthonormal(m, r, generator=generator)
-    )
+    b_new = b_old if _full_rank(B.detach()) else init_scale * _orthonormal(m, r, generator=generator)
     a_new = a_old if _full_rank(A.detach().mT) else _orthonormal(n, r, generator=generator).mT
     if b_new is b_old and a_new is a_old:
         return

@@ -73,22 +73,16 @@ SUPPORTED = (
 
 def _tol(dtype: np.dtype) -> float:
     """Tolerance of the on-manifold checks: ``10 sqrt(eps)`` of the dtype (1.5e-7 for float64)."""
-    return (
-        10.0 * float(np.sqrt(np.finfo(dtype).eps)) if np.issubdtype(dtype, np.floating) else 1.5e-7
-    )
+    return 10.0 * float(np.sqrt(np.finfo(dtype).eps)) if np.issubdtype(dtype, np.floating) else 1.5e-7
 
 
 def _as_float_array(name: str, x: Any, shape: tuple[int, ...]) -> np.ndarray:
     if not isinstance(x, np.ndarray):
-        raise ValueError(
-            f"{name}: a point must be a numpy array of shape {shape}, got {type(x).__name__}"
-        )
+        raise ValueError(f"{name}: a point must be a numpy array of shape {shape}, got {type(x).__name__}")
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name}: a point must have shape {shape}, got {tuple(x.shape)}")
     if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(
-            f"{name}: a point must be a real floating-point array, got dtype {x.dtype}"
-        )
+        raise ValueError(f"{name}: a point must be a real floating-point array, got dtype {x.dtype}")
     if not np.all(np.isfinite(x)):
         raise ValueError(f"{name}: the point has NaN or infinite entries")
     return x
@@ -167,8 +161,7 @@ class HostGeometry:
         if shape is None or tuple(shape) != x.shape:
             got = tuple(shape) if shape is not None else type(g).__name__
             raise ValueError(
-                f"{self.name}: the problem's {name} returned {got}; it must be an array of the "
-                f"point's shape {x.shape}"
+                f"{self.name}: the problem's {name} returned {got}; it must be an array of the point's shape {x.shape}"
             )
 
     def flat(self, x: Any, v: Any) -> Any:
@@ -253,9 +246,7 @@ class _Frames(HostGeometry):
 
     def __init__(self, manifold):
         super().__init__(manifold)
-        self.geometry = (
-            Stiefel("embedded") if isinstance(manifold, pm.Stiefel) else Grassmann("orthonormal")
-        )
+        self.geometry = Stiefel("embedded") if isinstance(manifold, pm.Stiefel) else Grassmann("orthonormal")
 
     flat = _identity_flat
 
@@ -294,7 +285,6 @@ class _SPD(HostGeometry):
     def core_egrad(self, x, egrad):
         e = np.asarray(egrad)
         return 0.5 * (e + np.swapaxes(e, -1, -2))
-
 
 
 def _polar_tall(h: np.ndarray) -> tuple[np.ndarray, float]:
@@ -484,9 +474,7 @@ class _Product(HostGeometry):
     def check_point(self, x):
         if not isinstance(x, (list, tuple)) or len(x) != len(self.parts):
             n = len(x) if isinstance(x, (list, tuple)) else type(x).__name__
-            raise ValueError(
-                f"Product: a point is a list of {len(self.parts)} component points, got {n}"
-            )
+            raise ValueError(f"Product: a point is a list of {len(self.parts)} component points, got {n}")
         for part, xi in zip(self.parts, x):
             part.check_point(xi)
 
@@ -531,9 +519,7 @@ class _Custom(HostGeometry):
 
     def tangent(self, x, xi):
         if isinstance(self.manifold, pm.Product) and type(xi) is list:
-            return type(self.manifold.zero_vector(x))(
-                xi
-            )  # Pymanopt's product tangent type (supports +, *)
+            return type(self.manifold.zero_vector(x))(xi)  # Pymanopt's product tangent type (supports +, *)
         return xi
 
 

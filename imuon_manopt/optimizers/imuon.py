@@ -46,6 +46,7 @@ __all__ = ["IMuon"]
 
 _POLARS = ("svd", "newton_schulz")
 
+
 def _finite(tree: Any) -> bool:
     """True when every array in a (nested tuple/list of) numpy arrays or scalars is finite."""
     if isinstance(tree, np.ndarray):
@@ -137,17 +138,11 @@ class IMuon(Optimizer):
         self._step_size = resolve_step_size(step_size)
         self.step_size_rule: StepSizeRule | None = None
 
-        if (
-            isinstance(momentum, bool)
-            or not isinstance(momentum, (int, float))
-            or not 0.0 <= momentum < 1.0
-        ):
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be a float in [0, 1), got {momentum!r}")
         self._momentum = float(momentum)
         if not isinstance(nesterov, (bool, np.bool_)):
-            raise ValueError(
-                f"nesterov must be True (Nesterov momentum) or False (heavy ball), got {nesterov!r}"
-            )
+            raise ValueError(f"nesterov must be True (Nesterov momentum) or False (heavy ball), got {nesterov!r}")
         self._nesterov = bool(nesterov)
 
         if norm == "schatten" and p is None:
@@ -159,9 +154,7 @@ class IMuon(Optimizer):
         if polar not in _POLARS:
             raise ValueError(f"unknown polar {polar!r}; expected one of {_POLARS}")
         if polar == "newton_schulz" and self._norm != "spectral":
-            raise ValueError(
-                f"polar='newton_schulz' applies to norm='spectral' only, got norm={norm!r}"
-            )
+            raise ValueError(f"polar='newton_schulz' applies to norm='spectral' only, got norm={norm!r}")
         self._polar = polar
 
         if min_lmo_gap is not None and (
@@ -169,16 +162,11 @@ class IMuon(Optimizer):
             or not isinstance(min_lmo_gap, (int, float))
             or not 0.0 <= min_lmo_gap < math.inf
         ):
-            raise ValueError(
-                f"min_lmo_gap must be None or a float in [0, inf), got {min_lmo_gap!r}"
-            )
+            raise ValueError(f"min_lmo_gap must be None or a float in [0, inf), got {min_lmo_gap!r}")
         self._min_lmo_gap = min_lmo_gap
 
         if geometry is not None and not isinstance(geometry, MetricOperator):
-            raise TypeError(
-                f"geometry must be an imuon_manopt.geometry.MetricOperator, got "
-                f"{type(geometry).__name__}"
-            )
+            raise TypeError(f"geometry must be an imuon_manopt.geometry.MetricOperator, got {type(geometry).__name__}")
         self._geometry = geometry
 
     # ---------------------------------------------------------------------------------------------
@@ -190,9 +178,7 @@ class IMuon(Optimizer):
         if closed_form is not None:
             return closed_form
         with single_threaded():
-            d = intrinsic_direction(
-                host.geometry, host.core_point(x), e_core, self._norm, p=self._p, polar=self._polar
-            )
+            d = intrinsic_direction(host.geometry, host.core_point(x), e_core, self._norm, p=self._p, polar=self._polar)
         return host.tangent(x, d.xi), float(d.gap)
 
     def _gradient_function(self, problem, host):
@@ -216,9 +202,7 @@ class IMuon(Optimizer):
 
         return gradients
 
-    def run(
-        self, problem, *, initial_point=None, reuse_line_searcher: bool = False
-    ) -> OptimizerResult:
+    def run(self, problem, *, initial_point=None, reuse_line_searcher: bool = False) -> OptimizerResult:
         """Run iMuon on a Pymanopt ``Problem``.
 
         Args:
@@ -290,9 +274,7 @@ class IMuon(Optimizer):
             if iteration >= self._max_iterations and finite:
                 # Pymanopt's convention: max_iterations rows, counted from 1; the last step's point
                 # is the result (its cost is the result's cost), with no row of its own.
-                stopping_criterion = self._check_stopping_criterion(
-                    start_time=start_time, iteration=iteration
-                )
+                stopping_criterion = self._check_stopping_criterion(start_time=start_time, iteration=iteration)
                 if _finite(rgrad):
                     gradient_norm = float(manifold.norm(x, rgrad))
                 if self._verbosity >= 1:
@@ -335,11 +317,7 @@ class IMuon(Optimizer):
                     step_size=step_size,
                     cost_evaluations=cost_evaluations,
                 )
-            if (
-                stopping_criterion is None
-                and self._min_lmo_gap is not None
-                and gap < self._min_lmo_gap
-            ):
+            if stopping_criterion is None and self._min_lmo_gap is not None and gap < self._min_lmo_gap:
                 stopping_criterion = (
                     f"Terminated - min LMO gap reached after {iteration} iterations, "
                     f"{time.time() - start_time:.2f} seconds."

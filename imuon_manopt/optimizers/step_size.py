@@ -129,10 +129,7 @@ class Schedule(StepSizeRule):
         eta = self.rate(self._t)
         self._t += 1
         if not (math.isfinite(eta) and eta >= 0):
-            raise ValueError(
-                f"step-size schedule returned {eta!r} at step {self._t - 1}; "
-                "expected a finite eta >= 0"
-            )
+            raise ValueError(f"step-size schedule returned {eta!r} at step {self._t - 1}; expected a finite eta >= 0")
         return StepResult(eta, manifold.retraction(x, -eta * xi), None, 0)
 
     def __repr__(self) -> str:
@@ -182,9 +179,7 @@ class Cosine(Schedule):
     With ``horizon=None`` the horizon is the solver's ``max_iterations``.
     """
 
-    def __init__(
-        self, initial: float = 0.1, horizon: int | None = None, final: float = 0.0
-    ) -> None:
+    def __init__(self, initial: float = 0.1, horizon: int | None = None, final: float = 0.0) -> None:
         self.initial = _positive("initial", initial)
         self.final = _positive("final", final, allow_zero=True)
         if self.final > self.initial:
@@ -245,9 +240,7 @@ class Armijo(StepSizeRule):
             raise ValueError(f"growth_factor must be finite and >= 1, got {growth_factor!r}")
         self.growth_factor = g
         if not isinstance(max_backtracks, int) or max_backtracks < 0:
-            raise ValueError(
-                f"max_backtracks must be a non-negative integer, got {max_backtracks!r}"
-            )
+            raise ValueError(f"max_backtracks must be a non-negative integer, got {max_backtracks!r}")
         self.max_backtracks = max_backtracks
         m = float(max_step_size)
         if not m > 0:
