@@ -383,6 +383,37 @@ def _unpack(buf: torch.Tensor, off: int, shape: tuple[int, ...], dtype: torch.dt
     return t, off + _aligned(nb)
 
 
+def _assemble(
+    local: tuple[torch.Tensor, ...],
+    specs: tuple[Any, ...],
+    recv: torch.Tensor,
+    offsets: list[int],
+    me: int,
+    world: int,
+    *,
+    own_in_buffer: bool,
+) -> tuple[torch.Tensor, ...]:
+    """The full tensors of one item: this rank's shards ``local`` and the other ranks' shards read from
+    ``recv`` at ``offsets`` (one read position per source rank, advanced in place). ``own_in_buffer``: the
+    buffer also holds this rank's own shards (all-gather), whose bytes are skipped."""
+    fulls = []
+    for x, lay in zip(local, specs):
+        if not isinstance(lay, _Layout):
+            fulls.append(x)
+            continue
+        pieces = []
+        for s in range(world):
+            if s == me:
+                pieces.append(x)
+                if own_in_buffer:
+                    offsets[s] += _aligned(x.numel() * x.element_size())
+            else:
+                piece, offsets[s] = _unpack(recv, offsets[s], lay.shard_shape(s), x.dtype)
+                pieces.append(piece)
+        fulls.append(torch.cat(pieces, dim=lay.dim))
+    return tuple(fulls)
+
+
 # ---------------------------------------------------------------------------------------- owners
 
 
@@ -452,23 +483,7 @@ def _owner_mode(
     recv = _all_to_all(recv_sizes, send, send_sizes, group)
     offsets = [sum(recv_sizes[:s]) for s in range(world)]
     mine = [i for i in items if owners[i] == me]
-    full_inputs = []
-    for i in mine:
-        fulls = []
-        for j, lay in enumerate(specs[i]):
-            x = inputs[i][j]
-            if not isinstance(lay, _Layout):
-                fulls.append(x)
-                continue
-            pieces = []
-            for s in range(world):
-                if s == me:
-                    pieces.append(x)
-                else:
-                    piece, offsets[s] = _unpack(recv, offsets[s], lay.shard_shape(s), x.dtype)
-                    pieces.append(piece)
-            fulls.append(torch.cat(pieces, dim=lay.dim))
-        full_inputs.append(tuple(fulls))
+    full_inputs = [_assemble(inputs[i], specs[i], recv, offsets, me, world, own_in_buffer=False) for i in mine]
     sent, received = sum(send_sizes), sum(recv_sizes)
 
     # --- compute my share (once in the world per item). A failure (e.g. a factorization meeting non-finite
@@ -580,24 +595,7 @@ def _gather_mode(
     recv = torch.empty(width * world, dtype=torch.uint8, device=device)
     dist.all_gather_into_tensor(recv, send, group=group)
     offsets = [s * width for s in range(world)]
-    full_inputs = []
-    for i in items:
-        fulls = []
-        for j, lay in enumerate(specs[i]):
-            x = inputs[i][j]
-            if not isinstance(lay, _Layout):
-                fulls.append(x)
-                continue
-            pieces = []
-            for s in range(world):
-                if s == me:
-                    pieces.append(x)
-                    offsets[s] += _aligned(x.numel() * x.element_size())
-                else:
-                    piece, offsets[s] = _unpack(recv, offsets[s], lay.shard_shape(s), x.dtype)
-                    pieces.append(piece)
-            fulls.append(torch.cat(pieces, dim=lay.dim))
-        full_inputs.append(tuple(fulls))
+    full_inputs = [_assemble(inputs[i], specs[i], recv, offsets, me, world, own_in_buffer=True) for i in items]
     outs = _call(fn, full_inputs, items)
     results = {}
     for i, out in zip(items, outs):
