@@ -421,3 +421,48 @@ def write_text(path: str, text: str) -> str:
     with open(path, "w") as handle:
         handle.write(text)
     return path
+
+
+def tune_and_seed(
+    names: Sequence[str],
+    run: Callable[[str, float, int], Run],
+    objective: Callable[[Run], float],
+    centers: dict[str, float],
+    seeds: Sequence[int],
+    *,
+    width: int = 2,
+    max_extend: int = 4,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[dict[str, Sweep], dict[str, list[Run]]]:
+    """Tune each optimizer's rate by the mean ``objective`` over ``seeds`` (:func:`sweep_lr`), keeping the runs.
+
+    ``run(name, lr, seed)`` trains one model. Returns ``(sweeps, seeded)``: the sweep of every name and the runs
+    of every seed at its best rate (already computed during the sweep).
+    """
+    sweeps: dict[str, Sweep] = {}
+    seeded: dict[str, list[Run]] = {}
+    for name in names:
+        tried: dict[float, list[Run]] = {}
+
+        def score(lr: float, name=name, tried=tried) -> float:
+            tried[lr] = [run(name, lr, s) for s in seeds]
+            return mean_std([objective(r) for r in tried[lr]])[0]
+
+        sweeps[name] = sweep_lr(name, score, centers[name], width=width, max_extend=max_extend, progress=progress)
+        seeded[name] = tried[sweeps[name].best]
+    return sweeps, seeded
+
+
+def sweep_table(sweeps: dict[str, Sweep], label: str) -> str:
+    """The objective per optimizer (rows) and learning rate (columns), each row's best in bold; ``label`` heads
+    the first column (e.g. ``"val cross-entropy, lr ="``)."""
+    lrs = sorted({lr for s in sweeps.values() for lr in s.scores})
+    rows = []
+    for name, s in sweeps.items():
+        cells = []
+        for lr in lrs:
+            value = s.scores.get(lr)
+            text = "" if value is None else ("diverged" if math.isinf(value) else fmt(value))
+            cells.append(f"**{text}**" if lr == s.best else text)
+        rows.append([name] + cells)
+    return markdown_table([label] + [fmt(lr) for lr in lrs], rows)

@@ -189,16 +189,16 @@ def digits(args) -> dict:
         if not args.quick:
             print(line, flush=True)
 
-    sweeps, seeded = {}, {}
-    for name in SETUPS:
-        tried: dict[float, list[tc.Run]] = {}
-
-        def score(lr: float, name=name, tried=tried) -> float:
-            tried[lr] = [stream_pca_run(name, lr, s, x, p, batch, steps, every) for s in seeds]
-            return tc.mean_std([1.0 - r.final("captured variance") for r in tried[lr]])[0]
-
-        sweeps[name] = tc.sweep_lr(name, score, DIGITS_CENTERS[name], width=width, max_extend=extend, progress=progress)
-        seeded[name] = tried[sweeps[name].best]
+    sweeps, seeded = tc.tune_and_seed(
+        SETUPS,
+        lambda name, lr, seed: stream_pca_run(name, lr, seed, x, p, batch, steps, every),
+        lambda r: 1.0 - r.final("captured variance"),
+        DIGITS_CENTERS,
+        seeds,
+        width=width,
+        max_extend=extend,
+        progress=progress,
+    )
 
     def finals(name: str, key: str) -> list[float]:
         return [r.final(key) for r in seeded[name]]
@@ -225,16 +225,7 @@ def digits(args) -> dict:
         for name in SETUPS
     ]
     table = tc.markdown_table(header, rows)
-    lrs = sorted({lr for s in sweeps.values() for lr in s.scores})
-    grid_rows = [
-        [name]
-        + [
-            ("**" + tc.fmt(s.scores[lr]) + "**" if lr == s.best else tc.fmt(s.scores[lr])) if lr in s.scores else ""
-            for lr in lrs
-        ]
-        for name, s in sweeps.items()
-    ]
-    grid = tc.markdown_table(["1 - captured, lr ="] + [tc.fmt(lr) for lr in lrs], grid_rows)
+    grid = tc.sweep_table(sweeps, "1 - captured, lr =")
     title = (
         f"Streaming PCA of the digits on Gr({x.shape[1]}, {p}): batch {batch}, {steps} steps "
         f"({steps / per_epoch:.3g} epochs), {len(seeds)} seeds at the best rate"

@@ -174,20 +174,6 @@ def train_one(
     return run
 
 
-def sweep_table(sweeps: dict[str, tc.Sweep]) -> str:
-    """Mean validation cross-entropy per optimizer and learning rate; the best of each row in bold."""
-    lrs = sorted({lr for s in sweeps.values() for lr in s.scores})
-    rows = []
-    for name, s in sweeps.items():
-        cells = []
-        for lr in lrs:
-            value = s.scores.get(lr)
-            text = "" if value is None else ("diverged" if math.isinf(value) else tc.fmt(value))
-            cells.append(f"**{text}**" if lr == s.best else text)
-        rows.append([name] + cells)
-    return tc.markdown_table(["val cross-entropy, lr ="] + [tc.fmt(lr) for lr in lrs], rows)
-
-
 def main(argv=None) -> dict:
     parser = tc.parser(__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=None, help="seeds per learning rate (default 3; 2 with --quick)")
@@ -216,16 +202,9 @@ def main(argv=None) -> dict:
         if not args.quick:
             print(line, flush=True)
 
-    sweeps, seeded = {}, {}
-    for name in NAMES:
-        tried: dict[float, list[tc.Run]] = {}
-
-        def score(lr: float, name=name, tried=tried) -> float:
-            tried[lr] = [one(name, lr, s) for s in seeds]
-            return tc.mean_std([r.final("val loss") for r in tried[lr]])[0]
-
-        sweeps[name] = tc.sweep_lr(name, score, CENTERS[name], width=width, max_extend=extend, progress=progress)
-        seeded[name] = tried[sweeps[name].best]
+    sweeps, seeded = tc.tune_and_seed(
+        NAMES, one, lambda r: r.final("val loss"), CENTERS, seeds, width=width, max_extend=extend, progress=progress
+    )
 
     def finals(name: str, key: str) -> list[float]:
         return [r.final(key) for r in seeded[name]]
@@ -252,7 +231,7 @@ def main(argv=None) -> dict:
         for name in NAMES
     ]
     table = tc.markdown_table(header, rows)
-    grid = sweep_table(sweeps)
+    grid = tc.sweep_table(sweeps, "val cross-entropy, lr =")
     title = (
         f"Digits, Stiefel feature map W (64 x {args.k}) + linear head: batch {args.batch}, {steps} steps "
         f"({steps / per_epoch:.3g} epochs), {len(seeds)} seeds at the best rate"
