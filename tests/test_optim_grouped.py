@@ -20,7 +20,7 @@ from imuon_manopt import geometry as geo
 from imuon_manopt.direction import intrinsic_direction
 from imuon_manopt.manifolds import Grassmann
 from imuon_manopt.optim import IMuon
-from imuon_manopt.optim._pairs import step_lengths
+from imuon_manopt.optim._pairs import _stepped, step_lengths
 
 DT = torch.float64
 
@@ -530,10 +530,10 @@ def test_lazy_and_batched_rank_guards_agree():
     xi_a = torch.randn_like(a)
     xi_b[:3] = b[:3] * torch.tensor([0.0, 3.0], dtype=DT)  # B's second column is (1 - 3t) b_2: zero at t = 1/3
     for lr in (0.01, 0.5, 1.0 / 3.0, 2.0):
-        lazy = step_lengths(b, a, xi_b, xi_a, lr, lazy=True)
-        full = step_lengths(b, a, xi_b, xi_a, lr, lazy=False)
+        lazy = _stepped(b, a, xi_b, xi_a, lr, lazy=True)
+        full = _stepped(b, a, xi_b, xi_a, lr, lazy=False)
         torch.testing.assert_close(lazy, full, atol=0, rtol=0)
-    t = step_lengths(b, a, xi_b, xi_a, 1.0 / 3.0, lazy=False)
+    t = step_lengths(b, a, xi_b, xi_a, 1.0 / 3.0)
     assert torch.equal(t[:3].flatten(), torch.full((3,), 1.0 / 6.0, dtype=DT))  # halved once
 
 
@@ -579,10 +579,10 @@ def test_off_cpu_rank_guard_picks_the_same_lengths(monkeypatch):
     a = torch.randn(6, 2, 7, dtype=DT)
     xi_b, xi_a = torch.randn_like(b), torch.randn_like(a)
     xi_b[:3] = b[:3] * torch.tensor([0.0, 3.0], dtype=DT)  # B's second column vanishes at t = 1/3
-    exact = {lr: step_lengths(b, a, xi_b, xi_a, lr, lazy=False) for lr in (0.01, 1.0 / 3.0, 2.0)}
+    exact = {lr: step_lengths(b, a, xi_b, xi_a, lr) for lr in (0.01, 1.0 / 3.0, 2.0)}
     monkeypatch.setattr(_pairs, "_ratio", lambda cb, ca, r: _pairs._ratio_iterative(cb, ca).to(cb.dtype))
     for lr, t in exact.items():
-        torch.testing.assert_close(step_lengths(b, a, xi_b, xi_a, lr, lazy=False), t, atol=0, rtol=0)
+        torch.testing.assert_close(step_lengths(b, a, xi_b, xi_a, lr), t, atol=0, rtol=0)
 
 
 def test_chunked_groups_take_the_same_step(monkeypatch):

@@ -79,16 +79,14 @@ def _ratios(rb: torch.Tensor, ra: torch.Tensor, t: torch.Tensor, r: int) -> torc
 
 
 def step_lengths(
-    b: torch.Tensor, a: torch.Tensor, xi_b: torch.Tensor, xi_a: torch.Tensor, step_lr: float, lazy: bool
+    b: torch.Tensor, a: torch.Tensor, xi_b: torch.Tensor, xi_a: torch.Tensor, step_lr: float
 ) -> torch.Tensor:
     """Per-pair step lengths ``t`` (shape ``(*batch, 1, 1)``): the largest ``step_lr * 2^-k``, ``k = 0..12``, that
     keeps the product's ``s_min / s_max`` at least ``min(sqrt(eps), its current value)``; ``0`` if none does.
 
     The guard looks at the product ``B A``, so it is invariant to the gauge like the step itself. All candidates
     come from one thin QR of ``[B, xi_B]`` (m x 2r) and one of ``[A^T, xi_A^T]`` (n x 2r) and batched small
-    matrices, with tensor ops only (no host synchronization off the CPU, see :func:`_ratio`). ``lazy`` (CPUs, where
-    reading a flag costs nothing) first tries the full step alone and evaluates the other candidates only when a pair
-    fails it; the result is the same.
+    matrices, with tensor ops only (no host synchronization off the CPU, see :func:`_ratio`).
     """
     batch = b.shape[:-2]
     full = torch.full(batch, float(step_lr), dtype=b.dtype, device=b.device)
@@ -96,8 +94,6 @@ def step_lengths(
         return full[..., None, None]
     r = b.shape[-1]
     tol = math.sqrt(torch.finfo(b.dtype).eps)
-    if lazy and _full_step_passes(b - step_lr * xi_b, a - step_lr * xi_a, tol):
-        return full[..., None, None]
     rb = torch.linalg.qr(torch.cat([b, xi_b], -1), mode="r")[1]
     ra = torch.linalg.qr(torch.cat([a.mT, xi_a.mT], -1), mode="r")[1]
     # made on the device (a host-to-device copy would wait for the stream)
@@ -120,14 +116,14 @@ def _full_step_passes(b1: torch.Tensor, a1: torch.Tensor, tol: float) -> bool:
 
 
 def _stepped(b, a, xi_b, xi_a, step_lr: float, lazy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B - t xi_B, A - t xi_A)`` with ``t`` from :func:`step_lengths`; when the full step passes the guard (the
-    common case, checked first on the CPU) its candidate is the result, with the same rounding."""
+    """``(B - t xi_B, A - t xi_A)`` with ``t`` from :func:`step_lengths`. ``lazy`` (CPUs, where reading a flag costs
+    nothing) first tries the full step alone, the common case, and returns it when every pair passes the guard;
+    :func:`step_lengths` evaluates all candidates only otherwise. The result is the same either way."""
     if lazy and step_lr != 0:
         b1, a1 = b - step_lr * xi_b, a - step_lr * xi_a
         if _full_step_passes(b1, a1, math.sqrt(torch.finfo(b.dtype).eps)):
             return b1, a1
-        lazy = False  # the full step failed: evaluate all candidates
-    t = step_lengths(b, a, xi_b, xi_a, step_lr, lazy)
+    t = step_lengths(b, a, xi_b, xi_a, step_lr)
     return b - t * xi_b, a - t * xi_a
 
 

@@ -149,7 +149,7 @@ def manifold_fn(
     """
     step_lr = adjusted_lr(float(group["lr"]), group["adjust_lr_fn"], rule.matrix_shape(shape))
     beta, use_nesterov = group["momentum"], group["nesterov"]
-    flat = rule.flat if rule.flat is not None else None
+    flat = rule.flat
 
     def lower(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return flat(x, v) if flat is not None else geometry.flat(geometry.at(x), v)
