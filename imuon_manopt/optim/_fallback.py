@@ -15,32 +15,12 @@ from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
 from ._distributed import local
-
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def work_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype updates and optimizer state live in: at least float32 (half types overflow, e.g. ``g^2``)."""
-    return torch.float32 if t.dtype in LOW_PRECISION else t.dtype
-
-
-def fallback_lr(group: dict[str, Any]) -> float:
-    """``fallback_lr`` follows later changes of ``lr`` (schedulers) proportionally; default: the group's ``lr``."""
-    lr = float(group["lr"])
-    flr = group["fallback_lr"]
-    if flr is None:
-        return lr
-    lr0 = group.get("lr_at_init", lr)
-    return flr * (lr / lr0) if lr0 > 0 else flr
+from ._lr import fallback_lr
+from ._state import host_step, work_dtype
 
 
 def _copy(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if t is None else local(t).to(like.dtype, copy=True)  # a DTensor's shard
-
-
-def host_step(value: Any) -> int:
-    """A stored step count (an int, or a tensor written in device mode) as an int."""
-    return int(value.item()) if isinstance(value, torch.Tensor) else int(value)
 
 
 def fallback_outputs(

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ..lmo import resolve_norm
 from . import _dispatch
-
-AdjustLrFn = Callable[[float, tuple[int, int]], float]
 
 POLARS = ("svd", "newton_schulz")
 ADJUST_NAMES = ("original", "match_rms_adamw")
@@ -177,18 +175,6 @@ def check_optimizer_options(nonfinite: str, stabilize: int | None) -> None:
         raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
     if stabilize is not None and (isinstance(stabilize, bool) or not isinstance(stabilize, int) or stabilize < 1):
         raise ValueError(f"stabilize must be None or a positive int, got {stabilize!r}")
-
-
-def adjusted_lr(lr: float, fn: str | AdjustLrFn | None, shape: tuple[int, int]) -> float:
-    """Shape-based learning-rate scaling (``torch.optim.Muon``'s conventions, or a callable)."""
-    if fn is None:
-        return lr
-    a, b = shape
-    if fn == "original":
-        return lr * math.sqrt(max(1.0, a / b))
-    if fn == "match_rms_adamw":
-        return lr * 0.2 * math.sqrt(max(a, b))
-    return float(fn(lr, (a, b)))
 
 
 def prepare_pairs(

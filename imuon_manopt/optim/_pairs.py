@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from ..geometry import AmbientFixedRank, FixedRank
-from ._options import adjusted_lr
-from ._steps import Inputs, Outputs, chunked, direction, stack
+from ._lr import adjusted_lr
+from ._stack import Inputs, Outputs, stack
+from ._steps import chunked, direction
 
 #: Halvings of a pair's step before the pair stays put for this step (2^-12 ~ 2.4e-4 of the step).
 MAX_BACKTRACKS = 12

@@ -14,7 +14,7 @@ joint norms (Frobenius, Schatten-p) couple a batch, so their groups hold one par
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import geoopt
@@ -22,11 +22,11 @@ import torch
 
 from ..direction import intrinsic_direction
 from ..geometry import Euclidean, MetricOperator
+from . import _momentum
 from ._dispatch import ManifoldRule
-from ._options import adjusted_lr
+from ._lr import adjusted_lr
+from ._stack import Inputs, Outputs, stack
 
-Inputs = Sequence[tuple[torch.Tensor, ...]]
-Outputs = list[tuple[torch.Tensor, ...]]
 GroupFn = Callable[[Inputs], Outputs]
 
 _EUCLIDEAN = Euclidean()
@@ -46,29 +46,6 @@ def direction(geometry: MetricOperator, x: Any, egrad: Any, group: dict[str, Any
         dtype=group["ns_dtype"] if ns else None,
         gap=False,
     ).xi
-
-
-def _unbound_from(ts: list[torch.Tensor]) -> torch.Tensor | None:
-    """The tensor ``ts`` came from by ``unbind(0)``, in order (so stacking them again is a no-op), else None."""
-    base = ts[0]._base
-    if base is None or base.shape[0] != len(ts) or base.shape[1:] != ts[0].shape:
-        return None
-    step = base.stride(0)
-    for k, t in enumerate(ts):
-        offset = base.storage_offset() + k * step
-        if t._base is not base or t.storage_offset() != offset or t.stride() != base.stride()[1:]:
-            return None
-    return base
-
-
-def stack(inputs: Inputs, i: int, dtype: torch.dtype) -> torch.Tensor:
-    """Input ``i`` of every item, stacked along a new leading dim, in ``dtype`` (no copy when the tensors are the
-    rows of one tensor, e.g. last step's buffers)."""
-    ts = [t[i] for t in inputs]
-    if len(ts) == 1:
-        return ts[0].unsqueeze(0).to(dtype)
-    base = _unbound_from(ts)
-    return (torch.stack(ts) if base is None else base).to(dtype)
 
 
 #: Elements of one stacked input per batched call (4 MiB of float32). A group of small parameters (LoRA factors,
@@ -94,20 +71,6 @@ def chunked(body: GroupFn) -> GroupFn:
         return out
 
     return fn
-
-
-def nesterov(e: list[torch.Tensor], bufs: list[torch.Tensor], beta: float, use_nesterov: bool):
-    """``buf <- beta buf + e``; returns ``(e~, new bufs)`` with ``e~ = e + beta buf`` (Nesterov) or ``buf``.
-
-    Elementwise, so it may run on local shards: stacked when all tensors share one shape (three batched ops), else
-    ``torch._foreach`` ops."""
-    if len({t.shape for t in e}) == 1 and len({t.shape for t in bufs}) == 1:
-        es, bs = stack([(t,) for t in e], 0, e[0].dtype), stack([(t,) for t in bufs], 0, e[0].dtype)
-        new = torch.add(es, bs, alpha=beta)
-        out = torch.add(es, new, alpha=beta) if use_nesterov else new
-        return list(out.unbind(0)), list(new.unbind(0))
-    new = torch._foreach_add(e, torch._foreach_mul(bufs, beta))
-    return (torch._foreach_add(e, new, alpha=beta) if use_nesterov else new), new
 
 
 def matrix_fn(group: dict[str, Any], shape2d: tuple[int, int], wdt: torch.dtype, out: torch.dtype) -> GroupFn:
@@ -142,9 +105,8 @@ def manifold_fn(
     """``x <- R_x(-lr' xi)`` on one manifold; inputs ``(x, E)`` or, with momentum, ``(x, E, buf)``; outputs
     ``(x_new,)`` or ``(x_new, buf_new)``.
 
-    With momentum the buffer is a tangent vector (the running sum of Riemannian gradients ``egrad2rgrad(x, E)``),
-    carried to the new point by the manifold's ``retr_transp``; the Nesterov combination is lowered to a covector by
-    the geometry's ``flat`` before the template. Manifolds whose geoopt retraction takes a covector
+    With momentum the buffer is a tangent vector (:func:`imuon_manopt.optim._momentum.tangent`), carried to the new
+    point by the manifold's ``retr_transp``. Manifolds whose geoopt retraction takes a covector
     (``rule.covector_update``) get ``flat(xi)``, so that they move along ``xi``.
     """
     step_lr = adjusted_lr(float(group["lr"]), group["adjust_lr_fn"], rule.matrix_shape(shape))
@@ -160,9 +122,7 @@ def manifold_fn(
         x, e = stack(inputs, 0, wdt), stack(inputs, 1, wdt)
         buf = None
         if beta > 0:
-            r = manifold.egrad2rgrad(x, e)
-            buf = torch.add(r, stack(inputs, 2, wdt), alpha=beta)
-            e = lower(x, torch.add(r, buf, alpha=beta) if use_nesterov else buf)
+            e, buf = _momentum.tangent(manifold, x, e, stack(inputs, 2, wdt), beta, use_nesterov, lower)
         xi = direction(geometry, x, e, group)
         u = lower(x, xi) if rule.covector_update else xi
         new_x, buf = _retract(manifold, x, -step_lr * u, buf)

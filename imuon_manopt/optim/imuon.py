@@ -18,18 +18,9 @@ parameter. The grouping (:mod:`~imuon_manopt.optim._groups`) is structure, rebui
 param groups or the set of parameters with gradients change; the state stays per parameter
 (``state[p]["momentum_buffer"]`` etc.), so ``state_dict()`` keeps its layout.
 
-Momentum (spec §3), with ``beta = momentum``:
-
-- plain matrices: Nesterov on the Euclidean gradient, ``buf = beta * buf + E``, ``E~ = E + beta * buf`` (``E~ =
-  buf`` without Nesterov);
-- manifold parameters: the buffer is a tangent vector, the running sum of Riemannian gradients ``egrad2rgrad(x,
-  E)``, carried to the new point by the manifold's vector transport (``retr_transp``); the Nesterov combination is
-  lowered to a Euclidean covector by the geometry's ``flat`` before the iMuon template;
-- pairs: buffers on the factor gradients ``E_B``, ``E_A`` (GL(r)-equivariant). ``pair_momentum="ambient"`` selects
-  the reference LoRA mode of spec §3 (:class:`imuon_manopt.geometry.AmbientFixedRank`, only O(r)-invariant).
-
-The spectral LMO is scale invariant, so this sum-form momentum gives the same directions as ``torch.optim.Muon``'s
-EMA form (whose combined update is ``(1 - beta)`` times this one). Buffers are kept in at least float32.
+Momentum (spec §3): :mod:`~imuon_manopt.optim._momentum` (plain matrices and pairs: Nesterov on the Euclidean
+gradients; manifold parameters: a transported tangent buffer). Finiteness and the all-or-nothing commit:
+:mod:`~imuon_manopt.optim._commit`. Buffers are kept in at least float32.
 """
 
 from __future__ import annotations
@@ -41,47 +32,28 @@ import torch
 from geoopt.optim.mixin import OptimMixin
 
 from ..geometry import FixedRank, MetricOperator
-from . import _dispatch, _groups, _options, _pairs, _steps
-from ._fallback import fallback_outputs, host_step, work_dtype
+from . import _dispatch, _groups, _lr, _momentum, _options, _pairs, _steps
+from ._commit import CommitEngine
+from ._distributed import apply_full, full, local
+from ._fallback import fallback_outputs
 from ._groups import Group
-
-try:  # sharded (FSDP2) parameters: gather, compute on full tensors, scatter back
-    from ._distributed import agree, apply_full, full, like, local
-except ImportError:  # pragma: no cover - the plain path
-
-    def apply_full(params, inputs, fn, *, owner: bool = True):
-        """Without sharding the group function runs on the tensors themselves."""
-        return fn(inputs)
-
-    def local(t):
-        """The local part of a (possibly sharded) tensor: the tensor itself without sharding."""
-        return t
-
-    full = local
-
-    def like(p, t):
-        """State for ``p`` from a local tensor: the tensor itself without sharding."""
-        return t
-
-    def agree(flag, params):
-        """The step's finiteness flag: every rank's own without sharding."""
-        return flag
-
+from ._state import work_dtype
 
 __all__ = ["IMuon"]
 
-AdjustLrFn = _options.AdjustLrFn
+AdjustLrFn = _lr.AdjustLrFn
 #: Feasibility tolerances of the first-step manifold check, by parameter dtype.
 _CHECK_TOL = {torch.float64: 1e-5, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
-class IMuon(OptimMixin, torch.optim.Optimizer):
+class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
     r"""Intrinsic Muon: spectral steepest descent in each parameter's own geometry (arXiv:2605.09238).
 
-    One step per parameter (see the module docstring for the routing, grouping and momentum rules): ``x <-
-    R_x(-lr * xi)``, where ``xi = G^{-1/2} lmo(G^{-1/2} P_x(E~))`` is the iMuon direction of the parameter's manifold
-    and metric for the (momentum-combined) Euclidean gradient ``E~`` (spec §1–§3). The manifold is read from
-    ``ManifoldParameter.manifold`` and dispatched on its concrete class: ``geoopt.EuclideanStiefel``,
+    One step per parameter (routing and grouping: the module docstring; momentum:
+    :mod:`~imuon_manopt.optim._momentum`): ``x <- R_x(-lr * xi)``, where ``xi = G^{-1/2} lmo(G^{-1/2} P_x(E~))`` is
+    the iMuon direction of the parameter's manifold and metric for the (momentum-combined) Euclidean gradient ``E~``
+    (spec §1–§3). The manifold is read from ``ManifoldParameter.manifold`` and dispatched on its concrete class:
+    ``geoopt.EuclideanStiefel``,
     ``geoopt.CanonicalStiefel`` (what ``geoopt.Stiefel()`` returns; its canonical metric changes the direction),
     ``geoopt.SymmetricPositiveDefinite`` (affine-invariant), ``geoopt.Sphere`` (row-wise) and
     ``imuon_manopt.manifolds.Grassmann``; more via :func:`~imuon_manopt.optim.register_manifold`. The retraction and
@@ -170,10 +142,7 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
         defaults.update(_options.take_deprecated(deprecated))
         defaults = _options.fold({**defaults, **_options.fold(dict(norm=norm, polar=polar, fallback=fallback))})
         _options.check_options(defaults)
-        self.nonfinite = nonfinite
-        self._skipped = False
-        self._pending: list[tuple[torch.Tensor, Any, int]] = []  # device mode: (flag on the host, event, step)
-        self._calls = 0
+        self._init_commit(nonfinite)
         self._pairs, self._pair_index = _options.prepare_pairs(pairs)
         self._rules: dict[torch.Tensor, tuple[_dispatch.ManifoldRule, MetricOperator, Any]] = {}
         self._structure_key: Any = None
@@ -289,14 +258,6 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ one group's update
 
-    def _buffers(self, params: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Momentum buffers (local, working dtype); zeros where none exists yet (the same as no buffer)."""
-        out = []
-        for p, x in zip(params, like):
-            buf = self.state[p].get("momentum_buffer")
-            out.append(torch.zeros_like(x) if buf is None else local(buf).to(x.dtype))
-        return out
-
     def _update(self, grp: Group, lazy: bool, writes: list, checks: list) -> None:
         """Append ``(param or (param, state key), new local tensor)`` for every tensor the group would change, and to
         ``checks`` the tensors whose finiteness decides the step.
@@ -325,7 +286,7 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
         beta = group["momentum"]
         if grp.kind == "manifold":
             fn = _steps.manifold_fn(group, p0.manifold, grp.rule, grp.geometry, p0.shape, wdt, p0.dtype)
-            inputs = list(zip(xs, es, self._buffers(params, es))) if beta > 0 else list(zip(xs, es))
+            inputs = list(zip(xs, es, _momentum.buffers(self.state, params, es))) if beta > 0 else list(zip(xs, es))
             outputs = apply_full(params, inputs, fn, owner=True)
             for p, out in zip(params, outputs):
                 writes.append((p, out[0]))
@@ -336,12 +297,7 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
         if beta > 0:  # per shape (a pair group holds two), so that the tensors stack
             n = len(grp.pair_ids)
             parts = [slice(None)] if grp.kind == "matrix" else [slice(0, n), slice(n, None)]
-            new_es: list[torch.Tensor] = []
-            for part in parts:
-                e, bufs = _steps.nesterov(es[part], self._buffers(params[part], es[part]), beta, group["nesterov"])
-                new_es += e
-                writes.extend(((p, "momentum_buffer"), v) for p, v in zip(params[part], bufs))
-            es = new_es
+            es = _momentum.plain(self.state, params, es, parts, beta, group["nesterov"], writes)
         if grp.kind == "matrix":
             fn = _steps.matrix_fn(group, grp.shape2d, wdt, p0.dtype)
             outputs = apply_full(params, list(zip(xs, es)), fn, owner=True)
@@ -393,160 +349,12 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
                     self._update(grp, lazy=not device_mode, writes=writes, checks=checks)
             except torch.linalg.LinAlgError:  # a factorization met non-finite values (CPU): the nonfinite path
                 failed = True
-            if device_mode and not failed:
-                # sharded parameters: all ranks commit or reject together (each sees only its shards)
-                self._commit_masked(groups, writes, agree(self._finite(checks), self._all_params(groups)))
-            else:
-                self._skipped = False
-                if failed or not bool(agree(self._finite(checks), self._all_params(groups))):
-                    self._count_and_stabilize()
-                    return self._reject(loss, self._diagnose(groups, failed))
-                self._commit(groups, writes)
+            reason = self._settle(groups, writes, checks, failed, device_mode)
+            if reason is not None:
+                self._count_and_stabilize()
+                return self._reject(loss, reason)
         self._count_and_stabilize()
         return loss
-
-    # ------------------------------------------------------------------ finiteness and commit
-
-    @staticmethod
-    def _defer_checks(groups: list[Group]) -> bool:
-        """Decide finiteness on the device (masked commit, deferred policy) unless every parameter is on the CPU,
-        where reading the flag costs nothing."""
-        return any(p.device.type != "cpu" for grp in groups for p in grp.params[:1])
-
-    @staticmethod
-    def _all_params(groups: list[Group]) -> list[torch.Tensor]:
-        return [p for grp in groups for p in grp.params]
-
-    @staticmethod
-    def _finite(tensors: list[torch.Tensor]) -> torch.Tensor:
-        """All entries finite? A 0-d bool tensor on the first tensor's device, without a host synchronization.
-
-        Outputs of one batched call are views of one tensor: each such base is reduced once (``aminmax``, which
-        propagates NaN and cannot overflow). This is the one place where the step's finiteness is decided."""
-        bases: dict[int, torch.Tensor] = {}
-        for t in tensors:
-            if t.is_floating_point() and t.numel():
-                base = t._base if t._base is not None else t
-                bases[id(base)] = base
-        if not bases:
-            return torch.ones((), dtype=torch.bool)
-        device = tensors[0].device
-        flags = []
-        for base in bases.values():
-            lo, hi = torch.aminmax(base)
-            flags.append((torch.isfinite(lo) & torch.isfinite(hi)).to(device))
-        return flags[0] if len(flags) == 1 else torch.stack(flags).all()
-
-    def _commit(self, groups: list[Group], writes: list) -> None:
-        dst, src = [], []
-        for target, value in writes:
-            if isinstance(target, torch.Tensor):
-                dst.append(local(target).detach())
-                src.append(value)
-                continue
-            p, key = target
-            state = self.state[p]
-            old = state.get(key)
-            if (
-                old is not None
-                and type(old) is not torch.Tensor
-                and old.dtype == value.dtype
-                and local(old).shape == value.shape
-            ):  # a wrapper (the DTensor state of a sharded parameter) is written in place
-                dst.append(local(old))
-                src.append(value)
-            else:
-                # a plain tensor is replaced by the new one: a view of the group's stacked result (no copy; the next
-                # step stacks the views back for free). State of a sharded parameter is a DTensor laid out like it
-                # (torch.optim's FSDP2 convention).
-                state[key] = like(p, value)
-        if dst:
-            torch._foreach_copy_(dst, src)
-        for grp in groups:
-            for p in grp.params:
-                st = self.state[p]
-                st["step"] = host_step(st.get("step", 0)) + 1
-
-    def _commit_masked(self, groups: list[Group], writes: list, ok: torch.Tensor) -> None:
-        """Device mode: commit every write where the whole step is finite (``ok``), keep the old values elsewhere."""
-        for target, value in writes:
-            if isinstance(target, torch.Tensor):
-                old = local(target).detach()
-                old.copy_(torch.where(ok.to(old.device), value.to(old.dtype), old))
-                continue
-            p, key = target
-            state = self.state[p]
-            old = state.get(key)
-            if old is None or old.dtype != value.dtype or local(old).shape != value.shape:
-                state[key] = like(p, torch.where(ok.to(value.device), value, torch.zeros_like(value)))
-            else:
-                old = local(old)
-                old.copy_(torch.where(ok.to(old.device), value, old))
-        for grp in groups:
-            for p in grp.params:
-                st = self.state[p]
-                step = st.get("step", 0)
-                if not isinstance(step, torch.Tensor) or step.device != p.device:
-                    step = torch.as_tensor(step, dtype=torch.float32, device=p.device).clone()
-                st["step"] = step.add_(ok.to(step.device))
-        host = torch.empty((), dtype=torch.bool, pin_memory=ok.is_cuda)
-        host.copy_(ok, non_blocking=True)
-        event = None
-        if ok.is_cuda:
-            event = torch.cuda.Event()
-            event.record()
-        self._pending.append((host, event, self._calls))
-
-    def _poll(self, wait: bool) -> None:
-        """Device mode: read the finiteness flags of finished steps (``wait``: of all steps) and apply the policy."""
-        while self._pending:
-            host, event, call = self._pending[0]
-            if event is not None:
-                if wait:
-                    event.synchronize()
-                elif not event.query():
-                    return
-            self._pending.pop(0)
-            self._skipped = not bool(host)
-            if self._skipped and self.nonfinite == "raise":
-                self._pending.clear()
-                self._reject(None, f"non-finite gradient or update in step {call} (that step was not applied)")
-
-    def check_finite(self) -> bool:
-        """Wait for the device and apply the ``nonfinite`` policy to every step taken so far; ``True`` when the last
-        step was applied. Needed only off the CPU, where the check is otherwise deferred (see ``nonfinite``)."""
-        self._poll(wait=True)
-        return not self._skipped
-
-    @property
-    def last_step_skipped(self) -> bool:
-        """Whether the last ``step()`` was skipped (``nonfinite="skip"``); waits for the device off the CPU."""
-        self._poll(wait=True)
-        return self._skipped
-
-    @last_step_skipped.setter
-    def last_step_skipped(self, value: bool) -> None:
-        self._skipped = bool(value)
-
-    def _diagnose(self, groups: list[Group], linalg_failed: bool) -> str:
-        bad = []
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                    bad.append(f"group {gi} parameter {pi} (shape {tuple(p.shape)})")
-        if bad:
-            return f"non-finite gradient in {', '.join(bad)}"
-        cause = "a factorization met non-finite values" if linalg_failed else "finite gradients"
-        return f"non-finite update ({cause}; check the learning rate and the parameters' conditioning)"
-
-    def _reject(self, loss: Any, what: str) -> Any:
-        if self.nonfinite == "skip":
-            self._skipped = True
-            return loss
-        raise FloatingPointError(
-            f"IMuon: {what}; no parameter or optimizer state was changed. Pass nonfinite='skip' to skip such steps "
-            "instead of raising."
-        )
 
     # ------------------------------------------------------------------ stabilize
 
@@ -566,10 +374,7 @@ class IMuon(OptimMixin, torch.optim.Optimizer):
             rule, geometry, _ = self._rules[p]
             manifold = p.manifold
             p.copy_(manifold.projx(p.detach().to(work_dtype(p))))
-            buf = self.state[p].get("momentum_buffer")
+            buf = self.state[p].get(_momentum.KEY)
             if buf is not None:
                 x = p.detach().to(work_dtype(p))
-                v = buf.to(x.dtype)
-                if rule.covector_update:  # geoopt's proju takes a covector here: proju(flat(v)) = v on tangents
-                    v = geometry.flat(geometry.at(x), v)
-                buf.copy_(manifold.proju(x, v))
+                buf.copy_(_momentum.project(manifold, rule, geometry, x, buf.to(x.dtype)))

@@ -1,0 +1,108 @@
+"""Momentum of :class:`~imuon_manopt.optim.IMuon` for every kind of parameter (spec §3), with ``beta = momentum``.
+
+- Plain matrices and factor pairs (:func:`plain`): the buffer sums Euclidean gradients, ``buf <- beta buf + E``, and
+  the step's gradient is ``E~ = E + beta buf`` (Nesterov) or ``E~ = buf``. Elementwise, so it runs on local shards
+  of sharded parameters. For pairs the buffers are on the factor gradients ``E_B``, ``E_A`` (GL(r)-equivariant).
+- Manifold parameters (:func:`tangent`): the buffer is a tangent vector, the running sum of Riemannian gradients
+  ``egrad2rgrad(x, E)``, carried to the new point by the manifold's vector transport (the retraction's
+  ``retr_transp``, see :mod:`~imuon_manopt.optim._steps`); the Nesterov combination is lowered to a Euclidean
+  covector by the geometry's ``flat`` before the iMuon template.
+
+The spectral LMO is scale invariant, so this sum form gives the same directions as ``torch.optim.Muon``'s EMA form
+(whose combined update is ``(1 - beta)`` times this one). Buffers live in the working dtype (at least float32) under
+``state[p]["momentum_buffer"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import geoopt
+import torch
+
+from ..geometry import MetricOperator
+from ._dispatch import ManifoldRule
+from ._distributed import local
+from ._stack import stack
+
+__all__ = ["KEY", "buffers", "euclidean", "plain", "project", "tangent"]
+
+#: The state key of a momentum buffer.
+KEY = "momentum_buffer"
+
+
+def buffers(state: Any, params: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The momentum buffers of ``params`` (local, in ``like``'s dtypes); zeros where none exists yet (the same as no
+    buffer)."""
+    out = []
+    for p, x in zip(params, like):
+        buf = state[p].get(KEY)
+        out.append(torch.zeros_like(x) if buf is None else local(buf).to(x.dtype))
+    return out
+
+
+def _stack(ts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return stack([(t,) for t in ts], 0, dtype)
+
+
+def euclidean(
+    e: list[torch.Tensor], bufs: list[torch.Tensor], beta: float, use_nesterov: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``buf <- beta buf + e``; returns ``(e~, new bufs)`` with ``e~ = e + beta buf`` (Nesterov) or ``buf``.
+
+    Stacked when all tensors share one shape (three batched ops), else ``torch._foreach`` ops."""
+    if len({t.shape for t in e}) == 1 and len({t.shape for t in bufs}) == 1:
+        es, bs = _stack(e, e[0].dtype), _stack(bufs, e[0].dtype)
+        new = torch.add(es, bs, alpha=beta)
+        out = torch.add(es, new, alpha=beta) if use_nesterov else new
+        return list(out.unbind(0)), list(new.unbind(0))
+    new = torch._foreach_add(e, torch._foreach_mul(bufs, beta))
+    return (torch._foreach_add(e, new, alpha=beta) if use_nesterov else new), new
+
+
+def plain(
+    state: Any,
+    params: list[torch.Tensor],
+    es: list[torch.Tensor],
+    parts: Sequence[slice],
+    beta: float,
+    use_nesterov: bool,
+    writes: list,
+) -> list[torch.Tensor]:
+    """The momentum step of plain matrices and pairs: ``E~`` for every gradient in ``es`` (local tensors, working
+    dtype); appends ``((p, "momentum_buffer"), new buffer)`` to ``writes``. ``parts`` cut ``params`` into runs of
+    one shape each (a pair group holds its B factors, then its A factors), so that each run stacks."""
+    out: list[torch.Tensor] = []
+    for part in parts:
+        e, bufs = euclidean(es[part], buffers(state, params[part], es[part]), beta, use_nesterov)
+        out += e
+        writes.extend(((p, KEY), v) for p, v in zip(params[part], bufs))
+    return out
+
+
+def tangent(
+    manifold: geoopt.Manifold,
+    x: torch.Tensor,
+    e: torch.Tensor,
+    buf: torch.Tensor,
+    beta: float,
+    use_nesterov: bool,
+    lower: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The momentum step of manifold parameters (batched): ``(E~, new buffer)`` with ``r = egrad2rgrad(x, E)``,
+    ``buf <- r + beta buf`` (``buf`` already transported to ``x``), and ``E~ = lower(x, r + beta buf)`` (Nesterov)
+    or ``lower(x, buf)``, the covector the iMuon template takes. The caller transports the new buffer to the next
+    point with the retraction (``retr_transp``)."""
+    r = manifold.egrad2rgrad(x, e)
+    new = torch.add(r, buf, alpha=beta)
+    return lower(x, torch.add(r, new, alpha=beta) if use_nesterov else new), new
+
+
+def project(
+    manifold: geoopt.Manifold, rule: ManifoldRule, geometry: MetricOperator, x: torch.Tensor, buf: torch.Tensor
+) -> torch.Tensor:
+    """A manifold parameter's buffer projected onto the tangent space at ``x`` (``stabilize``). geoopt's ``proju``
+    takes a covector where the rule says so (``proju(flat(v)) = v`` on tangents)."""
+    v = geometry.flat(geometry.at(x), buf) if rule.covector_update else buf
+    return manifold.proju(x, v)
