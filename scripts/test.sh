@@ -5,4 +5,13 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check imuon_manopt tests examples benchmarks
 .venv/bin/ruff format --check imuon_manopt tests examples benchmarks
-.venv/bin/python -m pytest -q "$@"
+# The whole pytest run is bounded (20 minutes by default, TEST_TIMEOUT=seconds to change it): timeout kills
+# pytest's whole process group, so a hung run fails CI instead of using up its budget. Each multi-process
+# test also has its own deadline (tests/_multiprocess.py).
+limit=${TEST_TIMEOUT:-1200}
+status=0
+timeout --kill-after=30 "$limit" .venv/bin/python -m pytest -q "$@" || status=$?
+if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+    echo "scripts/test.sh: the test suite did not finish within ${limit} s and was killed" >&2
+fi
+exit "$status"

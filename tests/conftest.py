@@ -1,5 +1,18 @@
+import os
+import signal
+
 import pytest
 import torch
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# SIGTERM (scripts/test.sh's timeout, CI cancelling a job) interrupts pytest like Ctrl-C: cleanup runs, among
+# it tests/_multiprocess.py's killing of the ranks a multi-process test started.
+if os.name == "posix":
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import os
-import socket
 
 import geoopt
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _multiprocess import run_ranks
 
 from imuon_manopt.optim import IMuon
 
@@ -51,24 +51,25 @@ def _train(model: torch.nn.Module, net: Net, batches) -> None:
         opt.step()
 
 
+def _train_ddp(rank: int, world: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    net = Net()
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    shard = GLOBAL_BATCH // world
+    batches = [(x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]) for x, y in _data()]
+    _train(ddp, net, batches)
+    torch.save(net.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        torch.set_num_threads(1)
-        net = Net()
-        ddp = torch.nn.parallel.DistributedDataParallel(net)
-        shard = GLOBAL_BATCH // world
-        batches = [(x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]) for x, y in _data()]
-        _train(ddp, net, batches)
-        torch.save(net.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+        # the DDP module lives only in _train_ddp's frame: it (and its Reducer, which holds the process group)
+        # is freed before destroy_process_group; freed after it, a forked rank can deadlock in the gloo teardown
+        _train_ddp(rank, world, out_dir)
+        gc.collect()
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.distributed
@@ -78,9 +79,7 @@ def test_ddp_matches_single_process(tmp_path):
     _train(net, net, _data())
     single = net.state_dict()
 
-    # forked where possible: the children inherit the imported modules instead of re-importing torch
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method=method)
+    run_ranks(_worker, 2, str(tmp_path))  # killed (and failed) if the ranks hang
     for rank in (0, 1):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for k, v in single.items():

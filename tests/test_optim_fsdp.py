@@ -15,15 +15,15 @@ Each test starts 2 processes once (forked: no re-import); they run in CI on the 
 
 from __future__ import annotations
 
+import gc
 import os
-import socket
 
 import geoopt
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _multiprocess import run_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -45,22 +45,20 @@ GLOBAL_BATCH = 8
 SHAPES = [(5, 3), (5, 3), (7, 4), (1, 4), (4, 4)]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(fn, out_dir) -> None:
-    """Run ``fn(rank, WORLD, port, out_dir)`` in WORLD processes. Forked where the platform allows (the children
-    inherit the imported modules: well under a second instead of re-importing torch in each), else spawned."""
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(fn, args=(WORLD, _free_port(), str(out_dir)), nprocs=WORLD, join=True, start_method=method)
+    """Run ``fn(rank, WORLD, out_dir)`` in WORLD processes (forked where the platform allows) inside a gloo
+    process group; killed and failed if they have not finished by the deadline of ``run_ranks``."""
+    run_ranks(_rank_main, WORLD, str(out_dir), fn)
 
 
-def _init(rank: int, world: int, port: int) -> None:
+def _rank_main(rank: int, world: int, port: int, out_dir: str, fn) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, out_dir)
+        gc.collect()  # the worker's modules and optimizers are freed before their process group
+    finally:
+        dist.destroy_process_group()
 
 
 def _np_polar(x: np.ndarray) -> np.ndarray:
@@ -91,72 +89,68 @@ class _Polar:
         return out
 
 
-def _apply_full_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    _init(rank, world, port)
+def _apply_full_worker(rank: int, world: int, out_dir: str) -> None:
+    mesh = init_device_mesh("cpu", (world,))
+    fulls = _matrices()
+    placements = [[Shard(0)]] * 4 + [[Shard(1)]]
+    params = [distribute_tensor(x, mesh, pl) for x, pl in zip(fulls, placements)]
+    inputs = [(D.local(p),) for p in params]
+    res: dict[str, object] = {}
+    for mode in (True, False):
+        fn = _Polar()
+        with measure_comm() as stats:
+            outs = D.apply_full(params, inputs, fn, owner=mode)
+        # a result's base (what the optimizer's check of batched outputs reduces) has the result's dtype
+        assert all(t._base is None or t._base.dtype == t.dtype for o in outs for t in o)
+        res[f"owner={mode}"] = {
+            "outs": [tuple(t.clone() for t in o) for o in outs],
+            "seen": fn.seen,
+            "sent": stats.bytes_sent,
+            "received": stats.bytes_received,
+            "collectives": stats.collectives,
+        }
+
+    # a pair-like item: inputs split like B and like A, one whole input; an output of another shape
+    b, a = params[2], distribute_tensor(fulls[2].mT.contiguous(), mesh, [Shard(0)])  # B 7x4, A 4x7
+    scale = torch.tensor(2.0, dtype=torch.float64)
+
+    def pair_fn(full_inputs):
+        return [(s * xb, s * xa, xb @ xa) for xb, xa, s in full_inputs]
+
+    for mode in (True, False):
+        out = D.apply_full([(b, a, None)], [(D.local(b), D.local(a), scale)], pair_fn, owner=mode)
+        res[f"pair owner={mode}"] = tuple(t.clone() for t in out[0])
+
+    # inputs of one item split over two different process groups: the DTensor fallback
+    mesh2 = init_device_mesh("cpu", (world,), mesh_dim_names=("other",))
+    c = distribute_tensor(fulls[0], mesh2, [Shard(0)])
+    mixed = D.apply_full(
+        [(params[0], c)], [(D.local(params[0]), D.local(c))], lambda fi: [(x + 2 * y,) for x, y in fi], owner=True
+    )
+    res["mixed"] = mixed[0][0].clone()
+
+    # fn fails on one owner (a NaN that only rank 0's shard holds): every rank raises, none waits forever
+    def checked(full_inputs):
+        if any(bool(torch.isnan(x).any()) for (x,) in full_inputs):
+            raise torch.linalg.LinAlgError("non-finite input")
+        return [(x,) for (x,) in full_inputs]
+
+    bad = D.local(params[0]).clone()
+    if rank == 0:
+        bad[0, 0] = float("nan")
     try:
-        mesh = init_device_mesh("cpu", (world,))
-        fulls = _matrices()
-        placements = [[Shard(0)]] * 4 + [[Shard(1)]]
-        params = [distribute_tensor(x, mesh, pl) for x, pl in zip(fulls, placements)]
-        inputs = [(D.local(p),) for p in params]
-        res: dict[str, object] = {}
-        for mode in (True, False):
-            fn = _Polar()
-            with measure_comm() as stats:
-                outs = D.apply_full(params, inputs, fn, owner=mode)
-            # a result's base (what the optimizer's check of batched outputs reduces) has the result's dtype
-            assert all(t._base is None or t._base.dtype == t.dtype for o in outs for t in o)
-            res[f"owner={mode}"] = {
-                "outs": [tuple(t.clone() for t in o) for o in outs],
-                "seen": fn.seen,
-                "sent": stats.bytes_sent,
-                "received": stats.bytes_received,
-                "collectives": stats.collectives,
-            }
+        D.apply_full(params[:2], [(bad,), inputs[1]], checked, owner=True)
+        res["failure"] = None
+    except torch.linalg.LinAlgError as err:
+        res["failure"] = str(err)
 
-        # a pair-like item: inputs split like B and like A, one whole input; an output of another shape
-        b, a = params[2], distribute_tensor(fulls[2].mT.contiguous(), mesh, [Shard(0)])  # B 7x4, A 4x7
-        scale = torch.tensor(2.0, dtype=torch.float64)
-
-        def pair_fn(full_inputs):
-            return [(s * xb, s * xa, xb @ xa) for xb, xa, s in full_inputs]
-
-        for mode in (True, False):
-            out = D.apply_full([(b, a, None)], [(D.local(b), D.local(a), scale)], pair_fn, owner=mode)
-            res[f"pair owner={mode}"] = tuple(t.clone() for t in out[0])
-
-        # inputs of one item split over two different process groups: the DTensor fallback
-        mesh2 = init_device_mesh("cpu", (world,), mesh_dim_names=("other",))
-        c = distribute_tensor(fulls[0], mesh2, [Shard(0)])
-        mixed = D.apply_full(
-            [(params[0], c)], [(D.local(params[0]), D.local(c))], lambda fi: [(x + 2 * y,) for x, y in fi], owner=True
-        )
-        res["mixed"] = mixed[0][0].clone()
-
-        # fn fails on one owner (a NaN that only rank 0's shard holds): every rank raises, none waits forever
-        def checked(full_inputs):
-            if any(bool(torch.isnan(x).any()) for (x,) in full_inputs):
-                raise torch.linalg.LinAlgError("non-finite input")
-            return [(x,) for (x,) in full_inputs]
-
-        bad = D.local(params[0]).clone()
-        if rank == 0:
-            bad[0, 0] = float("nan")
-        try:
-            D.apply_full(params[:2], [(bad,), inputs[1]], checked, owner=True)
-            res["failure"] = None
-        except torch.linalg.LinAlgError as err:
-            res["failure"] = str(err)
-
-        # plain tensors: exactly fn(inputs), the very objects
-        plain_in = [(fulls[0],)]
-        sentinel = [(fulls[1],)]
-        res["plain_is_fn"] = (
-            D.apply_full([fulls[0]], plain_in, lambda fi: sentinel if fi is plain_in else None, owner=True) is sentinel
-        )
-        torch.save(res, os.path.join(out_dir, f"apply{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    # plain tensors: exactly fn(inputs), the very objects
+    plain_in = [(fulls[0],)]
+    sentinel = [(fulls[1],)]
+    res["plain_is_fn"] = (
+        D.apply_full([fulls[0]], plain_in, lambda fi: sentinel if fi is plain_in else None, owner=True) is sentinel
+    )
+    torch.save(res, os.path.join(out_dir, f"apply{rank}.pt"))
 
 
 def _join(parts: list[torch.Tensor], dim: int) -> np.ndarray:
@@ -268,7 +262,7 @@ def _sharded_net(mesh, **kwargs) -> Net:
     return net
 
 
-def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _fsdp_worker(rank: int, world: int, out_dir: str) -> None:
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -278,71 +272,67 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     )
     from torch.distributed.tensor import DTensor
 
-    _init(rank, world, port)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        # meta-device init: to_empty swaps in new tensors (attributes included); keep_manifolds spans it too
-        euc = geoopt.EuclideanStiefel()
-        with torch.device("meta"):
-            meta = torch.nn.Module()
-            meta.frame = geoopt.ManifoldParameter(torch.empty(5, 3, dtype=torch.float64), manifold=euc)
-        with keep_manifolds(meta):
-            fully_shard(meta, mesh=mesh)
-            meta.to_empty(device="cpu")
-        assert meta.frame.manifold is euc and D.is_sharded(meta.frame)
+    mesh = init_device_mesh("cpu", (world,))
+    # meta-device init: to_empty swaps in new tensors (attributes included); keep_manifolds spans it too
+    euc = geoopt.EuclideanStiefel()
+    with torch.device("meta"):
+        meta = torch.nn.Module()
+        meta.frame = geoopt.ManifoldParameter(torch.empty(5, 3, dtype=torch.float64), manifold=euc)
+    with keep_manifolds(meta):
+        fully_shard(meta, mesh=mesh)
+        meta.to_empty(device="cpu")
+    assert meta.frame.manifold is euc and D.is_sharded(meta.frame)
 
-        net = _sharded_net(mesh)
-        opt = _optimizer(net)
-        shard = GLOBAL_BATCH // world
-        batches = [(x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]) for x, y in _data()]
-        sent = [_step(net, opt, x, y) for x, y in batches[:STEPS]]
-        out = {"sent": sent}
-        out["params"] = {k: v.full_tensor() for k, v in net.state_dict().items()}  # collective: every rank
-        # state of a sharded parameter is a DTensor with its placements, as torch.optim keeps it under FSDP2
-        for p in net.parameters():
-            for key, v in opt.state[p].items():
-                if isinstance(v, torch.Tensor) and v.ndim:
-                    assert isinstance(v, DTensor) and v.placements == p.placements, key
-        # torch.distributed.checkpoint's full (unsharded) state dicts, and a resume from them
-        full = StateDictOptions(full_state_dict=True)
-        osd = get_optimizer_state_dict(net, opt, options=full)
-        msd = get_model_state_dict(net, options=full)
-        out["buffers"] = _buffers(net, lambda name, p: osd["state"][name])
-        net2 = _sharded_net(mesh)
-        opt2 = _optimizer(net2)
-        set_model_state_dict(net2, msd, options=full)
-        set_optimizer_state_dict(net2, opt2, osd, options=full)
-        for model, optim in ((net, opt), (net2, opt2)):
-            _step(model, optim, *batches[STEPS])
-        # HSDP layout (mesh "replicate" x "shard", here 1 x 2) with matrices split by columns where FSDP allows it
-        # (Shard(1) needs an even split: lin.weight, the LoRA pair and head; the 3-column frames stay by rows)
-        mesh2d = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
-        net3 = _sharded_net(
-            mesh2d, shard_placement_fn=lambda p: Shard(1) if p.ndim == 2 and p.shape[1] % 2 == 0 else Shard(0)
-        )
-        assert net3.lin.weight.placements == (Replicate(), Shard(1))
-        opt3 = _optimizer(net3)
-        for x, y in batches[:STEPS]:
-            _step(net3, opt3, x, y)
-        out["columns"] = {k: v.full_tensor() for k, v in net3.state_dict().items()}
+    net = _sharded_net(mesh)
+    opt = _optimizer(net)
+    shard = GLOBAL_BATCH // world
+    batches = [(x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]) for x, y in _data()]
+    sent = [_step(net, opt, x, y) for x, y in batches[:STEPS]]
+    out = {"sent": sent}
+    out["params"] = {k: v.full_tensor() for k, v in net.state_dict().items()}  # collective: every rank
+    # state of a sharded parameter is a DTensor with its placements, as torch.optim keeps it under FSDP2
+    for p in net.parameters():
+        for key, v in opt.state[p].items():
+            if isinstance(v, torch.Tensor) and v.ndim:
+                assert isinstance(v, DTensor) and v.placements == p.placements, key
+    # torch.distributed.checkpoint's full (unsharded) state dicts, and a resume from them
+    full = StateDictOptions(full_state_dict=True)
+    osd = get_optimizer_state_dict(net, opt, options=full)
+    msd = get_model_state_dict(net, options=full)
+    out["buffers"] = _buffers(net, lambda name, p: osd["state"][name])
+    net2 = _sharded_net(mesh)
+    opt2 = _optimizer(net2)
+    set_model_state_dict(net2, msd, options=full)
+    set_optimizer_state_dict(net2, opt2, osd, options=full)
+    for model, optim in ((net, opt), (net2, opt2)):
+        _step(model, optim, *batches[STEPS])
+    # HSDP layout (mesh "replicate" x "shard", here 1 x 2) with matrices split by columns where FSDP allows it
+    # (Shard(1) needs an even split: lin.weight, the LoRA pair and head; the 3-column frames stay by rows)
+    mesh2d = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
+    net3 = _sharded_net(
+        mesh2d, shard_placement_fn=lambda p: Shard(1) if p.ndim == 2 and p.shape[1] % 2 == 0 else Shard(0)
+    )
+    assert net3.lin.weight.placements == (Replicate(), Shard(1))
+    opt3 = _optimizer(net3)
+    for x, y in batches[:STEPS]:
+        _step(net3, opt3, x, y)
+    out["columns"] = {k: v.full_tensor() for k, v in net3.state_dict().items()}
 
-        out["continued"] = {k: v.full_tensor() for k, v in net.state_dict().items()}
-        out["resumed"] = {k: v.full_tensor() for k, v in net2.state_dict().items()}
+    out["continued"] = {k: v.full_tensor() for k, v in net.state_dict().items()}
+    out["resumed"] = {k: v.full_tensor() for k, v in net2.state_dict().items()}
 
-        # a NaN in one rank's shard of a gradient only: every rank skips the step, no parameter is half-updated
-        # (the bias: AdamW on shards, where only rank 0 sees it; the weight: its owner's SVD fails)
-        opt2.nonfinite = "skip"
-        for name in ("lin.bias", "lin.weight"):
-            opt2.zero_grad()
-            torch.nn.functional.mse_loss(net2(batches[0][0]), batches[0][1]).backward()
-            if rank == 0:
-                D.local(dict(net2.named_parameters())[name].grad).view(-1)[0] = float("nan")
-            opt2.step()
-            out[f"skipped {name}"] = opt2.last_step_skipped
-            out[f"after {name}"] = {k: v.full_tensor() for k, v in net2.state_dict().items()}
-        torch.save(out, os.path.join(out_dir, f"fsdp{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    # a NaN in one rank's shard of a gradient only: every rank skips the step, no parameter is half-updated
+    # (the bias: AdamW on shards, where only rank 0 sees it; the weight: its owner's SVD fails)
+    opt2.nonfinite = "skip"
+    for name in ("lin.bias", "lin.weight"):
+        opt2.zero_grad()
+        torch.nn.functional.mse_loss(net2(batches[0][0]), batches[0][1]).backward()
+        if rank == 0:
+            D.local(dict(net2.named_parameters())[name].grad).view(-1)[0] = float("nan")
+        opt2.step()
+        out[f"skipped {name}"] = opt2.last_step_skipped
+        out[f"after {name}"] = {k: v.full_tensor() for k, v in net2.state_dict().items()}
+    torch.save(out, os.path.join(out_dir, f"fsdp{rank}.pt"))
 
 
 def test_fsdp_matches_single_process(tmp_path):
