@@ -206,12 +206,29 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
         self._structure_key = None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's ``load_state_dict``; options missing from older state dicts take the constructor's values."""
+        """torch's ``load_state_dict``; options missing from older state dicts take the constructor's values.
+
+        State of half-precision parameters is restored from the saved tensors in the working dtype (float32), bit
+        for bit: torch's loader casts every floating-point state tensor to the parameter's dtype, which would round
+        a float32 buffer of a bfloat16 parameter and turn a float16 parameter's AdamW second moment above 65504
+        into ``inf``.
+        """
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params):
+            wdt = work_dtype(p)
+            if wdt == p.dtype or i not in saved_state:
+                continue
+            st = self.state[p]
+            for key, value in saved_state[i].items():
+                if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
+                    st[key] = value.to(device=p.device, dtype=wdt, copy=True)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-            for p in group["params"]:  # torch casts state to the parameter's dtype: buffers stay >= float32
+            for p in group["params"]:  # buffers stay >= float32 (older state dicts may hold half-precision ones)
                 st = self.state.get(p, {})
                 for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
                     if isinstance(st.get(key), torch.Tensor) and st[key].dtype != work_dtype(p):
