@@ -11,12 +11,15 @@
 4. LoRA fine-tuning of a small byte-level GPT on real text (``benchmarks/bench_lora_text.py --quick``: pretrained on
    the standard library's source, fine-tuned on ``pydoc_data.topics``), iMuon against AdamW and torch.optim.Muon,
    with the gauge experiment; its tables and plots go to ``--output``/lora_text.
+5. Pretraining the same GPT from scratch (``benchmarks/bench_pretrain.py --quick``): the Muon family (iMuon, Ky Fan,
+   F-Muon, MuonEq, ROOT, MiMuon, as far as this build has them) against AdamW and torch.optim.Muon on the hidden
+   matrices; its tables and plots go to ``--output``/pretrain.
 
 About 6-10 minutes on 2 CPU cores (plus ~2-3 minutes the first time, to pretrain the GPT of part 4; the checkpoint
 is cached under benchmarks/.cache); ``--quick`` runs a smoke version in 1-2 minutes.
 
 Run: ``python examples/demo.py --output demo_output`` (``--quick``, ``--skip-core``, ``--skip-torch``,
-``--skip-lora-text``).
+``--skip-lora-text``, ``--skip-pretrain``).
 """
 
 from __future__ import annotations
@@ -202,6 +205,24 @@ def lora_text_demo(output: str, quick: bool, threads: int) -> dict:
     return bench.main(argv)
 
 
+def pretrain_demo(output: str, quick: bool, threads: int) -> dict:
+    """``benchmarks/bench_pretrain.py --quick`` (best rates of its full run, one seed) into ``output/pretrain``.
+
+    With ``quick`` (the demo's smoke version) the runs are a few steps on a few windows.
+    """
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(HERE), "benchmarks", "bench_pretrain.py")
+    spec = importlib.util.spec_from_file_location("bench_pretrain", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look the module up there
+    spec.loader.exec_module(bench)
+    argv = ["--quick", "--output", os.path.join(output, "pretrain"), "--threads", str(max(1, threads))]
+    if quick:
+        argv += ["--steps", "6", "--batch", "4", "--eval-every", "3", "--curve-windows", "8", "--final-windows", "32"]
+    return bench.main(argv)
+
+
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="demo_output", help="folder for the tables (.md) and plots (.png)")
@@ -212,6 +233,11 @@ def parse(argv=None) -> argparse.Namespace:
         "--skip-lora-text",
         action="store_true",
         help="skip the LoRA fine-tuning on real text (section 6, benchmarks/bench_lora_text.py)",
+    )
+    parser.add_argument(
+        "--skip-pretrain",
+        action="store_true",
+        help="skip the pretraining from scratch (section 7, benchmarks/bench_pretrain.py)",
     )
     cmp.add_thread_option(parser)
     return parser.parse_args(argv)
@@ -283,6 +309,15 @@ def main(argv=None) -> dict:
         sections.append(
             "## benchmarks/bench_lora_text.py --quick: LoRA on real text\n\n"
             + runs["lora_text"]["text"].split("\n", 2)[2].strip()
+        )
+    if not args.skip_pretrain:
+        _banner(
+            "7. Pretraining the byte-level GPT from scratch: the Muon family (benchmarks/bench_pretrain.py --quick)"
+        )
+        runs["pretrain"] = pretrain_demo(output, args.quick, args.torch_threads)
+        sections.append(
+            "## benchmarks/bench_pretrain.py --quick: pretraining from scratch\n\n"
+            + runs["pretrain"]["text"].split("\n", 2)[2].strip()
         )
     summary = cmp.write_text(os.path.join(output, "summary.md"), "# imuon_manopt demo\n\n" + "\n\n".join(sections))
     elapsed = time.time() - start

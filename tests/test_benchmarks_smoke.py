@@ -140,3 +140,75 @@ def test_bench_lora_text_tiny(tmp_path):
     assert out["fidelity"]["AdamW (BM, M^-1A)"]["minibatch"] > 1e-6
     text = (tmp_path / "results.md").read_text()
     assert "| optimizer | best lr |" in text and "torch.get_num_threads() = 1" in text and "load average" in text
+
+
+def test_bench_pretrain_splits_hidden_matrices_from_the_rest():
+    """Every block's four 2-D hidden matrices go to the compared optimizer; embeddings (the output head is tied to
+    the token embedding, so it appears once), norms and biases go to AdamW; nothing is left out or counted twice."""
+    bench = _load("bench_pretrain")
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(bench.lt.gpt_config())
+    hidden, rest = bench.split_parameters(model)
+    names = {id(p): n for n, p in model.named_parameters()}  # named_parameters() lists a tied tensor once
+    assert sorted(names[id(p)].split(".", 3)[-1] for p in hidden) == sorted(bench.HIDDEN * bench.lt.MODEL["n_layer"])
+    assert all(p.ndim == 2 for p in hidden)
+    assert model.lm_head.weight is model.transformer.wte.weight and any(p is model.lm_head.weight for p in rest)
+    assert {id(p) for p in hidden}.isdisjoint({id(p) for p in rest})
+    assert {id(p) for p in hidden + rest} == set(names) and len(hidden + rest) == len(names)
+    width = bench.lt.MODEL["n_embd"]
+    assert bench.KYFAN_K == width // 4 and min(min(p.shape) for p in hidden) == width
+
+
+def test_bench_pretrain_probe_reports_what_this_build_lacks():
+    """A variant whose options IMuon refuses, or whose param-group option IMuon does not know (torch would keep the
+    key silently and the run would be plain iMuon), is reported with the reason instead of being run."""
+    bench = _load("bench_pretrain")
+    assert bench.unavailable(bench.VARIANTS["iMuon"]) is None
+    assert bench.unavailable(bench.VARIANTS["AdamW"]) is None
+    assert "norm" in bench.unavailable(bench.Variant("imuon", {"norm": ("no_such_norm", 1)}))
+    assert "'no_such_option'" in bench.unavailable(bench.Variant("imuon", {"no_such_option": True}))
+
+
+def test_bench_pretrain_winner_and_time_budget_reading():
+    """The winner statement names a tie when the best mean does not win on every seed, and a win otherwise; the
+    held-out loss at a time budget is read off the curve linearly, the last value after the run's end, infinite for
+    a diverged run."""
+    bench = _load("bench_pretrain")
+    best, text = bench.winner({"a": [1.0, 1.0, 1.0], "b": [1.01, 1.02, 1.01], "c": [2.0, 2.0, 2.0]})
+    assert best == "a" and "wins on every one of 3 seeds" in text and "runner-up b" in text
+    best, text = bench.winner({"a": [1.0, 1.0, 1.0], "b": [1.0005, 1.02, 1.03], "c": [float("inf")] * 3})
+    assert best == "a" and "ties with b (" in text and "ties with b, c" not in text
+    run = bench.Run("a", 1e-2, 0, at=[0, 10, 20], seconds_at=[0.0, 2.0, 4.0], heldout=[5.0, 3.0, 2.0])
+    assert bench.loss_at_seconds(run, 1.0) == pytest.approx(4.0)
+    assert bench.loss_at_seconds(run, 3.0) == pytest.approx(2.5)
+    assert bench.loss_at_seconds(run, 10.0) == 2.0
+    run.diverged = True
+    assert bench.loss_at_seconds(run, 1.0) == float("inf")
+
+
+def test_bench_pretrain_tiny(tmp_path):
+    """A tiny configuration end to end (--quick rates, a few steps): the table, the winners, the plots; every
+    variant this build has is run, the others are listed with the reason."""
+    bench = _load("bench_pretrain")
+    threads = torch.get_num_threads()
+    try:
+        out = bench.main(
+            ["--quick", "--steps", "4", "--batch", "2", "--threads", "1", "--eval-every", "2"]
+            + ["--curve-windows", "4", "--final-windows", "8", "--output", str(tmp_path)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("results.md", "results.json", "heldout_vs_steps.png", "heldout_vs_seconds.png"):
+        assert (tmp_path / name).is_file(), name
+    assert set(out["summary"]) | set(out["missing"]) == set(bench.VARIANTS)
+    assert {"AdamW", "Muon", "iMuon"} <= set(out["summary"])
+    for row in out["summary"].values():
+        assert row["step_ms"] > 0 and row["opt_ms"] > 0 and len(row["finals"]) == 1
+        assert row["finals"][0] < 6.0  # 256 byte values: ln 256 = 5.55 at the random start, and it trains
+    text = (tmp_path / "results.md").read_text()
+    assert "| optimizer | best lr |" in text and "**Step budget" in text and "**Time budget" in text
+    assert "torch.get_num_threads() = 1" in text and "load average" in text
+    for name, why in out["missing"].items():
+        assert f"- {name} (" in text and why in text

@@ -1,0 +1,718 @@
+"""Benchmark: pretraining a small byte-level GPT from scratch, the Muon family against AdamW and torch.optim.Muon.
+
+Nothing is downloaded. The model, the data and the learning-rate search are those of ``bench_lora_text.py``
+(imported, not copied): a GPT-2 (``transformers.GPT2LMHeadModel``; 2 layers, width 128, 4 heads, context 64,
+vocabulary the 256 byte values, no dropout) learns the standard library's own top-level ``.py`` files (sorted by
+name, the last 2 % held out), here from a random start for a fixed budget of steps.
+
+Every 2-D hidden matrix (``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj`` of each block; GPT-2's
+``Conv1D`` stores them as ``(in, out)``) is under the optimizer being compared; the embeddings (token, tied with the
+output head, and position), the layer norms and the biases are on AdamW with one fixed setting shared by every run
+(``REST``), as Muon users do. What is compared, each one line of configuration (``VARIANTS``):
+
+- ``AdamW`` on the hidden matrices too;
+- ``Muon``: ``torch.optim.Muon`` (Keller's Newton–Schulz, momentum 0.95, Nesterov);
+- ``iMuon``: :class:`imuon_manopt.optim.IMuon`, the spectral LMO (Polar Express Newton–Schulz);
+- ``Ky Fan d/4``: ``norm=("kyfan", 32)`` (Fanion-k, the top-k singular pairs ``U_k V_k^T``; exact by SVD) and the
+  same with the randomized range finder (``polar={"method": "randomized", "oversample": 8, "power_iters": 2}``,
+  low-rank orthogonalization), each with and without Dion's error feedback (``error_feedback=True``);
+- ``F-Muon``: ``norm=("fmuon", 0.5)``, the LMO ``alpha polar(H) + (1 - alpha) H / ||H||_F``;
+- ``MuonEq-R``: the spectral LMO after row equilibration of the momentum. The paper's rows are the output features of
+  an ``nn.Linear`` weight ``(out, in)``; GPT-2's ``Conv1D`` stores ``(in, out)``, so that is
+  ``input_transform="muoneq_col"`` here;
+- ``ROOT clip``: the spectral LMO after clipping the momentum at its 90th percentile of ``|entries|``
+  (``input_transform=("root_clip", 0.9)``);
+- ``MiMuon``: the momentum itself where the singular values are not well separated, else the spectral LMO
+  (``input_transform=("mimuon", threshold)``).
+
+A variant whose options this build of the package does not accept (say, a norm not yet implemented) is reported as
+"not available" with the error, not run. Every iMuon variant and Muon use ``adjust_lr_fn="original"``
+(``lr * sqrt(max(1, a / b))`` on the stored shape), torch.optim.Muon's default; no weight decay anywhere.
+
+Schedule: linear warmup over the first 5 % of the steps, then cosine decay to 0, for the hidden matrices and the
+rest alike. Per seed, every optimizer starts from the same random model and sees the same minibatches.
+
+Learning rates: the half-decade grid of ``bench_lora_text.py`` per variant on seed 0, widened until the best final
+held-out loss has a neighbour on both sides (a diverged run counts as infinitely bad); then every seed at the best
+rate. ``--quick`` runs the best rates of the full run (``QUICK_LRS``) on one seed.
+
+Reported (``results.md``, ``results.json`` in ``--output``): held-out loss after the last step (mean, spread, per
+seed against AdamW and against Muon), ms per step (zero_grad, forward, backward, both optimizers' ``step()``) and
+ms per ``step()`` of the hidden-matrix optimizer alone (medians over the best-rate runs, which are interleaved seed
+by seed so that a change of machine load hits every variant alike), a winner per budget: the step budget (final
+held-out loss) and a time budget (held-out loss reached within the training seconds of the fastest variant's whole
+run, read off each curve); plots of the held-out loss against steps and against seconds, and of the grids.
+
+Usage::
+
+    python benchmarks/bench_pretrain.py            # full run: grids on seed 0, 3 seeds at the best rates
+    python benchmarks/bench_pretrain.py --quick    # best rates of the full run, 1 seed
+
+Times on 2 CPU cores at 1 thread: see benchmarks/RESULTS.md ("Pretraining from scratch").
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_lora_text as lt  # noqa: E402 - the model, the data and the grid search live there
+
+from imuon_manopt.optim import IMuon  # noqa: E402
+
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
+
+DEFAULT_OUTPUT = ROOT / "benchmarks" / "output" / "pretrain"
+#: The hidden matrices of every block (the rest, embeddings, norms and biases, are on AdamW).
+HIDDEN = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+#: Ky Fan k = d / 4 with d the model width (the smaller side of every hidden matrix).
+KYFAN_K = lt.MODEL["n_embd"] // 4
+RANDOMIZED = {"method": "randomized", "oversample": 8, "power_iters": 2}
+FMUON_ALPHA = 0.5
+ROOT_PERCENTILE = 0.9
+MIMUON_THRESHOLD = 1e-3
+#: AdamW on the embeddings, norms and biases: the same for every run (its lr follows the schedule).
+REST = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
+WARMUP_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compared optimizer of the hidden matrices: ``kind`` ``adamw``, ``muon`` or ``imuon`` with the IMuon
+    options (constructor keywords and param-group options), where its grid starts, and what it is."""
+
+    kind: str
+    options: dict = field(default_factory=dict)
+    center: float = 1e-2
+    what: str = ""
+    config: str = ""
+
+
+VARIANTS: dict[str, Variant] = {
+    "AdamW": Variant("adamw", {}, 1e-2, "Adam with decoupled weight decay", "torch.optim.AdamW(hidden, lr)"),
+    "Muon": Variant("muon", {}, 3e-2, "Euclidean spectral LMO, Keller's Newton–Schulz", "torch.optim.Muon(hidden, lr)"),
+    "iMuon": Variant("imuon", {}, 3e-2, "spectral-norm LMO (intrinsic; Euclidean metric here)", "IMuon(hidden, lr)"),
+    "Ky Fan d/4": Variant(
+        "imuon",
+        {"norm": ("kyfan", KYFAN_K), "polar": "svd"},
+        1e-1,
+        "LMO of the dual Ky Fan k-norm ball, U_k V_k^T (exact, SVD)",
+        f'norm=("kyfan", {KYFAN_K}), polar="svd"',
+    ),
+    "Ky Fan d/4 randomized": Variant(
+        "imuon",
+        {"norm": ("kyfan", KYFAN_K), "polar": RANDOMIZED},
+        1e-1,
+        "the same LMO by a randomized range finder (low-rank orthogonalization)",
+        f'norm=("kyfan", {KYFAN_K}), polar={{"method": "randomized", "oversample": 8, "power_iters": 2}}',
+    ),
+    "Ky Fan d/4 + EF": Variant(
+        "imuon",
+        {"norm": ("kyfan", KYFAN_K), "polar": "svd", "error_feedback": True},
+        1e-1,
+        "Ky Fan LMO with Dion's error feedback (the part the step leaves out stays in the momentum)",
+        f'norm=("kyfan", {KYFAN_K}), polar="svd", error_feedback=True',
+    ),
+    "Ky Fan d/4 randomized + EF": Variant(
+        "imuon",
+        {"norm": ("kyfan", KYFAN_K), "polar": RANDOMIZED, "error_feedback": True},
+        1e-1,
+        "randomized Ky Fan LMO with error feedback (Dion-like)",
+        f'norm=("kyfan", {KYFAN_K}), polar={{"method": "randomized", ...}}, error_feedback=True',
+    ),
+    "F-Muon": Variant(
+        "imuon",
+        {"norm": ("fmuon", FMUON_ALPHA)},
+        3e-2,
+        "LMO of the F-Muon norm: alpha polar(H) + (1 - alpha) H / ||H||_F",
+        f'norm=("fmuon", {FMUON_ALPHA})',
+    ),
+    "MuonEq-R": Variant(
+        "imuon",
+        {"input_transform": "muoneq_col"},
+        3e-2,
+        "input transform (not a norm): output rows equilibrated before the spectral LMO",
+        'input_transform="muoneq_col"  (rows of an (out, in) weight = columns of Conv1D\'s (in, out))',
+    ),
+    "ROOT clip": Variant(
+        "imuon",
+        {"input_transform": ("root_clip", ROOT_PERCENTILE)},
+        3e-2,
+        "input transform (not a norm): entries clipped at the 90th percentile before the spectral LMO",
+        f'input_transform=("root_clip", {ROOT_PERCENTILE})',
+    ),
+    "MiMuon": Variant(
+        "imuon",
+        {"input_transform": ("mimuon", MIMUON_THRESHOLD)},
+        3e-2,
+        "switch (not a norm): the momentum itself unless the singular values are well separated",
+        f'input_transform=("mimuon", {MIMUON_THRESHOLD:g})',
+    ),
+}
+#: IMuon keywords that are constructor options (the rest are param-group options).
+CONSTRUCTOR_KEYS = ("norm", "polar")
+#: Best rates of the full run (benchmarks/RESULTS.md), used by ``--quick``.
+QUICK_LRS: dict[str, float] = {name: v.center for name, v in VARIANTS.items()}
+COLORS = {name: f"C{i}" for i, name in enumerate(VARIANTS)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model and optimizers
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(hidden, rest)``: the 2-D hidden matrices of the blocks, and everything else (embeddings, head, norms,
+    biases), each parameter once (the output head is tied to the token embedding)."""
+    hidden, rest, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (hidden if name.endswith(HIDDEN) and ".h." in f".{name}" and p.ndim == 2 else rest).append(p)
+    expected = lt.MODEL["n_layer"] * len(HIDDEN)
+    if len(hidden) != expected:
+        raise RuntimeError(f"found {len(hidden)} hidden matrices, expected {expected}")
+    return hidden, rest
+
+
+def imuon_arguments(options: dict) -> tuple[dict, dict]:
+    """``(constructor keywords, param-group options)`` of a variant's IMuon options."""
+    ctor = {k: v for k, v in options.items() if k in CONSTRUCTOR_KEYS}
+    group = {k: v for k, v in options.items() if k not in CONSTRUCTOR_KEYS}
+    return ctor, group
+
+
+def make_optimizers(
+    variant: Variant, model: nn.Module, lr: float
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """``(optimizer of the hidden matrices at lr, AdamW of the rest at REST)``."""
+    hidden, rest = split_parameters(model)
+    rest_opt = torch.optim.AdamW(rest, lr=REST["lr"], betas=REST["betas"], weight_decay=REST["weight_decay"])
+    if variant.kind == "adamw":
+        return torch.optim.AdamW(hidden, lr=lr, betas=REST["betas"], weight_decay=0.0), rest_opt
+    if variant.kind == "muon":
+        return torch.optim.Muon(hidden, lr=lr, weight_decay=0.0, adjust_lr_fn="original"), rest_opt
+    if variant.kind == "imuon":
+        ctor, group = imuon_arguments(variant.options)
+        return IMuon([{"params": hidden, **group}], lr=lr, adjust_lr_fn="original", **ctor), rest_opt
+    raise ValueError(f"unknown optimizer kind {variant.kind!r}")
+
+
+def unavailable(variant: Variant) -> str | None:
+    """Why this build cannot run ``variant`` (the error of a two-step probe on a small matrix), or ``None``."""
+    if variant.kind != "imuon":
+        return None
+    ctor, group = imuon_arguments(variant.options)
+    w = nn.Parameter(torch.randn(48, 40, generator=torch.Generator().manual_seed(0)))
+    try:
+        opt = IMuon([{"params": [w], **group}], lr=1e-3, **ctor)
+        unknown = sorted(k for k in group if k not in opt.defaults)
+        if unknown:  # torch keeps unknown param-group keys without a word: the run would be plain iMuon
+            return f"IMuon has no param-group option {', '.join(map(repr, unknown))}"
+        for _ in range(2):
+            w.grad = torch.randn(48, 40, generator=torch.Generator().manual_seed(1))
+            opt.step()
+    except (ValueError, TypeError, NotImplementedError) as err:
+        return f"{type(err).__name__}: {err}"
+    if not torch.isfinite(w).all():
+        return "the probe step gave non-finite values"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Runs
+
+
+@dataclass
+class Run:
+    """One pretraining run: held-out loss curve, minibatch losses, timings."""
+
+    variant: str
+    lr: float
+    seed: int
+    at: list[int] = field(default_factory=list)
+    seconds_at: list[float] = field(default_factory=list)
+    heldout: list[float] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    step_ms: list[float] = field(default_factory=list)
+    opt_ms: list[float] = field(default_factory=list)
+    final: float = math.inf
+    diverged: bool = False
+
+
+@dataclass
+class Context:
+    """What the runs share: data, the random start per seed, minibatch offsets per seed."""
+
+    train: torch.Tensor
+    curve_windows: torch.Tensor
+    final_windows: torch.Tensor
+    steps: int
+    batch: int
+    eval_every: int
+    starts: dict[int, nn.Module] = field(default_factory=dict)
+    runs: dict[tuple[str, float, int], Run] = field(default_factory=dict)
+    on_run: Callable[[Run], None] | None = None
+
+    def start(self, seed: int) -> nn.Module:
+        """A fresh copy of the seed's random model (GPT-2's own initialization under ``torch.manual_seed``)."""
+        if seed not in self.starts:
+            from transformers import GPT2LMHeadModel
+
+            torch.manual_seed(30_000 + seed)
+            self.starts[seed] = GPT2LMHeadModel(lt.gpt_config()).train()
+        return copy.deepcopy(self.starts[seed])
+
+    def batches(self, seed: int) -> torch.Tensor:
+        """``(steps, batch)`` window offsets into the training bytes, fixed by ``seed``."""
+        gen = torch.Generator().manual_seed(40_000 + seed)
+        return torch.randint(0, len(self.train) - lt.MODEL["n_positions"] - 1, (self.steps, self.batch), generator=gen)
+
+    def run(self, name: str, lr: float, seed: int) -> Run:
+        """Pretrain from the seed's start with ``name`` at ``lr`` (memoized)."""
+        key = (name, lr, seed)
+        if key in self.runs:
+            return self.runs[key]
+        model = self.start(seed)
+        hidden_opt, rest_opt = make_optimizers(VARIANTS[name], model, lr)
+        opts = (hidden_opt, rest_opt)
+        initial = [[g["lr"] for g in o.param_groups] for o in opts]
+        offsets = self.batches(seed)
+        context = lt.MODEL["n_positions"]
+        warmup = max(1, round(WARMUP_FRACTION * self.steps))
+        run = Run(name, lr, seed)
+        elapsed = 0.0
+
+        def record(k: int) -> None:
+            model.eval()
+            run.at.append(k)
+            run.seconds_at.append(elapsed)
+            run.heldout.append(lt.mean_loss(model, self.curve_windows))
+            model.train()
+
+        record(0)
+        for k in range(self.steps):
+            factor = lt.warmup_cosine(k, self.steps, warmup)
+            for o, lrs in zip(opts, initial):
+                for g, base_lr in zip(o.param_groups, lrs):
+                    g["lr"] = base_lr * factor
+            batch = lt.windows(self.train, offsets[k], context + 1)
+            t0 = time.perf_counter()
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss = lt.lm_loss(model, batch)
+            loss.backward()
+            t1 = time.perf_counter()
+            try:
+                hidden_opt.step()
+            except FloatingPointError:
+                run.diverged = True
+            t2 = time.perf_counter()
+            if not run.diverged:
+                rest_opt.step()
+            t3 = time.perf_counter()
+            value = float(loss.detach())
+            run.loss.append(value)
+            run.step_ms.append(1e3 * (t3 - t0))
+            run.opt_ms.append(1e3 * (t2 - t1))
+            elapsed += t3 - t0
+            if run.diverged or not math.isfinite(value):
+                run.diverged = True
+                break
+            if (k + 1) % self.eval_every == 0 or k + 1 == self.steps:
+                record(k + 1)
+        if not run.diverged:
+            model.eval()
+            final = lt.mean_loss(model, self.final_windows)
+            run.final = final if math.isfinite(final) else math.inf
+            run.diverged = not math.isfinite(final)
+        self.runs[key] = run
+        if self.on_run is not None:
+            self.on_run(run)
+        return run
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reporting
+
+
+def loss_at_seconds(run: Run, seconds: float) -> float:
+    """Held-out loss of ``run`` at ``seconds`` of training, linear between evaluation points (``inf`` after a
+    divergence; the last value once the run is over)."""
+    if run.diverged:
+        return math.inf
+    xs, ys = run.seconds_at, run.heldout
+    if seconds >= xs[-1]:
+        return ys[-1]
+    for j in range(1, len(xs)):
+        if seconds <= xs[j]:
+            t = (seconds - xs[j - 1]) / max(xs[j] - xs[j - 1], 1e-12)
+            return ys[j - 1] + t * (ys[j] - ys[j - 1])
+    return ys[-1]
+
+
+def winner(values: dict[str, list[float]], tol: float = 1e-3) -> tuple[str, str]:
+    """``(best variant by mean, statement)``: the best mean against the runner-up, per seed (wins only if it is lower
+    on every seed by more than ``tol``, else a tie is stated with every variant it does not beat that way)."""
+    finite = {v: xs for v, xs in values.items() if xs and all(math.isfinite(x) for x in xs)}
+    if not finite:
+        return "-", "no variant finished"
+    order = sorted(finite, key=lambda v: statistics.mean(finite[v]))
+    best = order[0]
+    ties = [
+        v for v in order[1:] if not lt.verdict([a - b for a, b in zip(finite[best], finite[v])], tol).startswith("wins")
+    ]
+    mean = statistics.mean(finite[best])
+    if ties:
+        return (
+            best,
+            f"{best} ({mean:.4f}) has the best mean but ties with {', '.join(ties)} (not lower on every seed by "
+            f"more than {tol:g})",
+        )
+    runner = order[1] if len(order) > 1 else None
+    gap = "" if runner is None else f"; runner-up {runner} ({statistics.mean(finite[runner]):.4f})"
+    n = len(finite[best])
+    return best, f"{best} ({mean:.4f}) wins on {'every one of ' if n > 1 else ''}{n} seed{'s' if n > 1 else ''}{gap}"
+
+
+def machine_lines(argv: Sequence[str], load_start: tuple, load_end: tuple) -> list[str]:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    import transformers
+
+    env = ", ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ)
+    return [
+        f"- command: `python benchmarks/bench_pretrain.py {' '.join(argv)}`",
+        f"- machine: {platform.node()}, {cpu}, {os.cpu_count()} CPUs, {platform.platform()}",
+        f"- load average (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in load_start)} at the start, "
+        f"{', '.join(f'{x:.2f}' for x in load_end)} at the end",
+        f"- threads: torch.get_num_threads() = {torch.get_num_threads()}"
+        + (f" ({env})" if env else " (no OMP/MKL environment setting)"),
+        f"- software: Python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}",
+    ]
+
+
+def plot_curves(results: dict[str, list[Run]], output: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for xkey, xlabel, stem in (
+        ("at", "step", "heldout_vs_steps.png"),
+        ("seconds_at", "training seconds (evaluation excluded)", "heldout_vs_seconds.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(8.0, 5.0))
+        finals = []
+        for variant, runs in results.items():
+            runs = [r for r in runs if not r.diverged]
+            if not runs:
+                continue
+            n = min(len(r.heldout) for r in runs)
+            xs = [statistics.mean(getattr(r, xkey)[j] for r in runs) for j in range(n)]
+            ys = [statistics.mean(r.heldout[j] for r in runs) for j in range(n)]
+            finals.append(ys[-1])
+            style = (
+                "--" if "randomized" in variant else ("-." if variant in ("MuonEq-R", "ROOT clip", "MiMuon") else "-")
+            )
+            ax.plot(xs, ys, style, color=COLORS.get(variant), label=f"{variant} (lr {lt.fmt_lr(runs[0].lr)})", lw=1.3)
+            if len(runs) > 1:
+                lo = [min(r.heldout[j] for r in runs) for j in range(n)]
+                hi = [max(r.heldout[j] for r in runs) for j in range(n)]
+                ax.fill_between(xs, lo, hi, color=COLORS.get(variant), alpha=0.10)
+        if finals:  # the end of the curves readable; the first steps off the top
+            ax.set_ylim(min(finals) - 0.05, max(finals) + 0.6)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out loss (nats/byte)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = output / stem
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_grids(grids: dict[str, dict[float, float]], output: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8.0, 5.0))
+    for variant, grid in grids.items():
+        lrs = [lr for lr in grid if math.isfinite(grid[lr])]
+        ax.plot(lrs, [grid[lr] for lr in lrs], "-o", color=COLORS.get(variant), label=variant, markersize=4)
+    finite = [val for grid in grids.values() for val in grid.values() if math.isfinite(val)]
+    if finite and max(finite) > min(finite) + 0.5:
+        ax.set_ylim(min(finite) - 0.02, min(finite) + 0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate of the hidden matrices")
+    ax.set_ylabel("final held-out loss, seed 0")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = output / "lr_grids.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="best rates of the full run (QUICK_LRS), one seed")
+    p.add_argument("--output", default=str(DEFAULT_OUTPUT), help="folder for results.md, results.json and the PNGs")
+    p.add_argument("--steps", type=int, default=150, help="pretraining steps per run (default 150)")
+    p.add_argument("--batch", type=int, default=16, help="minibatch, in windows of 64 bytes (default 16)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds at the best rate (default 3; 1 with --quick)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see bench_lora_text)")
+    p.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="optimizers to run (default: all)"
+    )
+    p.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (default ~10 %)")
+    p.add_argument("--curve-windows", type=int, default=64, help="held-out windows along the curves (default 64)")
+    p.add_argument("--final-windows", type=int, default=512, help="held-out windows of the final loss (default 512)")
+    args = p.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = 1 if args.quick else 3
+    if min(args.steps, args.batch, args.seeds, args.threads, args.curve_windows, args.final_windows) < 1:
+        raise SystemExit("--steps, --batch, --seeds, --threads and the window counts must be positive")
+    if "AdamW" not in args.variants:
+        args.variants = ["AdamW", *args.variants]  # the reference of the differences
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+    wall0 = time.perf_counter()
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+
+    def log(line: str) -> None:
+        print(f"[{time.perf_counter() - wall0:7.1f} s] {line}", flush=True)
+
+    log(f"bench_pretrain: torch threads {torch.get_num_threads()}, load {load_start[0]:.2f}")
+    missing = {}
+    for name in args.variants:
+        why = unavailable(VARIANTS[name])
+        if why is not None:
+            missing[name] = why
+            log(f"{name}: not available in this build ({why})")
+    variants = [v for v in VARIANTS if v in args.variants and v not in missing]
+
+    corpus, files = lt.stdlib_corpus()
+    tokens = lt.as_tokens(corpus)
+    n_held = int(len(tokens) * lt.PRETRAIN["holdout"])
+    train, held = tokens[:-n_held], tokens[-n_held:]
+    context = lt.MODEL["n_positions"]
+    final_windows = lt.tiled_windows(held, context + 1, args.final_windows)
+    curve_windows = lt.tiled_windows(held, context + 1, min(args.curve_windows, len(final_windows)))
+    ctx = Context(
+        train, curve_windows, final_windows, args.steps, args.batch, args.eval_every or max(1, args.steps // 10)
+    )
+
+    def progress(run: Run) -> None:
+        log(
+            f"{run.variant:27s} lr {lt.fmt_lr(run.lr):>5s} seed {run.seed}: final held-out {lt.fmt(run.final)}, "
+            f"{statistics.median(run.step_ms):.1f} ms/step ({statistics.median(run.opt_ms):.2f} ms step())"
+        )
+
+    ctx.on_run = progress
+    log(
+        f"corpus: {len(files)} stdlib files ({len(corpus) / 1e6:.2f} MB), {len(final_windows)} held-out windows; "
+        f"{args.steps} steps x batch {args.batch}; variants: {', '.join(variants)}"
+    )
+
+    grids: dict[str, dict[float, float]] = {}
+    best: dict[str, float] = {}
+    if args.quick:
+        best = {v: QUICK_LRS[v] for v in variants}
+    else:
+        for v in variants:  # all initial 3-point grids first (interleaved), then the widening each one needs
+            c = lt.grid_index(VARIANTS[v].center)
+            for i in (c - 1, c, c + 1):
+                ctx.run(v, lt.grid_lr(i), 0)
+        for v in variants:
+            best[v], grids[v] = lt.search_lr(lambda lr, v=v: ctx.run(v, lr, 0).final, VARIANTS[v].center)
+            log(f"{v}: best lr {lt.fmt_lr(best[v])} of {', '.join(lt.fmt_lr(lr) for lr in grids[v])}")
+
+    seeds = list(range(args.seeds))
+    results: dict[str, list[Run]] = {v: [] for v in variants}
+    for s in seeds:  # seed-major: every variant's seed-s run back to back
+        for v in variants:
+            results[v].append(ctx.run(v, best[v], s))
+    load_end = os.getloadavg()
+    wall = time.perf_counter() - wall0
+
+    # ------------------------------------------------------------------ tables
+    summary: dict[str, dict[str, Any]] = {}
+    ref = {r.seed: r.final for r in results["AdamW"]} if "AdamW" in results else {}
+    muon = {r.seed: r.final for r in results["Muon"]} if "Muon" in results else {}
+    rows = []
+    for v in variants:
+        finals = [r.final for r in results[v]]
+        ok = all(math.isfinite(f) for f in finals)
+        mean = statistics.mean(finals) if ok else math.inf
+        spread = statistics.stdev(finals) if ok and len(finals) > 1 else math.nan
+        d_adamw = [r.final - ref[r.seed] for r in results[v]] if ref else []
+        d_muon = [r.final - muon[r.seed] for r in results[v]] if muon else []
+        step_ms = statistics.median([x for r in results[v] for x in r.step_ms])
+        opt_ms = statistics.median([x for r in results[v] for x in r.opt_ms])
+        grid = grids.get(v)
+        edge = bool(grid) and best[v] in (min(grid), max(grid))
+        summary[v] = dict(
+            lr=best[v],
+            finals=finals,
+            mean=mean,
+            std=spread,
+            diffs_vs_adamw=d_adamw,
+            diffs_vs_muon=d_muon,
+            step_ms=step_ms,
+            opt_ms=opt_ms,
+            grid=grid,
+            best_at_grid_edge=edge,
+            config=VARIANTS[v].config,
+            what=VARIANTS[v].what,
+        )
+        rows.append(
+            f"| {v} | {lt.fmt_lr(best[v])}{' (edge)' if edge else ''} | {lt.fmt(mean)}"
+            + (f" ± {spread:.4f}" if math.isfinite(spread) else "")
+            + f" | {'reference' if v == 'AdamW' else lt.verdict(d_adamw)} | "
+            + f"{'-' if v == 'Muon' or not d_muon else lt.verdict(d_muon)} | {step_ms:.1f} | {opt_ms:.2f} |"
+        )
+    step_winner = winner({v: summary[v]["finals"] for v in variants})
+    fastest = min(
+        variants,
+        key=lambda v: (
+            statistics.mean(r.seconds_at[-1] for r in results[v] if not r.diverged)
+            if any(not r.diverged for r in results[v])
+            else math.inf
+        ),
+    )
+    budget_s = statistics.mean(r.seconds_at[-1] for r in results[fastest] if not r.diverged)
+    at_budget = {v: [loss_at_seconds(r, budget_s) for r in results[v]] for v in variants}
+    time_winner = winner(at_budget)
+    for v in variants:
+        summary[v]["heldout_at_time_budget"] = at_budget[v]
+
+    n_seeds = len(seeds)
+    title = (
+        f"Pretraining a {lt.MODEL['n_layer']}x{lt.MODEL['n_embd']} byte GPT from scratch, {args.steps} steps x batch "
+        f"{args.batch}, {n_seeds} seed{'s' if n_seeds > 1 else ''}"
+    )
+    lines = [f"# {title}", ""]
+    lines += machine_lines(argv, load_start, load_end)
+    lines += [
+        f"- wall time: {wall:.0f} s ({wall / 60:.1f} min)",
+        f"- data: {len(files)} stdlib files ({len(corpus) / 1e6:.2f} MB), last {lt.PRETRAIN['holdout']:.0%} held out "
+        f"({len(final_windows)} windows of {context} bytes for the final loss, {len(curve_windows)} along the curves)",
+        f"- hidden matrices: {', '.join(HIDDEN)} of {lt.MODEL['n_layer']} blocks; the rest on AdamW (lr "
+        f"{REST['lr']:g}, betas {REST['betas']}); Ky Fan k = {KYFAN_K}",
+        "- schedule: linear warmup over 5 % of the steps, cosine decay to 0; no weight decay; "
+        + (
+            "rates: QUICK_LRS (best of the full run)"
+            if args.quick
+            else "rates: best of a half-decade grid on seed 0, then all seeds at it"
+        ),
+        "",
+        "Held-out loss after the last step (nats/byte); verdicts per seed against AdamW and against Muon (wins / "
+        "loses: lower / higher on every seed by more than 1e-3, else ties). ms/step: median over every step of the "
+        "best-rate runs (zero_grad, forward, backward, both optimizers); step(): the hidden-matrix optimizer's "
+        "step() alone. `(edge)`: the best rate is at the edge of its grid.",
+        "",
+        "| optimizer | best lr | held-out loss (mean ± std) | vs AdamW | vs Muon | ms/step | ms step() |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"**Step budget ({args.steps} steps):** {step_winner[1]}.",
+        "",
+        f"**Time budget ({budget_s:.1f} s of training, the whole run of the fastest, {fastest}):** {time_winner[1]}. "
+        "(Held-out loss each run had reached by then, read off its curve; the slower runs' schedules were not "
+        "shortened to this budget, so this favours the fast ones only as far as their speed does.)",
+    ]
+    if missing:
+        lines += ["", "Not available in this build (not run):", ""]
+        lines += [f"- {v} (`{VARIANTS[v].config}`): {why}" for v, why in missing.items()]
+    if grids:
+        lines += [
+            "",
+            "Learning-rate grids (seed 0, final held-out loss; best in bold):",
+            "",
+            "| optimizer | grid |",
+            "|---|---|",
+        ]
+        for v, grid in grids.items():
+            cells = [
+                ("**" if lr == best[v] else "") + f"{lt.fmt_lr(lr)}: {lt.fmt(val)}" + ("**" if lr == best[v] else "")
+                for lr, val in grid.items()
+            ]
+            lines.append(f"| {v} | {', '.join(cells)} |")
+    plots = plot_curves(results, output, title)
+    if grids:
+        plots.append(plot_grids(grids, output))
+    lines += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in plots)]
+    text = "\n".join(lines) + "\n"
+    (output / "results.md").write_text(text)
+    raw = dict(
+        summary=summary,
+        missing=missing,
+        step_winner=step_winner,
+        time_winner=time_winner,
+        time_budget_seconds=budget_s,
+        wall_seconds=wall,
+        argv=argv,
+        runs=[asdict(r) for r in ctx.runs.values()],
+    )
+    (output / "results.json").write_text(json.dumps(raw, indent=1, default=str))
+    print(text)
+    log(f"done in {wall:.0f} s; results in {output / 'results.md'}")
+    return dict(
+        summary=summary,
+        missing=missing,
+        grids=grids,
+        best=best,
+        step_winner=step_winner,
+        time_winner=time_winner,
+        text=text,
+        plots=plots,
+        wall=wall,
+    )
+
+
+if __name__ == "__main__":
+    main()
