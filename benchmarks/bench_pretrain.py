@@ -170,7 +170,7 @@ VARIANTS: dict[str, Variant] = {
 }
 #: IMuon keywords that are constructor options (the rest are param-group options).
 CONSTRUCTOR_KEYS = ("norm", "polar")
-#: Best rates of the full run (benchmarks/RESULTS.md), used by ``--quick``.
+#: Rates used by ``--quick``: the grid centers until the full run's best rates are recorded here (RESULTS.md).
 QUICK_LRS: dict[str, float] = {name: v.center for name, v in VARIANTS.items()}
 COLORS = {name: f"C{i}" for i, name in enumerate(VARIANTS)}
 
