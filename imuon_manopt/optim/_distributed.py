@@ -46,22 +46,23 @@ the shard groups (one small ``all_reduce``), since each rank only sees its shard
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 import torch.distributed as dist
 
-if dist.is_available():
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-else:  # pragma: no cover - torch built without torch.distributed: no tensor is ever sharded
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
-    class DTensor:  # type: ignore[no-redef]
-        """Stand-in: nothing is an instance."""
-
-    Replicate = Shard = None  # type: ignore[assignment,misc]
+# ``torch.distributed.tensor`` costs ~0.4 s to import, so this module never imports it at load time: a single-process
+# user never pays for it. A ``DTensor`` cannot exist before its module has been imported (by ``fully_shard``, or by
+# whoever made it), so looking the module up in ``sys.modules`` decides "is this a DTensor?" exactly, for free. The
+# functions that build DTensors (``like``, the general layouts) import it when they hold one.
+_DTENSOR_MODULE = "torch.distributed.tensor"
 
 __all__ = [
     "CommStats",
@@ -106,20 +107,26 @@ _FAILED_LINALG, _FAILED_OTHER = -1, -2
 # ---------------------------------------------------------------------------------------- helpers
 
 
+def is_dtensor(t: object) -> TypeGuard[DTensor]:
+    """Is ``t`` a ``DTensor``? Never imports ``torch.distributed.tensor`` (False while nobody has imported it)."""
+    module = sys.modules.get(_DTENSOR_MODULE)
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """The rank's part of ``t``: ``t.to_local()`` for a ``DTensor``, else ``t`` itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor: ``t.full_tensor()`` for a ``DTensor`` (a collective: every rank of its mesh must call it,
     in the same order), else ``t`` itself."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def is_sharded(p: torch.Tensor) -> bool:
     """Is ``p`` a ``DTensor`` split over ranks (any ``Shard`` placement on a mesh dim of size > 1)?"""
-    if not isinstance(p, DTensor):
+    if not is_dtensor(p):
         return False
     mesh = p.device_mesh
     return any(pl.is_shard() and mesh.size(i) > 1 for i, pl in enumerate(p.placements))
@@ -132,10 +139,12 @@ def like(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     (how torch's optimizers store the state of FSDP2 parameters, so that ``state_dict()`` and
     ``torch.distributed.checkpoint`` see sharded state); for a plain ``p`` it is ``t``.
     """
-    if not isinstance(p, DTensor):
+    if not is_dtensor(p):
         return t
-    if isinstance(t, DTensor):
+    if is_dtensor(t):
         return t
+    from torch.distributed.tensor import DTensor  # loaded: p is one
+
     return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
@@ -284,7 +293,7 @@ _REPLICATED = None
 
 
 def _layout(p: torch.Tensor | None) -> _Layout | _General | None:
-    if p is None or not isinstance(p, DTensor):
+    if p is None or not is_dtensor(p):
         return _REPLICATED
     mesh, placements = p.device_mesh, p.placements
     if any(pl.is_partial() for pl in placements):
@@ -295,6 +304,8 @@ def _layout(p: torch.Tensor | None) -> _Layout | _General | None:
     shards = [(i, pl) for i, pl in enumerate(placements) if pl.is_shard() and mesh.size(i) > 1]
     if not shards:
         return _REPLICATED
+    from torch.distributed.tensor import Shard  # loaded: p is a DTensor
+
     if len(shards) == 1 and type(shards[0][1]) is Shard:
         i, pl = shards[0]
         dim = pl.dim % p.ndim
@@ -613,6 +624,8 @@ def _general_mode(
     """Layouts outside :class:`_Layout`: ``full_tensor()`` of every split input on every rank, and
     the outputs cut back by ``DTensor`` redistribution (Replicate -> the parameter's placements is a
     local slice)."""
+    from torch.distributed.tensor import DTensor, Replicate  # loaded: only DTensor layouts come here
+
     moved = 0
     full_inputs = []
     owners_of: list[tuple[Any, ...]] = []
@@ -621,7 +634,7 @@ def _general_mode(
         owners_of.append(qs)
         fulls = []
         for x, q in zip(inputs[i], qs):
-            if not isinstance(q, DTensor):
+            if not is_dtensor(q):
                 fulls.append(x)
                 continue
             d = DTensor.from_local(x, q.device_mesh, q.placements, run_check=False, shape=q.shape, stride=q.stride())
@@ -634,17 +647,18 @@ def _general_mode(
     for i, qs, out in zip(items, owners_of, outs):
         locs = []
         for k, y in enumerate(out):
-            shaped = [q for q in qs if isinstance(q, DTensor) and tuple(q.shape) == tuple(y.shape)]
-            if k < len(qs) and isinstance(qs[k], DTensor) and tuple(qs[k].shape) == tuple(y.shape):
+            shaped = [q for q in qs if is_dtensor(q) and tuple(q.shape) == tuple(y.shape)]
+            if k < len(qs) and is_dtensor(qs[k]) and tuple(qs[k].shape) == tuple(y.shape):
                 shaped.insert(0, qs[k])
             if not shaped:
                 locs.append(y)
                 continue
             q = shaped[0]
+
             rep = DTensor.from_local(y, q.device_mesh, [Replicate()] * q.device_mesh.ndim, run_check=False)
             locs.append(rep.redistribute(q.device_mesh, q.placements).to_local())
         results[i] = tuple(locs)
-    _record("general", moved, moved, sum(isinstance(q, DTensor) for qs in owners_of for q in qs), replicated=len(items))
+    _record("general", moved, moved, sum(is_dtensor(q) for qs in owners_of for q in qs), replicated=len(items))
     return results
 
 
@@ -657,7 +671,7 @@ def agree(flag: torch.Tensor, params: Iterable[torch.Tensor]) -> torch.Tensor:
     """
     groups: dict[int, Any] = {}
     for p in params:
-        if not isinstance(p, DTensor):
+        if not is_dtensor(p):
             continue
         mesh = p.device_mesh
         for i, pl in enumerate(p.placements):
@@ -720,10 +734,7 @@ def apply_full(params: Sequence[Any], inputs: Inputs, fn: FullFn, *, owner: bool
     """
     if len(params) != len(inputs):
         raise ValueError(f"apply_full: {len(params)} params but {len(inputs)} input tuples; pass one per item")
-    if not any(
-        isinstance(p, DTensor) or (not isinstance(p, torch.Tensor) and any(isinstance(q, DTensor) for q in p))
-        for p in params
-    ):
+    if not any(is_dtensor(p) or (not isinstance(p, torch.Tensor) and any(is_dtensor(q) for q in p)) for p in params):
         return fn(inputs)
     inputs = [tuple(local(x) for x in xs) for xs in inputs]
     specs = _specs(params, inputs)
