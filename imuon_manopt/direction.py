@@ -11,10 +11,14 @@ Given a metric operator (:class:`imuon_manopt.geometry.MetricOperator`), a point
 ``R_x(-eta * xi)``.
 
 Block rule (spec §1). The blocks of a geometry (e.g. Stiefel's ``(Omega, K)``), the factors of a product, and the
-leading batch dimensions all form one product norm: spectral and nuclear combine with ``max`` (each block gets its
-own LMO with the whole budget ``tau``, and the gap is the *sum* of the blocks' dual norms); Frobenius and
-Schatten-p (1 < p < inf) combine jointly (``phi`` of the block-diagonal matrix: the budget is shared in
-proportion to ``dual_i^(q-1)`` and the gap is the ``l_q`` norm of the blocks' dual norms).
+leading batch dimensions all form one product norm: spectral, nuclear and Ky Fan combine with ``max`` (each block
+gets its own LMO with the whole budget ``tau``, e.g. its own ``U_k V_k^T``, and the gap is the *sum* of the blocks'
+dual norms); Frobenius and Schatten-p (1 < p < inf) combine jointly (``phi`` of the block-diagonal matrix: the
+budget is shared in proportion to ``dual_i^(q-1)`` and the gap is the ``l_q`` norm of the blocks' dual norms).
+F-Muon's ball ``alpha B_spectral + (1 - alpha) B_Frobenius`` is taken on the block-diagonal matrix: its polar part
+follows the max rule (each block ``polar(H_b)``) and its Frobenius part is joint (``H_b / ||H||_F`` with the norm
+over all blocks), so ``Z_b = alpha polar(H_b) + (1 - alpha) H_b / ||H||_F`` and the gap is
+``alpha sum_b ||H_b||_* + (1 - alpha) ||H||_F``.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ import numpy as np
 import torch
 
 from ._backend import to_torch
-from .geometry.base import MetricOperator, skew
-from .lmo import _lmo_tensor, resolve_norm
-from .polar import _as_dtype, _check_square, _exact_dtype, _promote, _resolve_schedule
+from .geometry.base import MetricOperator, skew, sym
+from .lmo import _SPECTRAL, Norm, PolarSpec, _lmo_tensor, fmuon_mix, resolve_norm, resolve_polar
+from .polar import _check_square, _exact_dtype, _promote, _resolve_schedule
 
 
 class Direction(NamedTuple):
@@ -47,7 +51,6 @@ class Direction(NamedTuple):
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_POLARS = ("svd", "eigh", "newton_schulz")  # "eigh": the exact path, for geometries of symmetric blocks
 _STRUCTURES = {"general", "symmetric", "skew"}
 
 
@@ -127,14 +130,14 @@ def intrinsic_direction(
     geometry: MetricOperator,
     x: Any,
     egrad: Any,
-    norm: str = "spectral",
+    norm: str | tuple[str, Any] | Norm = "spectral",
     *,
-    p: float | None = None,
     tau: float = 1.0,
-    polar: str = "svd",
+    polar: str | dict[str, Any] | PolarSpec = "svd",
     steps: int | None = None,
     dtype: torch.dtype | None = None,
     gap: bool = True,
+    generator: torch.Generator | None = None,
 ) -> Direction:
     """The iMuon direction ``xi`` at ``x`` for the Euclidean gradient (or momentum) ``egrad``.
 
@@ -142,29 +145,40 @@ def intrinsic_direction(
         geometry: the metric operator, e.g. ``Stiefel()``, ``FixedRank()``, ``Product([...])``.
         x: the point, in the geometry's representation (see :mod:`imuon_manopt.geometry`); numpy or torch.
         egrad: the Euclidean gradient, same structure and shapes as ``x``.
-        norm: ``"spectral"`` (default), ``"frobenius"``, ``"nuclear"`` or ``"schatten"`` (with ``p``).
-        p: the Schatten exponent, ``1 <= p <= inf``.
+        norm: a norm spec (:func:`imuon_manopt.lmo.resolve_norm`): ``"spectral"`` (default), ``"frobenius"``,
+            ``"nuclear"``, ``("schatten", p)``, ``("kyfan", k)`` or ``("fmuon", alpha)``.
         tau: the LMO budget (``phi(Z) <= tau``); usually 1, with the step size absorbing it.
-        polar: ``"svd"`` (exact, eigh for symmetric blocks) or ``"newton_schulz"`` (fast, spectral only).
-        steps: Newton–Schulz iterations (default of :func:`imuon_manopt.lmo.polar`).
-        dtype: working dtype of the Newton–Schulz path (e.g. ``torch.bfloat16``).
+        polar: the LMO solver (:func:`imuon_manopt.lmo.resolve_polar`): ``"svd"`` (exact, eigh for symmetric
+            blocks), ``"newton_schulz"`` (fast; the spectral norm and F-Muon's polar part), ``"randomized"`` (the
+            Ky Fan LMO by a range finder) or a dict ``{"method": ..., "steps", "dtype", "oversample",
+            "power_iters"}``. Norms a method does not solve use the exact path.
+        steps: Newton–Schulz iterations (default of :func:`imuon_manopt.lmo.polar`); overrides the dict's.
+        dtype: working dtype of the Newton–Schulz path (e.g. ``torch.bfloat16``) or the randomized solver's
+            matmuls; overrides the dict's.
         gap: compute the gap (default). ``False`` returns ``gap=None`` and skips the pass over the
             whitened gradient that the Newton–Schulz path needs for it (optimizers that only step).
+        generator: the randomized solver's generator (default: seeded with 0, deterministic).
 
     Returns:
         :class:`Direction` ``(xi, gap)``. ``xi`` has the structure, shapes, array type and dtype of ``x``. The
-        geometry is evaluated in at least float32.
+        geometry is evaluated in at least float32. With Newton–Schulz or the randomized solver the gap is the
+        achieved ``<E, xi>``.
     """
     if not isinstance(geometry, MetricOperator):
         raise TypeError(f"geometry must be an imuon_manopt.geometry.MetricOperator, got {type(geometry).__name__}")
-    nrm = resolve_norm(norm, p)
-    if polar not in _POLARS:
-        raise ValueError(f"unknown polar {polar!r}; valid choices: {list(_POLARS)}")
+    nrm = resolve_norm(norm)
+    spec = resolve_polar(polar)
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not float(tau) >= 0:
         raise ValueError(f"tau must be a non-negative number, got {tau!r}")
     tau = float(tau)
-    dtype = _as_dtype(dtype)
-    schedule = _resolve_schedule(None, steps) if polar == "newton_schulz" and nrm.name == "spectral" else None
+    method = spec.method
+    steps = spec.steps if steps is None else steps
+    dtype = spec.dtype if dtype is None else resolve_polar({"method": method, "dtype": dtype}).dtype
+    use_ns = method == "newton_schulz" and nrm.name in ("spectral", "fmuon")
+    schedule = _resolve_schedule(None, steps) if use_ns else None
+    sketch = spec if method == "randomized" and nrm.name == "kyfan" else None
+    if sketch is not None and dtype is not None:
+        sketch = PolarSpec("randomized", None, dtype, sketch.oversample, sketch.power_iters)
     as_numpy = _is_numpy(x) or _is_numpy(egrad)
     xt, et = _to_torch(x), _to_torch(egrad)
     out_dtype = _leaves(xt)[0].dtype
@@ -192,8 +206,9 @@ def intrinsic_direction(
         ranks = (None,) * len(blocks)
     # The rank cut follows the precision the inputs were rounded to, not the working dtype.
     eps = max(torch.finfo(in_dtype).eps for in_dtype in dtypes)
-    zs, duals = [], []
-    need_duals = gap or nrm.joint  # a joint norm splits its budget by the blocks' duals
+    zs, duals, kinds, hs = [], [], [], []
+    fmuon = nrm.name == "fmuon"
+    need_duals = gap or (nrm.joint and not fmuon)  # a joint norm splits its budget by the blocks' duals
     for h, kind, rank in zip(blocks, structure, ranks):
         if kind == "skew":  # a skew matrix has even rank
             side = h.shape[-1] - h.shape[-1] % 2
@@ -201,29 +216,49 @@ def intrinsic_direction(
         symmetric = kind == "symmetric"
         if symmetric:
             _check_square(h, "h")
-        elif polar == "eigh":
+        elif method == "eigh":
             raise ValueError(f"polar='eigh' needs symmetric blocks; {geometry!r} has a {kind} block: use 'svd'")
         if h.numel() == 0:
             z, d = torch.zeros_like(h), torch.zeros(h.shape[:-2], dtype=h.dtype, device=h.device)
         else:  # the LMO kernel: the arguments were validated once above
-            work = _exact_dtype(h, dtype)
+            work = _exact_dtype(h, None if sketch is not None else dtype)
+            hw = h.to(work)
             z, d = _lmo_tensor(
-                h.to(work),
-                nrm,
+                hw,
+                _SPECTRAL if fmuon else nrm,  # F-Muon: the polar part here, the joint Frobenius part below
                 symmetric=symmetric,
                 schedule=schedule,
                 ns_work=dtype if dtype is not None else _promote(h.dtype),
                 return_dual=need_duals,
                 rank=rank,
                 eps=eps,
+                sketch=sketch,
+                generator=generator,
             )
-            if tau != 1.0:
-                z = z * tau
+            if fmuon:
+                hs.append(sym(hw).to(h.dtype) if symmetric else h)
             z = z.to(h.dtype)
-        zs.append(skew(z) if kind == "skew" else z)
+        zs.append(z)
+        kinds.append(kind)
         duals.append(None if d is None else d.to(h.dtype))
 
-    if nrm.joint:
+    if fmuon:  # Z_b = alpha polar(H_b) + (1 - alpha) H_b / ||H||_F (joint), then the budget and skew parts
+        alpha = float(nrm.alpha)  # type: ignore[arg-type]
+        fro = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(hb) for hb in hs])) if hs else None
+        it = iter(hs)
+        zs = [z if z.numel() == 0 else fmuon_mix(z, next(it), fro, alpha) for z in zs]
+    if tau != 1.0:
+        zs = [z * tau for z in zs]
+    zs = [skew(z) if kind == "skew" else z for z, kind in zip(zs, kinds)]
+
+    if fmuon:
+        if gap:
+            nuc = sum(d.sum() for d in duals)
+            total = alpha * nuc + (1.0 - alpha) * (fro if fro is not None else 0.0)
+            gap = tau * total / inv_scale
+        else:
+            gap = None
+    elif nrm.joint:
         q = nrm.q
         flat = torch.cat([d.reshape(-1) for d in duals])
         total = torch.linalg.vector_norm(flat, ord=q)

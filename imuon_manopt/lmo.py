@@ -49,6 +49,7 @@ from .polar import (
     _max_abs,
     _newton_schulz,
     _promote,
+    _rank_tol,
     _resolve_schedule,
     _svd_parts,
     _vector_parts,
@@ -56,31 +57,67 @@ from .polar import (
     polar,
 )
 
-__all__ = ["Norm", "resolve_norm", "lmo", "dual_norm", "polar", "msign", "NORMS"]
+__all__ = [
+    "Norm",
+    "PolarSpec",
+    "resolve_norm",
+    "resolve_polar",
+    "lmo",
+    "dual_norm",
+    "polar",
+    "msign",
+    "NORMS",
+    "POLAR_METHODS",
+]
 
-#: Accepted norm names (case-insensitive); "schatten" needs ``p``.
-NORMS = ("spectral", "frobenius", "nuclear", "schatten")
-_LMO_METHODS = ("svd", "eigh", "newton_schulz")
+#: Accepted norm names (case-insensitive). "schatten", "kyfan" and "fmuon" take a parameter: ``(name, parameter)``.
+NORMS = ("spectral", "frobenius", "nuclear", "schatten", "kyfan", "fmuon")
+_PARAM_NORMS = {"schatten": "p", "kyfan": "k", "fmuon": "alpha"}
+#: LMO solvers (``polar=``): exact SVD (eigh for symmetric blocks), Newton–Schulz (spectral and the F-Muon polar
+#: part), and the randomized range finder for the Ky Fan LMO.
+POLAR_METHODS = ("svd", "eigh", "newton_schulz", "randomized")
+_LMO_METHODS = POLAR_METHODS
 _FIXED_P = {"spectral": math.inf, "frobenius": 2.0, "nuclear": 1.0}
+#: Defaults of the randomized Ky Fan solver: oversampling columns and power iterations.
+DEFAULT_OVERSAMPLE = 8
+DEFAULT_POWER_ITERS = 2
 
 
 @dataclass(frozen=True)
 class Norm:
-    """A resolved unitarily invariant norm.
+    """A resolved unitarily invariant norm ``phi`` (the LMO maximizes ``<H, Z>`` over ``phi(Z) <= tau``).
 
     Attributes:
-        name: ``"spectral"``, ``"frobenius"``, ``"nuclear"`` or ``"schatten"`` (only for ``1 < p <
-            inf``, ``p != 2``).
-        p: the Schatten exponent of the norm (spectral ``inf``, Frobenius 2, nuclear 1).
-        q: the dual exponent, ``1/p + 1/q = 1``.
-        joint: True when blocks combine jointly (Frobenius, Schatten ``1 < p < inf``); False for the
-            max rule (spectral, nuclear).
+        name: ``"spectral"``, ``"frobenius"``, ``"nuclear"``, ``"schatten"`` (only for ``1 < p < inf``, ``p != 2``),
+            ``"kyfan"`` (only for ``k >= 2``) or ``"fmuon"`` (only for ``0 < alpha < 1``).
+        p: the Schatten exponent of the norm (spectral ``inf``, Frobenius 2, nuclear 1; NaN for Ky Fan and F-Muon).
+        q: the dual exponent, ``1/p + 1/q = 1`` (NaN for Ky Fan and F-Muon).
+        joint: True when blocks combine jointly (Frobenius, Schatten ``1 < p < inf``, and F-Muon's Frobenius part);
+            False for the max rule (spectral, nuclear, Ky Fan).
+        k: Ky Fan's rank: ``phi(Z) = max(||Z||_2, ||Z||_* / k)``, dual ``KF_k(H)`` (the sum of the ``k`` largest
+            singular values), LMO ``U_k V_k^T``. ``None`` for the other norms.
+        alpha: F-Muon's weight of the polar part: the ball is ``alpha B_spectral + (1 - alpha) B_Frobenius``, LMO
+            ``alpha polar(H) + (1 - alpha) H / ||H||_F``, dual ``alpha ||H||_* + (1 - alpha) ||H||_F``. ``None``
+            for the other norms.
     """
 
     name: str
     p: float
     q: float
     joint: bool
+    k: int | None = None
+    alpha: float | None = None
+
+    @property
+    def spec(self) -> str | tuple[str, float | int]:
+        """The canonical spelling: a name, or a ``(name, parameter)`` pair."""
+        if self.name == "schatten":
+            return ("schatten", self.p)
+        if self.name == "kyfan":
+            return ("kyfan", self.k)  # type: ignore[return-value]
+        if self.name == "fmuon":
+            return ("fmuon", self.alpha)  # type: ignore[return-value]
+        return self.name
 
 
 def _dual_exponent(p: float) -> float:
@@ -97,51 +134,160 @@ def _make_norm(name: str, p: float) -> Norm:
 
 def _check_p(p: Any) -> float:
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise ValueError(f"p must be a real number with 1 <= p <= inf, got {p!r}")
+        raise ValueError(f"the Schatten exponent p must be a real number with 1 <= p <= inf, got {p!r}")
     pf = float(p)
     if not pf >= 1.0:  # also rejects NaN
-        raise ValueError(f"p must satisfy 1 <= p <= inf, got {p!r}")
+        raise ValueError(f"the Schatten exponent p must satisfy 1 <= p <= inf, got {p!r}")
     return pf
 
 
-def resolve_norm(norm: str | Norm, p: float | None = None) -> Norm:
-    """Resolve a norm name (case-insensitive) and optional Schatten exponent ``p`` to a
-    :class:`Norm`.
+def _schatten(pf: float) -> Norm:
+    if pf == 1.0:
+        return _make_norm("nuclear", 1.0)
+    if pf == 2.0:
+        return _make_norm("frobenius", 2.0)
+    if math.isinf(pf):
+        return _make_norm("spectral", math.inf)
+    return _make_norm("schatten", pf)
 
-    ``"schatten"`` needs ``p`` (``1 <= p <= inf``) and maps ``p = 1, 2, inf`` to nuclear, Frobenius,
-    spectral. For the other names ``p`` may be omitted or must equal the name's own exponent (inf,
-    2, 1). A :class:`Norm` is returned as is.
+
+def _kyfan(k: Any) -> Norm:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"the Ky Fan rank k must be an int >= 1 (norm=('kyfan', k)), got {k!r}")
+    if k == 1:  # the dual of the spectral norm's dual: one top singular pair
+        return _make_norm("nuclear", 1.0)
+    return Norm(name="kyfan", p=math.nan, q=math.nan, joint=False, k=int(k))
+
+
+def _fmuon(alpha: Any) -> Norm:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(
+            f"the F-Muon weight alpha must be a number in [0, 1] (norm=('fmuon', alpha): alpha on the polar part), "
+            f"got {alpha!r}"
+        )
+    a = float(alpha)
+    if a == 1.0:
+        return _make_norm("spectral", math.inf)
+    if a == 0.0:
+        return _make_norm("frobenius", 2.0)
+    return Norm(name="fmuon", p=math.nan, q=math.nan, joint=True, alpha=a)
+
+
+def resolve_norm(norm: str | tuple[str, Any] | Norm) -> Norm:
+    """Resolve a norm spec to a :class:`Norm`: a name or a ``(name, parameter)`` pair (names case-insensitive).
+
+    - ``"spectral"``, ``"frobenius"``, ``"nuclear"``: no parameter;
+    - ``("schatten", p)``, ``1 <= p <= inf`` (``p = 1, 2, inf`` resolve to nuclear, Frobenius, spectral);
+    - ``("kyfan", k)``, an int ``k >= 1``: the dual Ky Fan ball ``max(||Z||_2, ||Z||_* / k) <= 1``, LMO
+      ``U_k V_k^T`` (``k = 1`` resolves to nuclear; ``k >= min(m, n)`` gives the spectral LMO on that block);
+    - ``("fmuon", alpha)``, ``0 <= alpha <= 1``: LMO ``alpha polar(H) + (1 - alpha) H / ||H||_F`` (``alpha = 1``
+      resolves to spectral, ``0`` to Frobenius).
+
+    A :class:`Norm` is returned as is.
 
     Raises:
-        ValueError: an unknown name (the message lists the valid ones), a missing or out-of-range
-            ``p``, or a ``p`` that contradicts the name.
-        TypeError: ``norm`` is neither a string nor a :class:`Norm`.
+        ValueError: an unknown name (the message lists the valid ones), a missing, superfluous or out-of-range
+            parameter.
+        TypeError: ``norm`` is neither a string, a pair nor a :class:`Norm`.
     """
     if isinstance(norm, Norm):
-        if p is not None and _check_p(p) != norm.p:
-            raise ValueError(f"p={p!r} contradicts the given {norm}")
         return norm
-    if not isinstance(norm, str):
-        raise TypeError(f"norm must be a string (one of {list(NORMS)}) or a Norm, got {type(norm).__name__}")
+    param: Any = None
+    has_param = False
+    if isinstance(norm, (tuple, list)):
+        if len(norm) != 2 or not isinstance(norm[0], str):
+            raise ValueError(f"invalid norm={norm!r}: expected a name or a (name, parameter) pair such as ('kyfan', 8)")
+        norm, param, has_param = norm[0], norm[1], True
+    elif not isinstance(norm, str):
+        raise TypeError(
+            f"norm must be a name (one of {list(NORMS)}), a (name, parameter) pair or a Norm, got {type(norm).__name__}"
+        )
     name = norm.strip().lower()
     if name not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; valid choices: {list(NORMS)} (schatten with p)")
-    if name == "schatten":
-        if p is None:
-            raise ValueError("norm='schatten' needs p, with 1 <= p <= inf (p=1 nuclear, 2 Frobenius, inf spectral)")
-        pf = _check_p(p)
-        if pf == 1.0:
-            return _make_norm("nuclear", 1.0)
-        if pf == 2.0:
-            return _make_norm("frobenius", 2.0)
-        if math.isinf(pf):
-            return _make_norm("spectral", math.inf)
-        return _make_norm("schatten", pf)
-    if p is not None and _check_p(p) != _FIXED_P[name]:
         raise ValueError(
-            f"p={p!r} contradicts norm={norm!r} (its exponent is {_FIXED_P[name]}); use norm='schatten' with p"
+            f"unknown norm {norm!r}; valid choices: 'spectral', 'frobenius', 'nuclear', ('schatten', p), "
+            "('kyfan', k), ('fmuon', alpha)"
         )
+    if name in _PARAM_NORMS:
+        if not has_param:
+            what = _PARAM_NORMS[name]
+            raise ValueError(f"norm={name!r} needs its parameter: write norm=({name!r}, {what})")
+        if name == "schatten":
+            return _schatten(_check_p(param))
+        if name == "kyfan":
+            return _kyfan(param)
+        return _fmuon(param)
+    if has_param:
+        raise ValueError(f"norm {name!r} takes no parameter; write norm={name!r}, not ({name!r}, {param!r})")
     return _make_norm(name, _FIXED_P[name])
+
+
+@dataclass(frozen=True)
+class PolarSpec:
+    """A resolved LMO solver (``polar=``).
+
+    Attributes:
+        method: ``"svd"`` (exact; eigh for symmetric blocks; a Gram/eigh path for thin Ky Fan blocks),
+            ``"eigh"`` (exact, symmetric blocks only), ``"newton_schulz"`` (the spectral LMO and F-Muon's polar
+            part; the other norms use the exact path) or ``"randomized"`` (the Ky Fan LMO by a range finder; the
+            other norms use the exact path).
+        steps: Newton–Schulz iterations (``None``: the default, 5).
+        dtype: Newton–Schulz working dtype, or the randomized solver's matmul dtype (``None``: the input's,
+            at least float32).
+        oversample: extra sketch columns of the randomized solver (default 8).
+        power_iters: power iterations of the randomized solver (default 2).
+    """
+
+    method: str
+    steps: int | None = None
+    dtype: torch.dtype | None = None
+    oversample: int = DEFAULT_OVERSAMPLE
+    power_iters: int = DEFAULT_POWER_ITERS
+
+
+_POLAR_KEYS = ("method", "steps", "dtype", "oversample", "power_iters")
+
+
+def _nonneg_int(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise ValueError(f"polar {name!r} must be an int >= 0, got {v!r}")
+    return int(v)
+
+
+def resolve_polar(polar: str | dict[str, Any] | PolarSpec) -> PolarSpec:
+    """Resolve a solver spec: a method name, or a dict ``{"method": ..., "steps": 5, "dtype": ..., "oversample":
+    8, "power_iters": 2}`` (every key but ``method`` optional). A :class:`PolarSpec` is returned as is.
+
+    Raises:
+        ValueError: an unknown method or key, or a bad value (the message names it).
+    """
+    if isinstance(polar, PolarSpec):
+        return polar
+    if isinstance(polar, str):
+        opts: dict[str, Any] = {"method": polar}
+    elif isinstance(polar, dict):
+        extra = sorted(set(polar) - set(_POLAR_KEYS))
+        if extra or "method" not in polar:
+            raise ValueError(
+                f"invalid polar={polar!r}: expected a method name or a dict with 'method' and optionally "
+                f"{list(_POLAR_KEYS[1:])}" + (f" (unknown keys {extra})" if extra else "")
+            )
+        opts = dict(polar)
+    else:
+        raise ValueError(f"polar must be a method name {list(POLAR_METHODS)} or a dict, got {polar!r}")
+    method = opts["method"]
+    if method not in POLAR_METHODS:
+        raise ValueError(f"unknown polar method {method!r}; valid choices: {list(POLAR_METHODS)}")
+    steps = opts.get("steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1):
+        raise ValueError(f"polar 'steps' must be a positive int (Newton–Schulz iterations), got {steps!r}")
+    return PolarSpec(
+        method=method,
+        steps=None if steps is None else int(steps),
+        dtype=_as_dtype(opts.get("dtype")),
+        oversample=_nonneg_int("oversample", opts.get("oversample", DEFAULT_OVERSAMPLE)),
+        power_iters=_nonneg_int("power_iters", opts.get("power_iters", DEFAULT_POWER_ITERS)),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,6 +327,10 @@ def _singular_lmo(s: torch.Tensor, keep: torch.Tensor, nrm: Norm) -> tuple[torch
         idx = s.argmax(dim=-1, keepdim=True)
         z = torch.zeros_like(s).scatter(-1, idx, torch.gather(mask, -1, idx))
         return z, smax.squeeze(-1)
+    if nrm.name == "kyfan":  # the k largest values (ties: the first in order), within the numerical rank
+        top = s.topk(min(int(nrm.k), s.shape[-1]), dim=-1)  # type: ignore[arg-type]
+        z = torch.zeros_like(s).scatter(-1, top.indices, torch.gather(mask, -1, top.indices))
+        return z, top.values.sum(dim=-1)
     # Schatten-p with 1 < p < inf: work with r = s / s_max in [0, 1] so that r^(q-1) can neither
     # overflow nor, for the leading value, underflow.
     q = nrm.q
@@ -194,6 +344,91 @@ def _singular_lmo(s: torch.Tensor, keep: torch.Tensor, nrm: Norm) -> tuple[torch
     return z, dual
 
 
+_SPECTRAL = _make_norm("spectral", math.inf)
+# Exact Ky Fan on a thin block (long side >= _KF_GRAM_ASPECT times the short one, k below the short side) runs on the
+# short side's Gram matrix in float64: cheaper than a thin SVD and, in float64, equal to it to ~1e-12 on
+# gradient-like spectra (the Gram matrix squares the condition number; its cut is at sqrt(eps64) relative).
+_KF_GRAM_ASPECT = 4
+
+
+def fmuon_mix(z_polar: torch.Tensor, h: torch.Tensor, fro: torch.Tensor, alpha: float) -> torch.Tensor:
+    """F-Muon's LMO ``alpha polar(H) + (1 - alpha) H / ||H||_F`` from the polar part ``z_polar`` and the Frobenius
+    norm ``fro`` (broadcastable to ``h``; the joint norm of every block for a product, zero gives a zero part)."""
+    safe = torch.where(fro > 0, fro, torch.ones_like(fro))
+    return alpha * z_polar + (1.0 - alpha) * (h / safe)
+
+
+def _kyfan_gram(x: torch.Tensor, k: int, eps: float | None, rank: int | None):
+    """Exact ``U_k V_k^T`` of a thin ``x`` (..., m, n) from the Gram matrix of its short side (float64): with
+    ``X^T X = V diag(lam) V^T`` (``n <= m``), ``Z = X V_k diag(lam_k)^(-1/2) V_k^T``. Returns ``(Z, KF_k(X))``."""
+    transpose = x.shape[-2] < x.shape[-1]
+    y = x.mT if transpose else x
+    scale = _max_abs(y)
+    y64 = (y / scale).to(torch.float64)
+    lam, vec = torch.linalg.eigh(y64.mT @ y64)  # ascending
+    lam = lam.flip(-1).clamp_min(0.0)
+    vec = vec.flip(-1)
+    kk = min(k, lam.shape[-1])
+    lam_k, v_k = lam[..., :kk], vec[..., :kk]
+    tol = _rank_tol(max(x.shape[-2:]), eps, x.dtype)
+    # eigh's round-off on the Gram matrix is ~ n eps64 lam_max: below that no eigenvalue is a direction
+    cut = max(tol * tol, 8 * lam.shape[-1] * torch.finfo(torch.float64).eps)
+    keep = lam_k > cut * lam[..., :1]
+    if rank is not None:
+        keep = keep & (torch.arange(kk, device=x.device) < rank)
+    sig = lam_k.sqrt()
+    inv = torch.where(keep, 1.0 / torch.where(keep, sig, torch.ones_like(sig)), torch.zeros_like(sig))
+    z = ((y64 @ v_k) * inv.unsqueeze(-2)) @ v_k.mT
+    z = z.to(x.dtype)
+    return (z.mT if transpose else z), sig.sum(dim=-1).to(x.dtype) * scale[..., 0, 0]
+
+
+def _kyfan_randomized(
+    x: torch.Tensor,
+    k: int,
+    oversample: int,
+    power_iters: int,
+    mm_dtype: torch.dtype | None,
+    eps: float | None,
+    rank: int | None,
+    generator: torch.Generator | None,
+):
+    """Randomized Ky Fan LMO of ``x`` (..., m, n): a range finder ``Q`` (``l = k + oversample`` columns, on the
+    short side, with ``power_iters`` power iterations re-orthonormalized by QR), then the exact top-k LMO of the
+    small ``Q^T X``: ``Z = Q U_k V_k^T`` with ``Q^T X = U S V^T``, truncated to ``k`` (the polar factor of the
+    whole sketch would leave the dual Ky Fan ball). ``Z`` is always feasible (``||Z||_2 <= 1``, rank ``<= k``).
+
+    The matmuls run in ``mm_dtype`` (default: ``x``'s), QR and SVD in ``x``'s dtype. The Gaussian test matrix is
+    drawn from ``generator`` (default: a generator seeded with 0 on ``x``'s device, so the result is deterministic
+    and the same on every data-parallel rank). Returns ``(Z, KF_k(Q^T X))``: the achieved ``<X, Z>``, a lower bound
+    of ``KF_k(X)``."""
+    transpose = x.shape[-2] > x.shape[-1]
+    y = x.mT if transpose else x  # (..., s, L), s <= L: the range of the short side
+    s_dim, l_dim = y.shape[-2:]
+    ell = min(k + oversample, s_dim)
+    scale = _max_abs(y)
+    y = y / scale
+    mm = y.dtype if mm_dtype is None else mm_dtype
+    ym = y.to(mm)
+    if generator is None:
+        generator = torch.Generator(device=y.device).manual_seed(0)
+    omega = torch.randn(l_dim, ell, generator=generator, device=y.device, dtype=y.dtype).to(mm)
+    q = torch.linalg.qr((ym @ omega).to(y.dtype)).Q  # (..., s, ell)
+    for _ in range(power_iters):
+        w = torch.linalg.qr((ym.mT @ q.to(mm)).to(y.dtype)).Q  # (..., L, ell)
+        q = torch.linalg.qr((ym @ w.to(mm)).to(y.dtype)).Q
+    b = (q.mT.to(mm) @ ym).to(y.dtype)  # (..., ell, L)
+    u, sv, vh = torch.linalg.svd(b, full_matrices=False)
+    kk = min(k, sv.shape[-1])
+    tol = _rank_tol(max(x.shape[-2:]), eps, y.dtype) * sv[..., :1]
+    keep = sv[..., :kk] > tol
+    if rank is not None:
+        keep = keep & (torch.arange(kk, device=x.device) < rank)
+    z = (q @ (u[..., :kk] * keep.unsqueeze(-2).to(u.dtype))) @ vh[..., :kk, :]
+    dual = sv[..., :kk].sum(dim=-1) * scale[..., 0, 0]
+    return (z.mT if transpose else z), dual
+
+
 def _lmo_tensor(
     x: torch.Tensor,
     nrm: Norm,
@@ -204,12 +439,16 @@ def _lmo_tensor(
     return_dual: bool,
     rank: int | None,
     eps: float | None,
+    sketch: PolarSpec | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The LMO kernel with budget 1 on a validated, non-empty ``x`` (..., m, n) in the working dtype: no
     conversion, no checks (the caller, :func:`lmo` or the direction template, did them once).
 
-    ``schedule`` is ``(coefficients, margin)`` for the Newton–Schulz path (spectral norm only), else ``None``.
-    Returns ``(Z, dual)`` in ``x``'s dtype; ``dual`` is ``None`` only for Newton–Schulz without ``return_dual``.
+    ``schedule`` is ``(coefficients, margin)`` for the Newton–Schulz path (the spectral norm and F-Muon's polar
+    part), else ``None``. ``sketch`` selects the randomized Ky Fan solver (its ``oversample``, ``power_iters`` and
+    matmul ``dtype``); other norms ignore it. Returns ``(Z, dual)`` in ``x``'s dtype; ``dual`` is ``None`` only for
+    Newton–Schulz without ``return_dual``.
     """
     if symmetric:
         x = sym(x)
@@ -218,6 +457,25 @@ def _lmo_tensor(
         if rank == 0:
             z = torch.zeros_like(z)
         return z, nrm_x[..., 0, 0]
+    if nrm.name == "fmuon":
+        zp, nuc = _lmo_tensor(
+            x, _SPECTRAL, symmetric=symmetric, schedule=schedule, ns_work=ns_work, return_dual=return_dual,
+            rank=rank, eps=eps,
+        )  # fmt: skip
+        scale = _max_abs(x)
+        fro = torch.linalg.vector_norm(x / scale, dim=(-2, -1), keepdim=True) * scale
+        alpha = float(nrm.alpha)  # type: ignore[arg-type]
+        dual = None if nuc is None else alpha * nuc + (1.0 - alpha) * fro[..., 0, 0]
+        return fmuon_mix(zp, x, fro, alpha), dual
+    if nrm.name == "kyfan" and not symmetric:
+        k = int(nrm.k)  # type: ignore[arg-type]
+        short, long = sorted(x.shape[-2:])
+        if sketch is not None and k + sketch.oversample < short:
+            return _kyfan_randomized(
+                x, k, sketch.oversample, sketch.power_iters, sketch.dtype, eps, rank, generator
+            )  # fmt: skip
+        if k < short and long >= _KF_GRAM_ASPECT * short and x.device.type == "cpu":
+            return _kyfan_gram(x, k, eps, rank)
     if nrm.name == "frobenius":
         scale = _max_abs(x)
         y = x / scale
@@ -240,9 +498,8 @@ def _lmo_tensor(
 
 def lmo(
     h: Any,
-    norm: str | Norm = "spectral",
+    norm: str | tuple[str, Any] | Norm = "spectral",
     *,
-    p: float | None = None,
     tau: Any = 1.0,
     symmetric: bool = False,
     method: str = "svd",
@@ -252,29 +509,39 @@ def lmo(
     coefficients: Coefficients = None,
     rank: int | None = None,
     eps: float | None = None,
+    oversample: int = DEFAULT_OVERSAMPLE,
+    power_iters: int = DEFAULT_POWER_ITERS,
+    generator: torch.Generator | None = None,
 ) -> Any:
     """The LMO ``Z = argmax {<H, Z> : phi(Z) <= tau}``, per matrix over the last two dims.
 
     Args:
         h: ``(..., m, n)`` numpy array or torch tensor, real floating dtype (``(..., n, n)`` if
             ``symmetric``).
-        norm: ``"spectral"`` (default), ``"frobenius"``, ``"nuclear"``, ``"schatten"`` (with ``p``)
-            or a :class:`Norm`; see :func:`resolve_norm`.
-        p: Schatten exponent, ``1 <= p <= inf``.
+        norm: a norm spec, see :func:`resolve_norm`: ``"spectral"`` (default), ``"frobenius"``, ``"nuclear"``,
+            ``("schatten", p)``, ``("kyfan", k)``, ``("fmuon", alpha)``, or a :class:`Norm`.
         tau: the budget, ``>= 0``: a number, or a tensor/array broadcastable to the batch shape
             ``h.shape[:-2]``.
         symmetric: maximize over symmetric ``Z`` using ``eigh`` of ``sym(H)`` (only the symmetric
             part of ``h`` matters then).
-        method: how the spectral LMO orthogonalizes: ``"svd"`` (exact; ``eigh`` when ``symmetric``),
-            ``"eigh"`` (exact, only with ``symmetric=True``), or ``"newton_schulz"`` (approximate
-            polar factor / matrix sign, see :func:`imuon_manopt.polar.polar`). The other norms
-            always use the exact decomposition.
+        method: the solver: ``"svd"`` (exact; ``eigh`` when ``symmetric``; for Ky Fan on a thin CPU block with
+            ``k`` below its short side, the exact Gram/eigh form in float64), ``"eigh"`` (exact, only with
+            ``symmetric=True``), ``"newton_schulz"`` (approximate polar factor / matrix sign, see
+            :func:`imuon_manopt.polar.polar`: the spectral norm and F-Muon's polar part; the other norms use the
+            exact path) or ``"randomized"`` (Ky Fan only, non-symmetric: a range finder of ``k + oversample``
+            columns with ``power_iters`` power iterations, then the exact top-k LMO of ``Q^T H``, truncated to
+            ``k``; the other norms, symmetric blocks and blocks whose short side is at most ``k + oversample``
+            use the exact path).
         steps, dtype, coefficients: Newton–Schulz controls, as in :func:`imuon_manopt.polar.polar`.
-            ``dtype`` also sets the exact path's working dtype (promoted to at least float32).
+            ``dtype`` also sets the exact path's working dtype (promoted to at least float32) and the randomized
+            solver's matmul dtype.
         return_dual: also return the dual norm of each matrix.
         rank, eps: a known upper bound on the rank of every matrix and the unit round-off the input
             carries, for the exact paths' rank cut (see :func:`imuon_manopt.polar.polar`; default: no
             bound, the input dtype's epsilon). The dual is always over all singular values.
+        oversample, power_iters, generator: the randomized solver's extra columns (default 8), power
+            iterations (default 2) and the generator of its Gaussian test matrix (default: seeded with 0 on the
+            input's device, so the result is deterministic).
 
     A vector-shaped ``h`` (``m == 1`` or ``n == 1``, or ``1 x 1`` when ``symmetric``) has one singular
     value, its 2-norm, so every norm's LMO is ``tau * h / ||h||`` (dual ``||h||``), computed directly
@@ -284,16 +551,16 @@ def lmo(
     Returns:
         ``Z`` of shape ``(..., m, n)`` (same array type, device and dtype as ``h``), or the pair
         ``(Z, dual)`` with ``dual`` of shape ``h.shape[:-2]`` (same type and dtype);
-        ``dual = phi_dual(H)``, so ``<H, Z> = tau * dual``. With ``method="newton_schulz"`` the
-        spectral ``dual`` is the achieved value ``<H, Z> / tau``, which approximates the nuclear
-        norm to the accuracy of the iteration.
+        ``dual = phi_dual(H)``, so ``<H, Z> = tau * dual``. With ``method="newton_schulz"`` (spectral, and the
+        polar part of F-Muon) and ``method="randomized"`` the ``dual`` is the achieved value ``<H, Z> / tau``,
+        which approaches the dual norm with the solver's accuracy (from below for the randomized solver).
 
     Raises:
-        ValueError: bad ``norm``/``p``, ``method``, ``tau``, ``steps``, ``dtype``, ``coefficients``,
-            or shape.
+        ValueError: bad ``norm``, ``method``, ``tau``, ``steps``, ``dtype``, ``coefficients``, ``oversample``,
+            ``power_iters`` or shape.
         TypeError: ``h`` is not a numpy array / torch tensor, or not real floating point.
     """
-    nrm = resolve_norm(norm, p)
+    nrm = resolve_norm(norm)
     if method not in _LMO_METHODS:
         raise ValueError(f"unknown method {method!r} for lmo; valid choices: {list(_LMO_METHODS)}")
     if method == "eigh" and not symmetric:
@@ -305,9 +572,12 @@ def lmo(
     dtype = _as_dtype(dtype)
     rank = _check_rank(rank)
     eps = _check_eps(eps, t)
-    use_ns = method == "newton_schulz" and nrm.name == "spectral"
+    sketch = None
+    if method == "randomized":
+        sketch = resolve_polar({"method": method, "dtype": dtype, "oversample": oversample, "power_iters": power_iters})
+    use_ns = method == "newton_schulz" and nrm.name in ("spectral", "fmuon")
     schedule = _resolve_schedule(coefficients, steps) if use_ns else None
-    work = _exact_dtype(t, dtype)
+    work = _exact_dtype(t, None if sketch is not None else dtype)
     out_dtype = t.dtype
     batch = t.shape[:-2]
     tau_t = _tau_tensor(tau, batch, work, t.device)
@@ -326,6 +596,8 @@ def lmo(
             return_dual=return_dual,
             rank=rank,
             eps=eps,
+            sketch=sketch,
+            generator=generator,
         )
         if not (isinstance(tau_t, float) and tau_t == 1.0):
             z = z * tau_t
@@ -337,22 +609,23 @@ def lmo(
     return z
 
 
-def dual_norm(h: Any, norm: str | Norm = "spectral", *, p: float | None = None, symmetric: bool = False) -> Any:
+def dual_norm(h: Any, norm: str | tuple[str, Any] | Norm = "spectral", *, symmetric: bool = False) -> Any:
     """The dual norm ``phi_dual(H)`` per matrix, equal to ``<H, lmo(H)> / tau``.
 
     spectral -> nuclear, Frobenius -> Frobenius, nuclear -> spectral, Schatten-p -> Schatten-q
-    (``1/p + 1/q = 1``).
+    (``1/p + 1/q = 1``), ``("kyfan", k)`` -> the Ky Fan k-norm ``KF_k(H)`` (sum of the ``k`` largest singular
+    values), ``("fmuon", alpha)`` -> ``alpha ||H||_* + (1 - alpha) ||H||_F``.
 
     Args:
         h: ``(..., m, n)`` numpy array or torch tensor, real floating dtype.
-        norm, p: the primal norm, as in :func:`resolve_norm`.
+        norm: the primal norm spec, as in :func:`resolve_norm`.
         symmetric: the dual over symmetric matrices, i.e. of ``sym(H)`` (``h`` must be square).
 
     Returns:
         shape ``h.shape[:-2]``, same array type, device and dtype as ``h`` (computed in at least
         float32, scaled so that huge or tiny entries neither overflow nor underflow).
     """
-    nrm = resolve_norm(norm, p)
+    nrm = resolve_norm(norm)
     t, was_numpy = to_torch(h)
     _check_matrix(t, "h")
     if symmetric:
@@ -369,5 +642,9 @@ def dual_norm(h: Any, norm: str | Norm = "spectral", *, p: float | None = None, 
     else:
         y, mask = _finite_or_zero(y, scale)  # a non-finite matrix has a NaN dual, not a solver error
         s = (torch.linalg.eigvalsh(y).abs() if symmetric else torch.linalg.svdvals(y)) * mask[..., 0]
-        d = _singular_lmo(s, torch.ones_like(s, dtype=torch.bool), nrm)[1]  # the dual, over all s
+        if nrm.name == "fmuon":
+            alpha = float(nrm.alpha)  # type: ignore[arg-type]
+            d = alpha * s.sum(dim=-1) + (1.0 - alpha) * torch.linalg.vector_norm(s, dim=-1)
+        else:
+            d = _singular_lmo(s, torch.ones_like(s, dtype=torch.bool), nrm)[1]  # the dual, over all s
     return from_torch((d * scale[..., 0, 0]).to(t.dtype), was_numpy)

@@ -139,8 +139,8 @@ def test_vector_polar_factor_is_its_normalization(method):
         z, d = lmo(v, method=method, return_dual=True)
         torch.testing.assert_close(z, truth, atol=1e-6, rtol=0)
         torch.testing.assert_close(d, torch.linalg.vector_norm(v, dim=(-2, -1)), rtol=1e-6, atol=0)
-        for norm, p in (("frobenius", None), ("nuclear", None), ("schatten", 3.0)):
-            torch.testing.assert_close(lmo(v, norm, p=p), truth, atol=1e-6, rtol=0)
+        for norm in ("frobenius", "nuclear", ("schatten", 3.0), ("kyfan", 2), ("fmuon", 0.5)):
+            torch.testing.assert_close(lmo(v, norm), truth, atol=1e-6, rtol=0)
     assert torch.all(polar(torch.zeros(5, 1), method=method) == 0)
     x = torch.nn.functional.normalize(torch.randn(128, generator=g), dim=0)
     e = torch.randn(128, generator=g)
@@ -222,7 +222,7 @@ def test_nonfinite_matrices_in_a_batch_give_nan_and_leave_the_others_exact():
     x[1, 2, 2] = np.nan
     x[2, 0, 0] = np.inf
     ref = polar(x[0])
-    for fn in (polar, lambda t: lmo(t, "nuclear"), lambda t: lmo(t, "schatten", p=3.0)):
+    for fn in (polar, lambda t: lmo(t, "nuclear"), lambda t: lmo(t, ("schatten", 3.0))):
         out = fn(x)
         assert np.isnan(out[1]).all() and np.isnan(out[2]).all()
         assert np.isfinite(out[0]).all()

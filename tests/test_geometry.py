@@ -29,7 +29,19 @@ from imuon_manopt.geometry import (
 )
 
 DT = torch.float64
-NORMS = [("spectral", None), ("frobenius", None), ("nuclear", None), ("schatten", 3.0)]
+NORMS = [
+    ("spectral", None),
+    ("frobenius", None),
+    ("nuclear", None),
+    ("schatten", 3.0),
+    ("kyfan", 2),
+    ("fmuon", 0.4),
+]
+
+
+def _spec(norm, p):
+    """The norm spec of a (name, parameter) row: a name, or the pair."""
+    return norm if p is None else (norm, p)
 
 
 def rand(*shape, gen=None):
@@ -219,7 +231,7 @@ def case(request):
 def test_first_order_descent(case, norm, p):
     """(f(R_x(-t xi)) - f(x)) / t -> -<E, xi> = -gap, and the gap is positive."""
     e = case.egrad()
-    xi, gap = intrinsic_direction(case.geometry, case.point, e, norm, p=p)
+    xi, gap = intrinsic_direction(case.geometry, case.point, e, _spec(norm, p))
     assert float(gap) > 0
     np.testing.assert_allclose(float(inner(e, xi)), float(gap), rtol=1e-10)
     f0 = float(case.cost(case.point))
@@ -236,7 +248,7 @@ def test_first_order_descent(case, norm, p):
 CONSTRAINED = [c for c in CASES if not c.name.startswith(("euclidean", "fixed-rank"))]
 
 
-@pytest.mark.parametrize("norm", ["spectral", "nuclear"])
+@pytest.mark.parametrize("norm", ["spectral", "nuclear", ("kyfan", 2), ("fmuon", 0.4)], ids=str)
 @pytest.mark.parametrize("case", CONSTRAINED, ids=[c.name for c in CONSTRAINED])
 def test_tangency(case, norm):
     e = case.egrad()
@@ -335,7 +347,7 @@ def _rand_gl(rng, r, cond):
 @given(
     seed=st.integers(0, 2**31 - 1),
     cond=st.floats(1.0, 1e3),
-    norm=st.sampled_from(["spectral", "frobenius", "nuclear"]),
+    norm=st.sampled_from(["spectral", "frobenius", "nuclear", ("kyfan", 2), ("fmuon", 0.4)]),
     factorization=st.sampled_from(["qr", "gram"]),
 )
 def test_fixed_rank_gauge_invariance(seed, cond, norm, factorization):
@@ -359,7 +371,10 @@ def test_fixed_rank_gauge_invariance(seed, cond, norm, factorization):
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), norm=st.sampled_from(["spectral", "frobenius", "nuclear"]))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    norm=st.sampled_from(["spectral", "frobenius", "nuclear", ("kyfan", 2), ("fmuon", 0.4)]),
+)
 def test_grassmann_gl_equivariance(seed, norm):
     """xi(Y M, E M^{-T}) = xi(Y, E) M for the general representative."""
     rng = np.random.default_rng(seed)
@@ -372,7 +387,10 @@ def test_grassmann_gl_equivariance(seed, norm):
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), norm=st.sampled_from(["spectral", "frobenius", "nuclear"]))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    norm=st.sampled_from(["spectral", "frobenius", "nuclear", ("kyfan", 2), ("fmuon", 0.4)]),
+)
 def test_spd_congruence_invariance(seed, norm):
     """xi(P X P^T, P^{-T} E P^{-1}) = P xi(X, E) P^T."""
     rng = np.random.default_rng(seed)
@@ -420,7 +438,7 @@ def test_spectral_norm_feasibility_stiefel():
 def test_zero_gradient_gives_zero_direction(case):
     zero = unflatten(case.point, [torch.zeros_like(t) for t in flatten(case.point)])
     for norm, p in NORMS:
-        xi, gap = intrinsic_direction(case.geometry, case.point, zero, norm, p=p)
+        xi, gap = intrinsic_direction(case.geometry, case.point, zero, _spec(norm, p))
         assert float(gap) == 0.0
         for t in flatten(xi):
             assert torch.equal(t, torch.zeros_like(t))
@@ -474,8 +492,8 @@ def test_without_gap_the_direction_is_unchanged(case, norm, p, polar):
     """``gap=False`` (what the optimizers use) returns the same ``xi`` and no gap, also for the joint
     norms whose block budgets depend on the blocks' duals."""
     e = case.egrad()
-    full = intrinsic_direction(case.geometry, case.point, e, norm, p=p, polar=polar)
-    bare = intrinsic_direction(case.geometry, case.point, e, norm, p=p, polar=polar, gap=False)
+    full = intrinsic_direction(case.geometry, case.point, e, _spec(norm, p), polar=polar)
+    bare = intrinsic_direction(case.geometry, case.point, e, _spec(norm, p), polar=polar, gap=False)
     assert bare.gap is None
     for a, b in zip(flatten(full.xi), flatten(bare.xi)):
         torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -52,6 +52,11 @@ NORMS = [
 NORM_IDS = ["spectral", "frobenius", "nuclear", "S1.5", "S3", "S1", "S2", "Sinf"]
 
 
+def _spec(norm, p):
+    """The norm spec of a (name, exponent) row: a name, or a ("schatten", p) pair."""
+    return norm if p is None else (norm, p)
+
+
 def make(kind, rng):
     if kind == "square":
         return rng.standard_normal((5, 5))
@@ -96,10 +101,10 @@ def check_lmo(h, z, dual, p, tau, rtol):
 def test_lmo_optimal_and_feasible_float64(norm, p, pp, kind, rng):
     h = make(kind, rng)
     for tau in (1.0, 2.5):
-        z, dual = lmo(h, norm, p=p, tau=tau, return_dual=True)
+        z, dual = lmo(h, _spec(norm, p), tau=tau, return_dual=True)
         assert isinstance(z, np.ndarray) and z.shape == h.shape and z.dtype == np.float64
         check_lmo(h, z, dual, pp, tau, rtol=1e-10)
-        np.testing.assert_allclose(dual_norm(h, norm, p=p), dual, rtol=1e-12)
+        np.testing.assert_allclose(dual_norm(h, _spec(norm, p)), dual, rtol=1e-12)
     if kind == "zero":
         assert np.array_equal(z, np.zeros_like(h)) and dual == 0.0
 
@@ -110,7 +115,7 @@ def test_lmo_float32_close_to_float64(norm, p, pp, kind, rng):
     """float32: same contract with float32 round-off (rtol 1e-5); huge/tiny entries neither
     overflow nor underflow (1e30^2 and 1e-30^2 are outside float32's range)."""
     h = make(kind, rng)
-    z32, d32 = lmo(h.astype(np.float32), norm, p=p, return_dual=True)
+    z32, d32 = lmo(h.astype(np.float32), _spec(norm, p), return_dual=True)
     assert z32.dtype == np.float32 and d32.dtype == np.float32
     check_lmo(h.astype(np.float32), z32, d32, pp, 1.0, rtol=2e-5)
 
@@ -128,9 +133,9 @@ def test_lmo_rank_deficient_spectral_has_rank_of_h(rng):
 def test_zero_input_every_norm(method, symmetric):
     h = np.zeros((2, 4, 4))
     for norm, p, _ in NORMS:
-        z, dual = lmo(h, norm, p=p, symmetric=symmetric, method=method, return_dual=True)
+        z, dual = lmo(h, _spec(norm, p), symmetric=symmetric, method=method, return_dual=True)
         assert np.array_equal(z, h) and np.array_equal(dual, np.zeros(2))
-        assert np.array_equal(dual_norm(h, norm, p=p, symmetric=symmetric), np.zeros(2))
+        assert np.array_equal(dual_norm(h, _spec(norm, p), symmetric=symmetric), np.zeros(2))
 
 
 def test_nuclear_ties_give_a_feasible_maximizer():
@@ -155,12 +160,12 @@ def sym_case(rng, n=6):
 @pytest.mark.parametrize("norm, p, pp", NORMS, ids=NORM_IDS)
 def test_symmetric_lmo_optimal_feasible_and_symmetric(norm, p, pp, rng):
     s = sym_case(rng)
-    z, dual = lmo(s, norm, p=p, symmetric=True, tau=2.0, return_dual=True)
+    z, dual = lmo(s, _spec(norm, p), symmetric=True, tau=2.0, return_dual=True)
     np.testing.assert_allclose(z, z.T, atol=1e-13)
     check_lmo(s, z, dual, pp, 2.0, rtol=1e-10)
     # only sym(H) matters: an added skew part changes nothing
     a = rng.standard_normal((6, 6))
-    z2 = lmo(s + (a - a.T), norm, p=p, symmetric=True, tau=2.0)
+    z2 = lmo(s + (a - a.T), _spec(norm, p), symmetric=True, tau=2.0)
     np.testing.assert_allclose(z2, z, atol=1e-10)
 
 
@@ -177,7 +182,7 @@ def test_symmetric_spectral_and_nuclear_against_eigh(rng):
     # Schatten-3 over symmetric matrices: sign(lambda) |lambda|^(q-1) / ||lambda||_q^(q-1)
     qd = 1.5
     w = np.sign(lam) * np.abs(lam) ** (qd - 1) / (np.abs(lam) ** qd).sum() ** ((qd - 1) / qd)
-    np.testing.assert_allclose(lmo(s, "schatten", p=3.0, symmetric=True), (q * w) @ q.T, atol=1e-12)
+    np.testing.assert_allclose(lmo(s, ("schatten", 3.0), symmetric=True), (q * w) @ q.T, atol=1e-12)
 
 
 def test_symmetric_newton_schulz(rng):
@@ -216,11 +221,11 @@ def test_batched_equals_loop_with_tensor_tau(rng):
     h = rng.standard_normal((2, 3, 5, 4))
     tau = np.array([[1.0], [3.0]])  # broadcasts to the batch shape (2, 3)
     for norm, p, _ in NORMS:
-        z, dual = lmo(h, norm, p=p, tau=tau, return_dual=True)
+        z, dual = lmo(h, _spec(norm, p), tau=tau, return_dual=True)
         assert z.shape == h.shape and dual.shape == (2, 3)
         for i in range(2):
             for j in range(3):
-                zi, di = lmo(h[i, j], norm, p=p, tau=float(tau[i, 0]), return_dual=True)
+                zi, di = lmo(h[i, j], _spec(norm, p), tau=float(tau[i, 0]), return_dual=True)
                 np.testing.assert_allclose(z[i, j], zi, atol=1e-12)
                 np.testing.assert_allclose(dual[i, j], di, rtol=1e-12)
 
@@ -228,12 +233,12 @@ def test_batched_equals_loop_with_tensor_tau(rng):
 def test_numpy_equals_torch(rng):
     h = rng.standard_normal((2, 5, 3))
     for norm, p, _ in NORMS:
-        zn, dn = lmo(h, norm, p=p, return_dual=True)
-        zt, dt = lmo(torch.from_numpy(h), norm, p=p, tau=torch.tensor([1.0, 1.0]), return_dual=True)
+        zn, dn = lmo(h, _spec(norm, p), return_dual=True)
+        zt, dt = lmo(torch.from_numpy(h), _spec(norm, p), tau=torch.tensor([1.0, 1.0]), return_dual=True)
         assert isinstance(zt, torch.Tensor) and isinstance(dt, torch.Tensor)
         np.testing.assert_allclose(zt.numpy(), zn, atol=1e-13)
         np.testing.assert_allclose(dt.numpy(), dn, rtol=1e-13)
-        dd = dual_norm(torch.from_numpy(h), norm, p=p)
+        dd = dual_norm(torch.from_numpy(h), _spec(norm, p))
         assert isinstance(dd, torch.Tensor)
         np.testing.assert_allclose(dd.numpy(), dn, rtol=1e-12)
 
@@ -245,17 +250,17 @@ def test_float32_close_to_float64_with_spectral_gap(rng):
     v, _ = np.linalg.qr(rng.standard_normal((5, 4)))
     h = (u * np.array([5.0, 3.0, 2.0, 1.0])) @ v.T
     for norm, p, _ in NORMS:
-        z64 = lmo(h, norm, p=p)
-        z32 = lmo(h.astype(np.float32), norm, p=p)
+        z64 = lmo(h, _spec(norm, p))
+        z32 = lmo(h.astype(np.float32), _spec(norm, p))
         np.testing.assert_allclose(z32, z64, atol=1e-4)
 
 
 def test_bfloat16_in_bfloat16_out(rng):
     h = torch.from_numpy(rng.standard_normal((2, 6, 4))).bfloat16()
     for norm, p, _ in NORMS:
-        z, dual = lmo(h, norm, p=p, return_dual=True)
+        z, dual = lmo(h, _spec(norm, p), return_dual=True)
         assert z.dtype == torch.bfloat16 and dual.dtype == torch.bfloat16
-        ref, dref = lmo(h.float(), norm, p=p, return_dual=True)  # computed in float32
+        ref, dref = lmo(h.float(), _spec(norm, p), return_dual=True)  # computed in float32
         torch.testing.assert_close(z.float(), ref, atol=1e-2, rtol=0)
         torch.testing.assert_close(dual.float(), dref, rtol=1e-2, atol=0)
     zn = lmo(h, method="newton_schulz", dtype=torch.bfloat16)
@@ -268,7 +273,7 @@ def test_input_not_modified(rng):
     before = h.clone()
     for norm, p, _ in NORMS:
         for symmetric in (False, True):
-            lmo(h, norm, p=p, symmetric=symmetric, return_dual=True)
+            lmo(h, _spec(norm, p), symmetric=symmetric, return_dual=True)
     lmo(h, method="newton_schulz", dtype=torch.float32)
     assert torch.equal(h, before)
 
@@ -290,7 +295,7 @@ def test_lmo_property(m, n, batch, which, scale_exp, rank, tau, seed):
     h = rng.standard_normal((*batch, m, r)) @ rng.standard_normal((*batch, r, n))
     h = h * 10.0**scale_exp
     norm, p, pp = NORMS[which]
-    z, dual = lmo(h, norm, p=p, tau=tau, return_dual=True)
+    z, dual = lmo(h, _spec(norm, p), tau=tau, return_dual=True)
     check_lmo(h, z, dual, pp, tau, rtol=1e-9)
 
 
@@ -302,15 +307,14 @@ def test_resolve_norm_names_and_fields():
     assert resolve_norm("Spectral") == Norm("spectral", INF, 1.0, False)
     assert resolve_norm(" FROBENIUS ") == Norm("frobenius", 2.0, 2.0, True)
     assert resolve_norm("nuclear") == Norm("nuclear", 1.0, INF, False)
-    n3 = resolve_norm("schatten", 3)
+    n3 = resolve_norm(("schatten", 3))
     assert (n3.name, n3.p, n3.joint) == ("schatten", 3.0, True)
-    assert n3.q == pytest.approx(1.5)
-    assert resolve_norm("Schatten", p=1).name == "nuclear"
-    assert resolve_norm("schatten", p=2).name == "frobenius"
-    assert resolve_norm("schatten", p=math.inf).name == "spectral"
-    assert resolve_norm("schatten", p=np.inf).name == "spectral"
-    assert resolve_norm("spectral", p=INF).name == "spectral"
-    assert resolve_norm("frobenius", p=2).name == "frobenius"
+    assert resolve_norm(["schatten", 3.0]) == n3
+    assert resolve_norm(("Schatten", 1)).name == "nuclear"
+    assert resolve_norm(("schatten", 2)).name == "frobenius"
+    assert resolve_norm(("schatten", math.inf)).name == "spectral"
+    assert resolve_norm(("schatten", np.inf)).name == "spectral"
+    assert n3.spec == ("schatten", 3.0) and resolve_norm("nuclear").spec == "nuclear"
     assert resolve_norm(n3) is n3
     with pytest.raises(dataclasses.FrozenInstanceError):
         n3.p = 4.0  # type: ignore[misc]
@@ -319,19 +323,29 @@ def test_resolve_norm_names_and_fields():
 @pytest.mark.parametrize(
     "args, exc, match",
     [
-        (("operator",), ValueError, "'operator'.*'spectral', 'frobenius', 'nuclear', 'schatten'"),
-        (("schatten",), ValueError, "needs p"),
+        ("operator", ValueError, "'operator'.*'spectral', 'frobenius', 'nuclear', \\('schatten', p\\)"),
+        ("schatten", ValueError, "needs its parameter.*\\('schatten', p\\)"),
         (("schatten", 0.5), ValueError, "1 <= p"),
         (("schatten", float("nan")), ValueError, "1 <= p"),
         (("schatten", "3"), ValueError, "real number"),
-        (("spectral", 2), ValueError, "contradicts"),
-        ((3,), TypeError, "string"),
+        (("spectral", 2), ValueError, "takes no parameter"),
+        (("kyfan",), ValueError, "name or a \\(name, parameter\\) pair"),
+        ("kyfan", ValueError, "needs its parameter.*\\('kyfan', k\\)"),
+        (("kyfan", 0), ValueError, "int >= 1"),
+        (("kyfan", 2.5), ValueError, "int >= 1"),
+        (("kyfan", True), ValueError, "int >= 1"),
+        (("fmuon", 1.5), ValueError, "alpha must be a number in \\[0, 1\\]"),
+        (("fmuon", float("nan")), ValueError, "alpha"),
+        (3, TypeError, "name"),
     ],
-    ids=["name", "no-p", "p<1", "p-nan", "p-str", "contradiction", "type"],
-)
+    ids=[
+        "name", "no-p", "p<1", "p-nan", "p-str", "superfluous", "short-pair", "no-k", "k0", "k-float", "k-bool",
+        "alpha>1", "alpha-nan", "type",
+    ],
+)  # fmt: skip
 def test_resolve_norm_errors(args, exc, match):
     with pytest.raises(exc, match=match):
-        resolve_norm(*args)
+        resolve_norm(args)
 
 
 @pytest.mark.parametrize(
@@ -383,8 +397,8 @@ def test_cuda_lmo_matches_cpu():
         pytest.skip("needs a CUDA device")
     h = torch.randn(2, 7, 5, dtype=torch.float64)
     for norm, p, _ in NORMS:
-        z, d = lmo(h.cuda(), norm, p=p, tau=torch.tensor([1.0, 2.0]).cuda(), return_dual=True)
-        zc, dc = lmo(h, norm, p=p, tau=torch.tensor([1.0, 2.0]), return_dual=True)
+        z, d = lmo(h.cuda(), _spec(norm, p), tau=torch.tensor([1.0, 2.0]).cuda(), return_dual=True)
+        zc, dc = lmo(h, _spec(norm, p), tau=torch.tensor([1.0, 2.0]), return_dual=True)
         assert z.is_cuda and d.is_cuda
         torch.testing.assert_close(z.cpu(), zc, atol=1e-10, rtol=0)
         torch.testing.assert_close(d.cpu(), dc)

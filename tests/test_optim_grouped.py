@@ -473,7 +473,7 @@ def test_deprecated_keywords_warn_and_act_like_the_new_forms():
     w0 = torch.randn(6, 4, dtype=DT)
     bias0 = torch.randn(4, dtype=DT)
     g, gb = torch.randn(6, 4, dtype=DT), torch.randn(4, dtype=DT)
-    old_kw = dict(ns_steps=3, ns_dtype=torch.float32, fallback_lr=0.2, betas=(0.8, 0.9), eps=1e-6, p=None)
+    old_kw = dict(ns_steps=3, ns_dtype=torch.float32, fallback_lr=0.2, betas=(0.8, 0.9), eps=1e-6)
     new_kw = dict(
         polar={"method": "newton_schulz", "steps": 3, "dtype": torch.float32},
         fallback={"name": "adamw", "lr": 0.2, "betas": (0.8, 0.9), "eps": 1e-6},
@@ -501,7 +501,7 @@ def test_schatten_norm_as_a_pair_and_use_imuon_as_a_group_option():
     x0 = w.detach().clone()
     w.grad = torch.randn(5, 4, dtype=DT)
     IMuon([w], lr=0.1, momentum=0.0, norm=("schatten", 3.0), polar="svd").step()
-    xi = intrinsic_direction(geo.Euclidean(), x0, w.grad, "schatten", p=3.0, polar="svd").xi
+    xi = intrinsic_direction(geo.Euclidean(), x0, w.grad, ("schatten", 3.0), polar="svd").xi
     torch.testing.assert_close(w.detach(), x0 - 0.1 * xi)
     with pytest.warns(DeprecationWarning, match="use_imuon"):
         IMuon([w], lr=0.1, use_imuon=False)

@@ -228,10 +228,10 @@ def test_fixed_rank_quadratic_with_equal_singular_values(gradient):
     np.testing.assert_allclose((u * s) @ vt, target, atol=1e-8)
 
 
-@pytest.mark.parametrize("norm, p", [("frobenius", None), ("nuclear", None), ("schatten", 3.0)])
-def test_other_norms_converge(norm, p):
+@pytest.mark.parametrize("norm", ["frobenius", "nuclear", ("schatten", 3.0), ("kyfan", 2), ("fmuon", 0.5)])
+def test_other_norms_converge(norm):
     problem, x0, optimum, _ = pca_problem("grassmann", n=30, p=3)
-    result = IMuon(norm=norm, p=p, max_iterations=3000, **QUIET).run(problem, initial_point=x0)
+    result = IMuon(norm=norm, max_iterations=3000, **QUIET).run(problem, initial_point=x0)
     assert abs(result.cost - optimum) <= 1e-8 * abs(optimum)
 
 
@@ -595,11 +595,15 @@ def test_custom_geometry_for_an_unsupported_manifold():
         ({"momentum": -0.1}, "momentum"),
         ({"norm": "operator"}, "unknown norm 'operator'"),
         ({"norm": "schatten"}, "p"),
-        ({"norm": "schatten", "p": 0.5}, "1 <= p"),
-        ({"norm": "spectral", "p": 3.0}, "contradicts"),
+        ({"norm": ("schatten", 0.5)}, "1 <= p"),
+        ({"norm": ("spectral", 3.0)}, "takes no parameter"),
+        ({"norm": ("kyfan", 0)}, "int >= 1"),
+        ({"norm": ("fmuon", 2.0)}, "alpha"),
+        ({"polar": "randomized"}, "needs norm=\\('kyfan', k\\)"),
+        ({"polar": {"method": "randomized", "power_iters": -1}, "norm": ("kyfan", 2)}, "power_iters"),
         ({"nesterov": "no"}, "nesterov must be True"),
         ({"nesterov": 1}, "nesterov must be True"),
-        ({"polar": "qr"}, "unknown polar 'qr'"),
+        ({"polar": "qr"}, "unknown polar method 'qr'"),
         ({"polar": "newton_schulz", "norm": "frobenius"}, "spectral"),
         ({"min_lmo_gap": -1.0}, "min_lmo_gap"),
     ],

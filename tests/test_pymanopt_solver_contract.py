@@ -136,7 +136,7 @@ def test_sphere_accelerator_is_the_core_direction(norm, p, polar, scale):
     x = manifold.random_point()
     e = rng.standard_normal((3, 4)) * scale
     xi, gap = host.direction(x, host.core_egrad(x, e), norm, polar)
-    d = intrinsic_direction(Sphere(), x.reshape(-1), e.reshape(-1), norm, p=p, polar=polar)
+    d = intrinsic_direction(Sphere(), x.reshape(-1), e.reshape(-1), norm if p is None else (norm, p), polar=polar)
     np.testing.assert_allclose(xi.reshape(-1), d.xi, atol=1e-14)
     assert gap == pytest.approx(d.gap, rel=1e-12)
     assert np.all(host.direction(x, np.zeros(12), norm, polar)[0] == 0)
@@ -202,12 +202,12 @@ def test_iteration_table_counts_from_one_with_max_iterations_rows(capsys):
 def test_norm_names_resolve_in_one_place():
     problem, x0 = _pca_example(0)
     runs = [
-        IMuon(norm=name, p=p, max_iterations=4, step_size=0.1, **QUIET).run(problem, initial_point=x0).point
-        for name, p in (("spectral", None), ("Spectral", None), (" SPECTRAL ", None), ("schatten", math.inf))
+        IMuon(norm=norm, max_iterations=4, step_size=0.1, **QUIET).run(problem, initial_point=x0).point
+        for norm in ("spectral", "Spectral", " SPECTRAL ", ("schatten", math.inf), ("fmuon", 1.0))
     ]
     for point in runs[1:]:
         np.testing.assert_array_equal(point, runs[0])
-    frob = IMuon(norm="schatten", p=2, max_iterations=4, step_size=0.1, **QUIET).run(problem, initial_point=x0)
+    frob = IMuon(norm=("schatten", 2), max_iterations=4, step_size=0.1, **QUIET).run(problem, initial_point=x0)
     ref = IMuon(norm="Frobenius", max_iterations=4, step_size=0.1, **QUIET).run(problem, initial_point=x0)
     np.testing.assert_array_equal(frob.point, ref.point)
 

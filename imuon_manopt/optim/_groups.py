@@ -53,7 +53,7 @@ def scan(param_groups: Sequence[dict[str, Any]]) -> Any:
                     f"shape {tuple(p.shape)}; the gradient must have the parameter's shape"
                 )
             flags.append(True)
-        key.append((id(group["params"]), tuple(flags), group["use_imuon"], group["norm"], group["p"]))
+        key.append((id(group["params"]), tuple(flags), group["use_imuon"], group["norm"]))
     return tuple(key)
 
 
@@ -67,7 +67,7 @@ def build(
     appearance; joint norms (Frobenius, Schatten) couple a batch, so under them every group holds one item."""
     out: list[Group] = []
     for group in param_groups:
-        joint = resolve_norm(group["norm"], group["p"]).joint
+        joint = resolve_norm(group["norm"]).joint
         buckets: dict[Any, Group] = {}
         fallback: list[torch.Tensor] = []
         for p in group["params"]:

@@ -1,16 +1,16 @@
 """Options of :class:`~imuon_manopt.optim.IMuon`: defaults, folding of the compact forms, validation, pairs.
 
-A param group stores its options under fixed keys (the ``state_dict()`` layout, unchanged since the first
-release): ``lr momentum nesterov weight_decay norm p polar ns_steps ns_dtype adjust_lr_fn pair_momentum fallback
-fallback_lr betas eps use_imuon``. The constructor and param-group dicts also take the compact forms
+A param group stores its options under fixed keys (the ``state_dict()`` layout): ``lr momentum nesterov
+weight_decay norm polar ns_steps ns_dtype oversample power_iters adjust_lr_fn pair_momentum fallback fallback_lr betas
+eps use_imuon error_feedback input_transform``. ``norm`` is stored as given, a name or a ``(name, parameter)`` pair
+(:func:`imuon_manopt.lmo.resolve_norm`). The constructor and param-group dicts also take the compact forms
 
-- ``norm=("schatten", 3.0)`` for ``norm="schatten", p=3.0``;
-- ``polar={"method": "newton_schulz", "steps": 5, "dtype": torch.bfloat16}`` for ``polar``, ``ns_steps``,
-  ``ns_dtype``;
+- ``polar={"method": "newton_schulz", "steps": 5, "dtype": torch.bfloat16}`` (and ``"oversample"``,
+  ``"power_iters"`` for ``"randomized"``) for ``polar``, ``ns_steps``, ``ns_dtype``, ``oversample``, ``power_iters``;
 - ``fallback={"name": "adamw", "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}`` for ``fallback``,
   ``fallback_lr``, ``betas``, ``eps``;
 
-which :func:`fold` spreads onto the stored keys. The old constructor keywords (``p``, ``ns_steps``, ``ns_dtype``,
+which :func:`fold` spreads onto the stored keys. The old constructor keywords (``ns_steps``, ``ns_dtype``,
 ``pair_momentum``, ``fallback_lr``, ``betas``, ``eps``, ``use_imuon``) keep working with a ``DeprecationWarning``.
 """
 
@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from ..lmo import resolve_norm
+from ..lmo import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, PolarSpec, resolve_norm, resolve_polar
 from . import _dispatch
 
-POLARS = ("svd", "newton_schulz")
+POLARS = ("svd", "newton_schulz", "randomized")
 ADJUST_NAMES = ("original", "match_rms_adamw")
 FALLBACKS = ("adamw", "sgd")
 PAIR_MOMENTUM = ("factor", "ambient")
@@ -38,10 +38,11 @@ GROUP_DEFAULTS: dict[str, Any] = dict(
     nesterov=True,
     weight_decay=0.0,
     norm="spectral",
-    p=None,
     polar="newton_schulz",
     ns_steps=5,
     ns_dtype=None,
+    oversample=DEFAULT_OVERSAMPLE,
+    power_iters=DEFAULT_POWER_ITERS,
     adjust_lr_fn=None,
     pair_momentum="factor",
     fallback="adamw",
@@ -49,11 +50,12 @@ GROUP_DEFAULTS: dict[str, Any] = dict(
     betas=(0.9, 0.999),
     eps=1e-8,
     use_imuon=True,
+    error_feedback=False,
+    input_transform=None,
 )
 
 #: Old constructor keywords -> what replaces them.
 DEPRECATED_KEYWORDS = {
-    "p": "norm=('schatten', p)",
     "ns_steps": "polar={'method': 'newton_schulz', 'steps': ...}",
     "ns_dtype": "polar={'method': 'newton_schulz', 'dtype': ...}",
     "pair_momentum": "a param group option: {'params': ..., 'pair_momentum': 'ambient'}",
@@ -80,23 +82,26 @@ def fold(opts: dict[str, Any], where: str = "") -> dict[str, Any]:
     """Spread the compact forms of ``norm``, ``polar`` and ``fallback`` onto the stored keys (in a copy)."""
     opts = dict(opts)
     norm = opts.get("norm")
-    if isinstance(norm, (tuple, list)):
-        if len(norm) != 2:
-            raise ValueError(f"{where}invalid norm={norm!r}: expected a name or a (name, p) pair")
-        opts["norm"], opts["p"] = norm[0], norm[1]
+    if isinstance(norm, list):
+        opts["norm"] = tuple(norm)  # hashable, as the grouping needs
+    transform = opts.get("input_transform")
+    if isinstance(transform, list):
+        opts["input_transform"] = tuple(transform)
     polar = opts.get("polar")
     if isinstance(polar, dict):
-        extra = set(polar) - {"method", "steps", "dtype"}
+        keys = {"method", "steps", "dtype", "oversample", "power_iters"}
+        extra = set(polar) - keys
         if extra or "method" not in polar:
             raise ValueError(
                 f"{where}invalid polar={polar!r}: expected a name or a dict with 'method' and optionally 'steps', "
-                "'dtype'"
+                "'dtype', 'oversample', 'power_iters'"
             )
         opts["polar"] = polar["method"]
-        if "steps" in polar:
-            opts["ns_steps"] = polar["steps"]
-        if "dtype" in polar:
-            opts["ns_dtype"] = polar["dtype"]
+        for src, dst in (("steps", "ns_steps"), ("dtype", "ns_dtype"), ("oversample", "oversample")):
+            if src in polar:
+                opts[dst] = polar[src]
+        if "power_iters" in polar:
+            opts["power_iters"] = polar["power_iters"]
     fallback = opts.get("fallback")
     if isinstance(fallback, dict):
         extra = set(fallback) - {"name", "lr", "betas", "eps"}
@@ -136,11 +141,15 @@ def check_options(opts: dict[str, Any], where: str = "") -> None:
     if not isinstance(opts["nesterov"], bool):
         raise ValueError(f"{where}nesterov must be a bool, got {opts['nesterov']!r}")
     try:
-        resolve_norm(opts["norm"], opts["p"])
+        nrm = resolve_norm(opts["norm"])
     except (ValueError, TypeError) as err:
-        raise ValueError(f"{where}invalid norm={opts['norm']!r} with p={opts['p']!r}: {err}") from err
+        raise ValueError(f"{where}invalid norm={opts['norm']!r}: {err}") from err
     if opts["polar"] not in POLARS:
         raise ValueError(f"{where}unknown polar={opts['polar']!r}; expected one of {POLARS}")
+    for key in ("oversample", "power_iters"):
+        v = opts[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{where}invalid polar {key!r}: {v!r} (must be an int >= 0)")
     steps = opts["ns_steps"]
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100:
         raise ValueError(f"{where}invalid ns_steps: {steps!r} (must be an int in [1, 100))")
@@ -168,6 +177,21 @@ def check_options(opts: dict[str, Any], where: str = "") -> None:
         raise ValueError(f"{where}invalid eps: {opts['eps']!r} (must be >= 0)")
     if not isinstance(opts["use_imuon"], bool):
         raise ValueError(f"{where}use_imuon must be a bool, got {opts['use_imuon']!r}")
+    check_family_options(opts, nrm, where)
+
+
+def polar_spec(group: dict[str, Any]) -> PolarSpec:
+    """The group's LMO solver as the core's :class:`~imuon_manopt.lmo.PolarSpec`."""
+    ns = group["polar"] == "newton_schulz"
+    return resolve_polar(
+        {
+            "method": group["polar"],
+            "steps": group["ns_steps"] if ns else None,
+            "dtype": group["ns_dtype"] if group["polar"] != "svd" else None,
+            "oversample": group["oversample"],
+            "power_iters": group["power_iters"],
+        }
+    )
 
 
 def check_optimizer_options(nonfinite: str, stabilize: int | None) -> None:
@@ -225,3 +249,46 @@ def prepare_pairs(
             index[t] = i
         out.append((b, a))
     return out, index
+
+
+INPUT_TRANSFORMS = ("muoneq_row", "muoneq_col", "muoneq_rowcol")
+INPUT_TRANSFORMS_WITH_PARAMETER = ("root_clip", "mimuon")
+
+
+def check_family_options(opts: dict[str, Any], nrm: Any, where: str = "") -> None:
+    """``error_feedback`` and ``input_transform``: their values, and where they are defined."""
+    ef = opts.get("error_feedback", False)
+    if not isinstance(ef, bool):
+        raise ValueError(f"{where}error_feedback must be a bool, got {ef!r}")
+    if ef and nrm.name not in ("kyfan", "nuclear"):
+        raise ValueError(
+            f"{where}error_feedback=True needs a low-rank LMO, norm=('kyfan', k): with norm={opts['norm']!r} the step "
+            "leaves nothing of the momentum out, so there is no error to feed back"
+        )
+    if ef and opts["momentum"] == 0:
+        raise ValueError(f"{where}error_feedback=True keeps the error in the momentum buffer: it needs momentum > 0")
+    t = opts.get("input_transform")
+    if t is None:
+        return
+    if isinstance(t, str):
+        if t not in INPUT_TRANSFORMS:
+            raise ValueError(
+                f"{where}unknown input_transform={t!r}; expected None, one of {INPUT_TRANSFORMS}, "
+                "('root_clip', percentile) or ('mimuon', threshold)"
+            )
+        return
+    if not (isinstance(t, tuple) and len(t) == 2 and t[0] in INPUT_TRANSFORMS_WITH_PARAMETER):
+        raise ValueError(
+            f"{where}invalid input_transform={t!r}; expected None, one of {INPUT_TRANSFORMS}, "
+            "('root_clip', percentile) or ('mimuon', threshold)"
+        )
+    v = t[1]
+    if t[0] == "root_clip" and (not _real(v) or not 0.0 < v < 1.0):
+        raise ValueError(
+            f"{where}input_transform=('root_clip', percentile) needs the percentile as a fraction in (0, 1) (ROOT: "
+            f"0.9, the 90th percentile of |entries|), got {v!r}"
+        )
+    if t[0] == "mimuon" and (not _real(v) or not 0.0 <= v <= 1.0 or not math.isfinite(v)):
+        raise ValueError(
+            f"{where}input_transform=('mimuon', threshold) needs a relative gap threshold in [0, 1], got {v!r}"
+        )

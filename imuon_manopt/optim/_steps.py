@@ -25,6 +25,7 @@ from ..geometry import Euclidean, MetricOperator
 from . import _momentum
 from ._dispatch import ManifoldRule
 from ._lr import adjusted_lr
+from ._options import polar_spec
 from ._stack import Inputs, Outputs, stack
 
 GroupFn = Callable[[Inputs], Outputs]
@@ -34,18 +35,7 @@ _EUCLIDEAN = Euclidean()
 
 def direction(geometry: MetricOperator, x: Any, egrad: Any, group: dict[str, Any]) -> Any:
     """``intrinsic_direction(...).xi`` with the group's norm and orthogonalizer (batched over leading dims)."""
-    ns = group["polar"] == "newton_schulz"
-    return intrinsic_direction(
-        geometry,
-        x,
-        egrad,
-        group["norm"],
-        p=group["p"],
-        polar=group["polar"],
-        steps=group["ns_steps"] if ns else None,
-        dtype=group["ns_dtype"] if ns else None,
-        gap=False,
-    ).xi
+    return intrinsic_direction(geometry, x, egrad, group["norm"], polar=polar_spec(group), gap=False).xi
 
 
 #: Elements of one stacked input per batched call (4 MiB of float32). A group of small parameters (LoRA factors,

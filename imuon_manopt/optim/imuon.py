@@ -69,13 +69,21 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
             matrices and the fallback) and for pairs (applied to the product: both factors are scaled by ``sqrt(1 -
             lr * wd)``, which keeps the rank and the gauge invariance). A group with ``weight_decay > 0`` may not
             hold manifold parameters (decay leaves the manifold): ``ValueError``.
-        norm: the LMO's norm, ``"spectral"`` (default), ``"frobenius"``, ``"nuclear"``, or ``("schatten", p)``.
-        polar: orthogonalizer, ``"newton_schulz"`` (default: fast, approximate polar factor, as in Muon; the core's
-            Polar Express schedule, :func:`imuon_manopt.lmo.polar`) or ``"svd"`` (exact and rank-aware; eigh for
-            SPD), or a dict ``{"method": "newton_schulz", "steps": 5, "dtype": torch.bfloat16}``: ``steps``
-            iterations (default 5) with the products in ``dtype`` (default: the update's working dtype; bfloat16
-            suits GPUs with fast bfloat16 matmuls, as ``torch.optim.Muon`` always uses it). Only the
-            orthogonalization is rounded to ``dtype``; whitening, projection and retraction stay in the working dtype.
+        norm: the LMO's norm (:func:`imuon_manopt.lmo.resolve_norm`): ``"spectral"`` (default), ``"frobenius"``,
+            ``"nuclear"``, ``("schatten", p)``, ``("kyfan", k)`` (the step ``U_k V_k^T`` of the top ``k`` singular
+            pairs of each whitened block: low-rank Muon / Fanion-k; ``k = 1`` is ``"nuclear"``) or ``("fmuon",
+            alpha)`` (F-Muon, ``alpha polar(H) + (1 - alpha) H / ||H||_F``; ``alpha = 1`` is ``"spectral"``).
+            All are LMOs of unitarily invariant norms, valid on every geometry.
+        polar: the LMO solver, ``"newton_schulz"`` (default: fast, approximate polar factor, as in Muon; the core's
+            Polar Express schedule, :func:`imuon_manopt.lmo.polar`), ``"svd"`` (exact and rank-aware; eigh for
+            SPD) or ``"randomized"`` (for ``("kyfan", k)``: a range finder of ``k + oversample`` columns with
+            ``power_iters`` power iterations, then the exact top-k LMO of the sketch), or a dict ``{"method":
+            "newton_schulz", "steps": 5, "dtype": torch.bfloat16}`` (``{"method": "randomized", "oversample": 8,
+            "power_iters": 2, "dtype": ...}``): ``steps`` iterations (default 5) with the products in ``dtype``
+            (default: the update's working dtype; bfloat16 suits GPUs with fast bfloat16 matmuls, as
+            ``torch.optim.Muon`` always uses it). Only the orthogonalization (the sketch's matmuls) is rounded to
+            ``dtype``; whitening, projection and retraction stay in the working dtype. A method that does not solve
+            the chosen norm (Newton–Schulz for Ky Fan, say: it cannot select singular values) uses the exact path.
         adjust_lr_fn: shape-based lr scaling, off by default: ``"original"`` (``lr * sqrt(max(1, a / b))``),
             ``"match_rms_adamw"`` (``lr * 0.2 * sqrt(max(a, b))``, which lets one lr serve iMuon and the AdamW
             fallback), or a callable ``(lr, (a, b)) -> lr``. ``(a, b)`` is the matrix shape the step lives in: the
@@ -100,7 +108,7 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
 
     Param-group options besides these: ``use_imuon=False`` sends every plain tensor of the group to the fallback
     (e.g. embeddings and output heads, as is common with Muon); ``pair_momentum="ambient"`` selects the reference
-    LoRA mode for the group's pairs. Deprecated constructor keywords (``p``, ``ns_steps``, ``ns_dtype``,
+    LoRA mode for the group's pairs. Deprecated constructor keywords (``ns_steps``, ``ns_dtype``,
     ``pair_momentum``, ``fallback_lr``, ``betas``, ``eps``, ``use_imuon``) still work with a ``DeprecationWarning``.
 
     Notes:
@@ -125,7 +133,7 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
         momentum: float = 0.95,
         nesterov: bool = True,
         weight_decay: float = 0.0,
-        norm: str | tuple[str, float] = "spectral",
+        norm: str | tuple[str, Any] = "spectral",
         polar: str | dict[str, Any] = "newton_schulz",
         adjust_lr_fn: str | AdjustLrFn | None = None,
         pairs: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,

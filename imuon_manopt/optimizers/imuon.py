@@ -38,13 +38,11 @@ from pymanopt.tools import printer
 
 from ..direction import intrinsic_direction
 from ..geometry import MetricOperator
-from ..lmo import resolve_norm
+from ..lmo import Norm, PolarSpec, resolve_norm, resolve_polar
 from ._pymanopt_geometry import host_geometry, single_threaded
 from .step_size import StepSizeRule, resolve_step_size
 
 __all__ = ["IMuon"]
-
-_POLARS = ("svd", "newton_schulz")
 
 
 def _finite(tree: Any) -> bool:
@@ -83,12 +81,15 @@ class IMuon(Optimizer):
             the buffer restarts from the gradient.
         nesterov: ``True``: Nesterov (``grad + beta * m``, default); ``False``: heavy-ball (``m``)
             momentum. Anything but a bool is a ``ValueError``.
-        norm: ``"spectral"`` (default), ``"frobenius"`` (Riemannian steepest descent with normalized
-            steps), ``"nuclear"`` or ``"schatten"`` (with ``p``); case-insensitive, resolved by
-            :func:`imuon_manopt.lmo.resolve_norm` as everywhere in the package.
-        p: Schatten exponent, ``1 <= p <= inf``: needed by ``norm="schatten"`` (``p = 1, 2, inf``
-            mean nuclear, Frobenius, spectral); with another name it may only repeat its exponent.
-        polar: ``"svd"`` (exact, default) or ``"newton_schulz"`` (fast, approximate polar factors).
+        norm: a name or a ``(name, parameter)`` pair, resolved by :func:`imuon_manopt.lmo.resolve_norm` as
+            everywhere in the package: ``"spectral"`` (default), ``"frobenius"`` (Riemannian steepest descent
+            with normalized steps), ``"nuclear"``, ``("schatten", p)``, ``("kyfan", k)`` (the step ``U_k V_k^T``
+            of the whitened gradient's top ``k`` singular pairs per block) or ``("fmuon", alpha)`` (``alpha
+            polar(H) + (1 - alpha) H / ||H||_F``).
+        polar: the LMO solver, a name or a dict as in :func:`imuon_manopt.lmo.resolve_polar`: ``"svd"`` (exact,
+            default), ``"newton_schulz"`` (fast, approximate polar factors; spectral and F-Muon only) or
+            ``"randomized"`` (Ky Fan only: a range finder, ``{"method": "randomized", "oversample": 8,
+            "power_iters": 2}``).
         min_lmo_gap: stop when the LMO gap ``<E, xi>`` (the dual norm of the whitened gradient)
             drops below it; ``None`` (default) disables the criterion.
         geometry: a :class:`~imuon_manopt.geometry.MetricOperator` to use instead of the built-in
@@ -112,9 +113,8 @@ class IMuon(Optimizer):
         step_size: Any = "armijo",
         momentum: float = 0.0,
         nesterov: bool = True,
-        norm: str = "spectral",
-        p: float | None = None,
-        polar: str = "svd",
+        norm: str | tuple[str, Any] = "spectral",
+        polar: str | dict[str, Any] = "svd",
         min_lmo_gap: float | None = None,
         geometry: MetricOperator | None = None,
         *,
@@ -145,17 +145,21 @@ class IMuon(Optimizer):
             raise ValueError(f"nesterov must be True (Nesterov momentum) or False (heavy ball), got {nesterov!r}")
         self._nesterov = bool(nesterov)
 
-        if norm == "schatten" and p is None:
-            raise ValueError("norm='schatten' needs p with 1 <= p <= inf, got p=None")
-        nrm = resolve_norm(norm, p)  # the one validation of norm names and exponents
+        nrm = resolve_norm(norm)  # the one validation of norm specs
+        self._nrm: Norm = nrm
         self._norm = nrm.name
-        self._p = nrm.p if nrm.name == "schatten" else None
 
-        if polar not in _POLARS:
-            raise ValueError(f"unknown polar {polar!r}; expected one of {_POLARS}")
-        if polar == "newton_schulz" and self._norm != "spectral":
-            raise ValueError(f"polar='newton_schulz' applies to norm='spectral' only, got norm={norm!r}")
-        self._polar = polar
+        spec: PolarSpec = resolve_polar(polar)
+        if spec.method == "eigh":
+            raise ValueError("polar='eigh' is not a solver choice here: use 'svd' (eigh is used for symmetric blocks)")
+        if spec.method == "newton_schulz" and nrm.name not in ("spectral", "fmuon"):
+            raise ValueError(
+                f"polar='newton_schulz' applies to norm='spectral' and ('fmuon', alpha) only, got norm={norm!r}"
+            )
+        if spec.method == "randomized" and nrm.name != "kyfan":
+            raise ValueError(f"polar='randomized' solves the Ky Fan LMO: it needs norm=('kyfan', k), got norm={norm!r}")
+        self._polar_spec = spec
+        self._polar = spec.method
 
         if min_lmo_gap is not None and (
             isinstance(min_lmo_gap, bool)
@@ -178,7 +182,7 @@ class IMuon(Optimizer):
         if closed_form is not None:
             return closed_form
         with single_threaded():
-            d = intrinsic_direction(host.geometry, host.core_point(x), e_core, self._norm, p=self._p, polar=self._polar)
+            d = intrinsic_direction(host.geometry, host.core_point(x), e_core, self._nrm, polar=self._polar_spec)
         return host.tangent(x, d.xi), float(d.gap)
 
     def _gradient_function(self, problem, host):
@@ -249,8 +253,7 @@ class IMuon(Optimizer):
                 "step_size": rule,
                 "momentum": self._momentum,
                 "nesterov": self._nesterov,
-                "norm": self._norm,
-                "p": self._p,
+                "norm": self._nrm.spec,
                 "polar": self._polar,
                 "geometry": host.geometry,
             }
