@@ -38,6 +38,7 @@ Usage::
     python benchmarks/bench_optim.py             # full run (a few minutes on 2 CPU cores)
     python benchmarks/bench_optim.py --quick     # smoke run on small shapes
     python benchmarks/bench_optim.py --profile   # also print torch.profiler's top operations of IMuon's steps
+    python benchmarks/bench_optim.py --copies    # also count tensor copies per IMuon.step() (aten::copy_ etc.)
     python benchmarks/bench_optim.py --device cuda
     python benchmarks/bench_optim.py --threads 1,2 --only lora-set,stiefel   # a subset of the cases
 
@@ -366,6 +367,37 @@ def pair_allocation_check(m: int, r: int, n: int, g: torch.Generator, steps: int
     }
 
 
+#: aten operations that write a new copy of existing data (the profiler also sees those nested in other kernels,
+#: e.g. the column-major copies LAPACK-backed ``linalg_qr`` and ``linalg_solve_triangular`` make of their inputs).
+COPY_OPS = ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::cat", "aten::stack")
+
+
+def count_copies(case: Case, steps: int = 3) -> dict[str, float]:
+    """Per ``step()`` of IMuon on ``case`` (after one warm-up step): calls of each :data:`COPY_OPS` operation and
+    the self time of ``aten::copy_`` (ms), from torch.profiler (nested calls included), and the number of all aten
+    operations."""
+    from torch.profiler import ProfilerActivity, profile
+
+    opt = case.make["IMuon"]()[0]
+    opt.step()
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            opt.step()
+        _sync()
+    out = {name: 0.0 for name in COPY_OPS}
+    out["copy_ ms"] = 0.0
+    out["aten ops"] = 0.0
+    for ev in prof.key_averages():
+        if ev.key in out:
+            out[ev.key] = ev.count / steps
+        if ev.key == "aten::copy_":
+            out["copy_ ms"] = ev.self_cpu_time_total / 1e3 / steps
+        if ev.key.startswith("aten::"):
+            out["aten ops"] += ev.count / steps
+    return out
+
+
 def profile_imuon(case: Case, steps: int = 5, rows: int = 12) -> str:
     """torch.profiler's table of the most expensive operations over ``steps`` of IMuon's ``step()``."""
     from torch.profiler import ProfilerActivity, profile
@@ -411,6 +443,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--only", default=None, help="comma-separated case keys (default: all)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of IMuon's steps")
+    parser.add_argument(
+        "--copies", action="store_true", help="count tensor copies per IMuon.step() (torch.profiler, nested included)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     args = parser.parse_args(argv)
@@ -436,6 +471,14 @@ def main(argv=None) -> dict:
             time_case(case, args.warmup, repeats)
             print(f"  timed {case.name} ({threads} threads)", flush=True)
         tables.append(markdown(cases, threads))
+        if args.copies:
+            for case in cases:
+                c = count_copies(case)
+                calls = ", ".join(f"{k} {c[k]:.0f}" for k in COPY_OPS)
+                print(
+                    f"  copies per IMuon.step() on {case.name} ({threads} threads): {calls}; aten::copy_ self time "
+                    f"{c['copy_ ms']:.2f} ms; {c['aten ops']:.0f} aten operations"
+                )
         if args.profile:
             for case in cases:
                 print(f"\ntorch.profiler, IMuon.step() on {case.name}, {threads} threads:\n{profile_imuon(case)}")

@@ -19,7 +19,7 @@ def test_bench_optim_quick_runs_every_case(capsys):
     spec.loader.exec_module(module)
     threads = torch.get_num_threads()
     try:
-        out = module.main(["--quick", "--threads", "1", "--repeats", "1", "--warmup", "1"])
+        out = module.main(["--quick", "--threads", "1", "--repeats", "1", "--warmup", "1", "--copies"])
     finally:
         torch.set_num_threads(threads)
     assert out["allocation"]["ok"]
@@ -27,4 +27,6 @@ def test_bench_optim_quick_runs_every_case(capsys):
     assert {"lora-set", "euclidean-24", "stiefel", "stiefel-batch"} <= set(keys)
     for case in out["cases"]:
         assert all(t > 0 for t in case.times.values())
-    assert "GPT-2-small LoRA set" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "GPT-2-small LoRA set" in text
+    assert "copies per IMuon.step() on GPT-2-small LoRA set" in text

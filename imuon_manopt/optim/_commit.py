@@ -17,15 +17,42 @@ commit or reject together.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ._distributed import agree, like, local
 from ._groups import Group
+from ._momentum import Stacked
 from ._state import host_step
 
-__all__ = ["CommitEngine"]
+__all__ = ["CommitEngine", "StackedParams", "StackedState"]
+
+
+@dataclass
+class StackedParams:
+    """A write of a group's (unsharded) parameters from its stacked result: ``new`` holds the stacked chunks of
+    the new values in the parameters' dtype, ``old`` the stacked old values (the masked commit keeps them)."""
+
+    params: list[torch.Tensor]
+    new: list[torch.Tensor]
+    old: torch.Tensor
+
+
+@dataclass
+class StackedState:
+    """A write of a group's stacked state (:class:`~imuon_manopt.optim._momentum.Stacked`): ``new`` becomes the
+    stacked tensor (no copy), its rows the state entries; ``old`` is what the masked commit keeps."""
+
+    params: list[torch.Tensor]
+    cache: Stacked
+    new: torch.Tensor
+    old: torch.Tensor
+
+
+def _rows(chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t for c in chunks for t in c.unbind(0)]
 
 
 class CommitEngine:
@@ -87,7 +114,15 @@ class CommitEngine:
 
     def _commit(self, groups: list[Group], writes: list) -> None:
         dst, src = [], []
-        for target, value in writes:
+        for entry in writes:
+            if isinstance(entry, StackedParams):
+                dst.extend(p.detach() for p in entry.params)
+                src.extend(_rows(entry.new))
+                continue
+            if isinstance(entry, StackedState):
+                entry.cache.set(self.state, entry.params, entry.new)
+                continue
+            target, value = entry
             if isinstance(target, torch.Tensor):
                 dst.append(local(target).detach())
                 src.append(value)
@@ -117,7 +152,20 @@ class CommitEngine:
 
     def _commit_masked(self, groups: list[Group], writes: list, ok: torch.Tensor) -> None:
         """Device mode: commit every write where the whole step is finite (``ok``), keep the old values elsewhere."""
-        for target, value in writes:
+        dst, src = [], []
+        for entry in writes:
+            if isinstance(entry, StackedParams):
+                dst.extend(p.detach() for p in entry.params)
+                start = 0
+                for c in entry.new:
+                    kept = entry.old[start : start + c.shape[0]]
+                    src.extend(torch.where(ok.to(c.device), c, kept).unbind(0))
+                    start += c.shape[0]
+                continue
+            if isinstance(entry, StackedState):
+                entry.cache.set(self.state, entry.params, torch.where(ok.to(entry.new.device), entry.new, entry.old))
+                continue
+            target, value = entry
             if isinstance(target, torch.Tensor):
                 old = local(target).detach()
                 old.copy_(torch.where(ok.to(old.device), value.to(old.dtype), old))
@@ -130,13 +178,21 @@ class CommitEngine:
             else:
                 old = local(old)
                 old.copy_(torch.where(ok.to(old.device), value, old))
+        if dst:
+            torch._foreach_copy_(dst, src)
+        steps = []
         for grp in groups:
             for p in grp.params:
                 st = self.state[p]
                 step = st.get("step", 0)
                 if not isinstance(step, torch.Tensor) or step.device != p.device:
-                    step = torch.as_tensor(step, dtype=torch.float32, device=p.device).clone()
-                st["step"] = step.add_(ok.to(step.device))
+                    step = st["step"] = torch.as_tensor(step, dtype=torch.float32, device=p.device).clone()
+                steps.append(step)
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for step in steps:
+            by_device.setdefault(step.device, []).append(step)
+        for device, ts in by_device.items():
+            torch._foreach_add_(ts, ok.to(device=device, dtype=torch.float32))
         host = torch.empty((), dtype=torch.bool, pin_memory=ok.is_cuda)
         host.copy_(ok, non_blocking=True)
         event = None

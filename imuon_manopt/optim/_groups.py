@@ -19,6 +19,7 @@ import torch
 from ..geometry import MetricOperator
 from ..lmo import resolve_norm
 from ._dispatch import ManifoldRule
+from ._momentum import Stacked
 
 
 @dataclass
@@ -33,6 +34,18 @@ class Group:
     rule: ManifoldRule | None = None
     geometry: MetricOperator | None = None
     pair_ids: list[int] = field(default_factory=list)
+    #: the stacked momentum buffers kept between steps, one per run of equal shapes (pairs: B's, then A's)
+    momentum: list[Stacked] = field(default_factory=list)
+    #: every parameter passed the first-step checks (membership, full rank)
+    checked: bool = False
+
+    @property
+    def parts(self) -> list[slice]:
+        """Runs of ``params`` of one shape each (a pair group holds its B factors, then its A factors)."""
+        if self.kind != "pair":
+            return [slice(None)]
+        n = len(self.pair_ids)
+        return [slice(0, n), slice(n, None)]
 
 
 def scan(param_groups: Sequence[dict[str, Any]]) -> Any:

@@ -16,6 +16,7 @@ The spectral LMO is scale invariant, so this sum form gives the same directions 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import geoopt
@@ -26,7 +27,17 @@ from ._dispatch import ManifoldRule
 from ._distributed import local
 from ._stack import stack
 
-__all__ = ["KEY", "buffers", "euclidean", "plain", "project", "tangent"]
+__all__ = [
+    "KEY",
+    "Stacked",
+    "buffers",
+    "euclidean",
+    "euclidean_stacked",
+    "plain",
+    "project",
+    "stacked_buffer",
+    "tangent",
+]
 
 #: The state key of a momentum buffer.
 KEY = "momentum_buffer"
@@ -40,6 +51,54 @@ def buffers(state: Any, params: Sequence[torch.Tensor], like: Sequence[torch.Ten
         buf = state[p].get(KEY)
         out.append(torch.zeros_like(x) if buf is None else local(buf).to(x.dtype))
     return out
+
+
+@dataclass
+class Stacked:
+    """The momentum buffers of one run of equally shaped parameters kept as one stacked tensor between steps:
+    ``state[p]["momentum_buffer"]`` are its rows (views), so ``state_dict()`` keeps its per-parameter layout while
+    the step reads and writes one tensor. Rebuilt by one copy when the state entries are no longer its rows
+    (``load_state_dict``, a user's edit)."""
+
+    tensor: torch.Tensor | None = None
+    views: list[torch.Tensor] = field(default_factory=list)
+
+    def current(self, state: Any, params: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """The stacked buffers of ``params`` in ``like``'s dtype and shape (zeros where none exists yet)."""
+        t = self.tensor
+        if (
+            t is not None
+            and t.dtype == like.dtype
+            and t.shape == like.shape
+            and len(self.views) == len(params)
+            and all(state[p].get(KEY) is v for p, v in zip(params, self.views))
+        ):
+            return t
+        return stacked_buffer(state, params, like)
+
+    def set(self, state: Any, params: Sequence[torch.Tensor], new: torch.Tensor) -> None:
+        """Make ``new`` the buffers (no copy): the state entries become its rows."""
+        views = list(new.unbind(0))
+        for p, v in zip(params, views):
+            state[p][KEY] = v
+        self.tensor, self.views = new, views
+
+
+def stacked_buffer(state: Any, params: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The buffers of ``params`` stacked in ``like``'s dtype (one copy; zeros where none exists yet)."""
+    bufs = [state[p].get(KEY) for p in params]
+    if all(b is None for b in bufs):
+        return torch.zeros_like(like)
+    rows = [torch.zeros_like(like[0]) if b is None else local(b) for b in bufs]
+    return torch.stack(rows).to(like.dtype)
+
+
+def euclidean_stacked(
+    e: torch.Tensor, buf: torch.Tensor, beta: float, use_nesterov: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`euclidean` on stacked tensors: ``(e~, new buf)`` (two elementwise ops)."""
+    new = torch.add(e, buf, alpha=beta)
+    return (torch.add(e, new, alpha=beta) if use_nesterov else new), new
 
 
 def _stack(ts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

@@ -14,8 +14,7 @@ import torch
 
 from ..geometry import AmbientFixedRank, FixedRank
 from ._lr import adjusted_lr
-from ._stack import Inputs, Outputs, stack
-from ._steps import chunked, direction
+from ._steps import Body, direction, per_item
 
 #: Halvings of a pair's step before the pair stays put for this step (2^-12 ~ 2.4e-4 of the step).
 MAX_BACKTRACKS = 12
@@ -128,24 +127,26 @@ def _stepped(b, a, xi_b, xi_a, step_lr: float, lazy: bool) -> tuple[torch.Tensor
     return b - t * xi_b, a - t * xi_a
 
 
-def pair_fn(group: dict[str, Any], shape2d: tuple[int, int], wdt: torch.dtype, out: torch.dtype, lazy: bool):
-    """The fixed-rank step of pairs of one shape: one input ``(B, A, E~_B, E~_A)`` and one output ``(B_new,
-    A_new)`` per pair: ``(B - t xi_B, A - t xi_A)`` scaled by ``sqrt(1 - lr wd)``, with ``t`` from
-    :func:`step_lengths`."""
+def pair_body(group: dict[str, Any], shape2d: tuple[int, int], wdt: torch.dtype, out: torch.dtype, lazy: bool) -> Body:
+    """The fixed-rank step of stacked pairs of one shape: ``(B, A, E~_B, E~_A) -> (B_new, A_new)``, ``(B - t xi_B,
+    A - t xi_A)`` scaled by ``sqrt(1 - lr wd)``, with ``t`` from :func:`step_lengths`, in the parameters' dtype
+    ``out``."""
     lr = float(group["lr"])
     step_lr = adjusted_lr(lr, group["adjust_lr_fn"], shape2d)
     wd = group["weight_decay"]
     geometry = _FIXED_RANK if group["pair_momentum"] == "factor" else _AMBIENT
 
-    def fn(inputs: Inputs) -> Outputs:
-        if not inputs:
-            return []
-        b, a, e_b, e_a = (stack(inputs, i, wdt) for i in range(4))
+    def body(b, a, e_b, e_a) -> tuple[torch.Tensor, torch.Tensor]:
         xi_b, xi_a = direction(geometry, (b, a), (e_b, e_a), group)
         new_b, new_a = _stepped(b, a, xi_b, xi_a, step_lr, lazy)
         if wd > 0:
             scale = math.sqrt(max(0.0, 1.0 - lr * wd))
             new_b, new_a = new_b * scale, new_a * scale
-        return list(zip(new_b.to(out).unbind(0), new_a.to(out).unbind(0)))
+        return new_b.to(out), new_a.to(out)
 
-    return chunked(fn)
+    return body
+
+
+def pair_fn(group: dict[str, Any], shape2d: tuple[int, int], wdt: torch.dtype, out: torch.dtype, lazy: bool):
+    """:func:`pair_body` per item: one input ``(B, A, E~_B, E~_A)`` and one output ``(B_new, A_new)`` per pair."""
+    return per_item(pair_body(group, shape2d, wdt, out, lazy), wdt)

@@ -14,7 +14,7 @@ joint norms (Frobenius, Schatten-p) couple a batch, so their groups hold one par
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import geoopt
@@ -43,47 +43,71 @@ def direction(geometry: MetricOperator, x: Any, egrad: Any, group: dict[str, Any
 #: in the CPU's caches (24 stacked 1024 x 1024 matrices in one call cost ~10% more than one at a time).
 CHUNK_ELEMENTS = 2**20
 
+#: A group's numerical step on stacked inputs (leading dim: the group's items, in the working dtype): a tuple of
+#: stacked outputs. Pure: writes nothing.
+Body = Callable[..., tuple[torch.Tensor, ...]]
 
-def chunked(body: GroupFn) -> GroupFn:
-    """``body`` over consecutive slices of the items of at most :data:`CHUNK_ELEMENTS` elements per input (at
-    least one item), outputs concatenated in order."""
+
+def run_chunked(body: Body, inputs: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``body`` over consecutive slices (views) of the stacked ``inputs`` of at most :data:`CHUNK_ELEMENTS` elements
+    per input (at least one item); for each output, the list of its stacked chunks, in order (one chunk when the
+    whole group fits)."""
+    n = inputs[0].shape[0]
+    k = max(1, CHUNK_ELEMENTS // max(1, inputs[0][0].numel()))
+    if k >= n:
+        return [[t] for t in body(*inputs)]
+    outs: list[list[torch.Tensor]] = []
+    for i in range(0, n, k):
+        res = body(*(t[i : i + k] for t in inputs))
+        if not outs:
+            outs = [[] for _ in res]
+        for acc, t in zip(outs, res):
+            acc.append(t)
+    return outs
+
+
+def rows(chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The items of a stacked output (views, no copy)."""
+    return [t for c in chunks for t in c.unbind(0)]
+
+
+def per_item(body: Body, wdt: torch.dtype) -> GroupFn:
+    """``body`` as a function of one tuple of tensors per item (the interface of
+    :func:`~imuon_manopt.optim._distributed.apply_full`): stacks each input (no copy for the rows of one tensor),
+    runs the chunked body and splits the outputs again."""
 
     def fn(inputs: Inputs) -> Outputs:
         if not inputs:
             return []
-        per_item = max(1, inputs[0][0].numel())
-        k = max(1, CHUNK_ELEMENTS // per_item)
-        if k >= len(inputs):
-            return body(inputs)
-        out: Outputs = []
-        for i in range(0, len(inputs), k):
-            out += body(inputs[i : i + k])
-        return out
+        stacked = [stack(inputs, i, wdt) for i in range(len(inputs[0]))]
+        return list(zip(*(rows(chunks) for chunks in run_chunked(body, stacked))))
 
     return fn
 
 
-def matrix_fn(group: dict[str, Any], shape2d: tuple[int, int], wdt: torch.dtype, out: torch.dtype) -> GroupFn:
-    """Muon on plain tensors of one shape: ``x <- (1 - lr wd) x - lr' polar(E~)``; inputs ``(x, E~)``, outputs
-    ``(x_new,)``; ``x`` is viewed as ``shape2d`` (``(shape[0], -1)`` for convolutions)."""
+def matrix_body(group: dict[str, Any], shape2d: tuple[int, int], wdt: torch.dtype, out: torch.dtype) -> Body:
+    """Muon on stacked plain tensors of one shape: ``(x, E~) -> (x_new,)`` with ``x_new = (1 - lr wd) x - lr'
+    polar(E~)``, ``x`` of shape ``(k, *shape)`` viewed as ``(k, *shape2d)`` (``(shape[0], -1)`` for convolutions);
+    ``x_new`` in the parameters' dtype ``out``."""
     lr = float(group["lr"])
     step_lr = adjusted_lr(lr, group["adjust_lr_fn"], shape2d)
     wd = group["weight_decay"]
 
-    def fn(inputs: Inputs) -> Outputs:
-        if not inputs:
-            return []
-        x, e = stack(inputs, 0, wdt), stack(inputs, 1, wdt)
+    def body(x: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor]:
         n = x.shape[0]
         xi = direction(_EUCLIDEAN, x.reshape(n, *shape2d), e.reshape(n, *shape2d), group).reshape(x.shape)
         base = x * (1.0 - lr * wd) if wd > 0 else x
-        new = torch.add(base, xi, alpha=-step_lr).to(out)
-        return [(t,) for t in new.unbind(0)]
+        return (torch.add(base, xi, alpha=-step_lr).to(out),)
 
-    return chunked(fn)
+    return body
 
 
-def manifold_fn(
+def matrix_fn(group: dict[str, Any], shape2d: tuple[int, int], wdt: torch.dtype, out: torch.dtype) -> GroupFn:
+    """:func:`matrix_body` per item: inputs ``(x, E~)``, outputs ``(x_new,)``."""
+    return per_item(matrix_body(group, shape2d, wdt, out), wdt)
+
+
+def manifold_body(
     group: dict[str, Any],
     manifold: geoopt.Manifold,
     rule: ManifoldRule,
@@ -91,9 +115,9 @@ def manifold_fn(
     shape: torch.Size,
     wdt: torch.dtype,
     out: torch.dtype,
-) -> GroupFn:
-    """``x <- R_x(-lr' xi)`` on one manifold; inputs ``(x, E)`` or, with momentum, ``(x, E, buf)``; outputs
-    ``(x_new,)`` or ``(x_new, buf_new)``.
+) -> Body:
+    """``x <- R_x(-lr' xi)`` on one manifold, stacked: ``(x, E) -> (x_new,)`` or, with momentum, ``(x, E, buf) ->
+    (x_new, buf_new)``.
 
     With momentum the buffer is a tangent vector (:func:`imuon_manopt.optim._momentum.tangent`), carried to the new
     point by the manifold's ``retr_transp``. Manifolds whose geoopt retraction takes a covector
@@ -106,24 +130,32 @@ def manifold_fn(
     def lower(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return flat(x, v) if flat is not None else geometry.flat(geometry.at(x), v)
 
-    def fn(inputs: Inputs) -> Outputs:
-        if not inputs:
-            return []
-        x, e = stack(inputs, 0, wdt), stack(inputs, 1, wdt)
-        buf = None
+    def body(x: torch.Tensor, e: torch.Tensor, buf: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         if beta > 0:
-            e, buf = _momentum.tangent(manifold, x, e, stack(inputs, 2, wdt), beta, use_nesterov, lower)
+            e, buf = _momentum.tangent(manifold, x, e, buf, beta, use_nesterov, lower)
         xi = direction(geometry, x, e, group)
         u = lower(x, xi) if rule.covector_update else xi
         new_x, buf = _retract(manifold, x, -step_lr * u, buf)
         if rule.polish is not None:
             new_x = rule.polish(new_x)
         new_x = new_x.to(out)
-        if buf is None:
-            return [(t,) for t in new_x.unbind(0)]
-        return list(zip(new_x.unbind(0), buf.unbind(0)))
+        return (new_x,) if buf is None else (new_x, buf)
 
-    return chunked(fn)
+    return body
+
+
+def manifold_fn(
+    group: dict[str, Any],
+    manifold: geoopt.Manifold,
+    rule: ManifoldRule,
+    geometry: MetricOperator,
+    shape: torch.Size,
+    wdt: torch.dtype,
+    out: torch.dtype,
+) -> GroupFn:
+    """:func:`manifold_body` per item: inputs ``(x, E)`` or ``(x, E, buf)``, outputs ``(x_new,)`` or ``(x_new,
+    buf_new)``."""
+    return per_item(manifold_body(group, manifold, rule, geometry, shape, wdt, out), wdt)
 
 
 def _retract(manifold: geoopt.Manifold, x: torch.Tensor, u: torch.Tensor, buf: torch.Tensor | None):

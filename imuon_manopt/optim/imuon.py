@@ -15,8 +15,10 @@ Grouped steps. Parameters of one param group that share a kind, geometry, shape,
 take one batched direction, one batched LMO and one batched retraction (:mod:`~imuon_manopt.optim._steps`,
 :mod:`~imuon_manopt.optim._pairs`); the numerical work per step is a fixed number of calls per group, not per
 parameter. The grouping (:mod:`~imuon_manopt.optim._groups`) is structure, rebuilt from the parameters when the
-param groups or the set of parameters with gradients change; the state stays per parameter
-(``state[p]["momentum_buffer"]`` etc.), so ``state_dict()`` keeps its layout.
+param groups or the set of parameters with gradients change. Plain matrices and pairs keep their momentum as one
+stacked tensor per group between steps, whose rows are the per-parameter entries (``state[p]["momentum_buffer"]``),
+so ``state_dict()`` keeps its layout; their step is one gather of parameters and gradients and one scatter of the
+new values per group.
 
 Momentum (spec §3): :mod:`~imuon_manopt.optim._momentum` (plain matrices and pairs: Nesterov on the Euclidean
 gradients; manifold parameters: a transported tangent buffer). Finiteness and the all-or-nothing commit:
@@ -33,7 +35,7 @@ from geoopt.optim.mixin import OptimMixin
 
 from ..geometry import FixedRank, MetricOperator
 from . import _dispatch, _groups, _lr, _momentum, _options, _pairs, _steps
-from ._commit import CommitEngine
+from ._commit import CommitEngine, StackedParams, StackedState
 from ._distributed import apply_full, full, local
 from ._fallback import fallback_outputs
 from ._groups import Group
@@ -42,6 +44,9 @@ from ._state import work_dtype
 __all__ = ["IMuon"]
 
 AdjustLrFn = _lr.AdjustLrFn
+#: Parameter types whose ``detach()`` is a plain tensor (geoopt's ManifoldTensor would route every operation through
+#: ``__torch_function__``).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 #: Feasibility tolerances of the first-step manifold check, by parameter dtype.
 _CHECK_TOL = {torch.float64: 1e-5, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
@@ -295,6 +300,9 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
         group, params = grp.group, grp.params
         p0 = params[0]
         wdt = work_dtype(p0)
+        if grp.kind in ("matrix", "pair") and all(local(p) is p for p in params):  # no DTensor
+            self._update_stacked(grp, lazy, writes, checks)
+            return
         grads = [None if p.grad is None else local(p.grad) for p in params]
         # plain tensors: geoopt's ManifoldTensor would route every operation through __torch_function__
         xs = [local(p).detach().as_subclass(torch.Tensor) for p in params]
@@ -320,9 +328,7 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
                     writes.append(((p, "momentum_buffer"), out[1]))
             return
         if beta > 0:  # per shape (a pair group holds two), so that the tensors stack
-            n = len(grp.pair_ids)
-            parts = [slice(None)] if grp.kind == "matrix" else [slice(0, n), slice(n, None)]
-            es = _momentum.plain(self.state, params, es, parts, beta, group["nesterov"], writes)
+            es = _momentum.plain(self.state, params, es, grp.parts, beta, group["nesterov"], writes)
         if grp.kind == "matrix":
             fn = _steps.matrix_fn(group, grp.shape2d, wdt, p0.dtype)
             outputs = apply_full(params, list(zip(xs, es)), fn, owner=True)
@@ -336,6 +342,46 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
             news = [out[0] for out in outputs] + [out[1] for out in outputs]
         writes.extend(zip(params, news))
         checks.extend(news)
+
+    def _update_stacked(self, grp: Group, lazy: bool, writes: list, checks: list) -> None:
+        """:meth:`_update` for plain matrices and pairs that are not sharded: one gather (``torch.stack``) of the
+        parameters and one of the gradients per run of equal shapes, the momentum on the group's stacked buffers
+        (kept between steps, :class:`~imuon_manopt.optim._momentum.Stacked`), the group's body on the stacked
+        tensors, and one scatter of the new values at commit (``torch._foreach_copy_``); no per-parameter
+        arithmetic."""
+        group, params = grp.group, grp.params
+        p0 = params[0]
+        wdt = work_dtype(p0)
+        beta = group["momentum"]
+        if beta > 0 and len(grp.momentum) != len(grp.parts):
+            grp.momentum = [_momentum.Stacked() for _ in grp.parts]
+        olds, es = [], []
+        for k, part in enumerate(grp.parts):
+            ps = params[part]
+            x = torch.stack([p.detach() if type(p) in _PLAIN else p.detach().as_subclass(torch.Tensor) for p in ps])
+            grads = [p.grad for p in ps]
+            if any(g is None for g in grads):  # a pair factor without a gradient: zero
+                grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, ps)]
+            e = torch.stack(grads).to(wdt)
+            if beta > 0:
+                stacked = grp.momentum[k]
+                old = stacked.current(self.state, ps, e)
+                e, new = _momentum.euclidean_stacked(e, old, beta, group["nesterov"])
+                writes.append(StackedState(ps, stacked, new, old))
+            olds.append(x)
+            es.append(e)
+        if grp.kind == "matrix":
+            body = _steps.matrix_body(group, grp.shape2d, wdt, p0.dtype)
+            (news,) = _steps.run_chunked(body, [olds[0].to(wdt), es[0]])
+            writes.append(StackedParams(params, news, olds[0]))
+            checks.extend(news)
+            return
+        body = _pairs.pair_body(group, grp.shape2d, wdt, p0.dtype, lazy)
+        new_b, new_a = _steps.run_chunked(body, [olds[0].to(wdt), olds[1].to(wdt), es[0], es[1]])
+        n = len(grp.pair_ids)
+        writes.append(StackedParams(params[:n], new_b, olds[0]))
+        writes.append(StackedParams(params[n:], new_a, olds[1]))
+        checks.extend(new_b + new_a)
 
     # ------------------------------------------------------------------ step
 
@@ -365,7 +411,9 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
         if groups:
             device_mode = self._defer_checks(groups)
             for grp in groups:
-                self._check_new(grp)
+                if not grp.checked:
+                    self._check_new(grp)
+                    grp.checked = True
             writes: list = []
             checks: list = []
             failed = False
