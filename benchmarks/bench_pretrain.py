@@ -21,7 +21,7 @@ output head, and position), the layer norms and the biases are on AdamW with one
   an ``nn.Linear`` weight ``(out, in)``; GPT-2's ``Conv1D`` stores ``(in, out)``, so that is
   ``input_transform="muoneq_col"`` here;
 - ``ROOT clip``: the spectral LMO after clipping the momentum at its 90th percentile of ``|entries|``
-  (``input_transform=("root_clip", 0.9)``);
+  (``input_transform=("root_clip", 90)``);
 - ``MiMuon``: the momentum itself where the singular values are not well separated, else the spectral LMO
   (``input_transform=("mimuon", threshold)``).
 
@@ -88,7 +88,7 @@ HIDDEN = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 KYFAN_K = lt.MODEL["n_embd"] // 4
 RANDOMIZED = {"method": "randomized", "oversample": 8, "power_iters": 2}
 FMUON_ALPHA = 0.5
-ROOT_PERCENTILE = 0.9
+ROOT_PERCENTILE = 90.0
 MIMUON_THRESHOLD = 1e-3
 #: AdamW on the embeddings, norms and biases: the same for every run (its lr follows the schedule).
 REST = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
@@ -98,73 +98,101 @@ WARMUP_FRACTION = 0.05
 @dataclass(frozen=True)
 class Variant:
     """One compared optimizer of the hidden matrices: ``kind`` ``adamw``, ``muon`` or ``imuon`` with the IMuon
-    options (constructor keywords and param-group options), where its grid starts, and what it is."""
+    options (constructor keywords and param-group options), where its grid starts, the paper it stands for, what
+    it is in the iMuon template, and its one line of configuration."""
 
     kind: str
     options: dict = field(default_factory=dict)
     center: float = 1e-2
+    paper: str = ""
     what: str = ""
     config: str = ""
 
 
+_KF = f'norm=("kyfan", {KYFAN_K})'
+_RAND = 'polar={"method": "randomized", "oversample": 8, "power_iters": 2}'
 VARIANTS: dict[str, Variant] = {
-    "AdamW": Variant("adamw", {}, 1e-2, "Adam with decoupled weight decay", "torch.optim.AdamW(hidden, lr)"),
-    "Muon": Variant("muon", {}, 3e-2, "Euclidean spectral LMO, Keller's Newton–Schulz", "torch.optim.Muon(hidden, lr)"),
-    "iMuon": Variant("imuon", {}, 3e-2, "spectral-norm LMO (intrinsic; Euclidean metric here)", "IMuon(hidden, lr)"),
+    "AdamW": Variant(
+        "adamw", {}, 3e-3, "AdamW (Loshchilov, Hutter)", "reference: elementwise, no norm", "torch.optim.AdamW"
+    ),
+    "Muon": Variant(
+        "muon",
+        {},
+        3e-2,
+        "Muon (Jordan et al.), torch.optim.Muon",
+        "spectral LMO, Euclidean; Keller's Newton–Schulz in bfloat16",
+        "torch.optim.Muon",
+    ),
+    "iMuon": Variant(
+        "imuon",
+        {},
+        3e-2,
+        "iMuon (arXiv 2605.09238)",
+        "intrinsic LMO of the spectral norm (Euclidean metric on plain matrices)",
+        "IMuon(params, lr)",
+    ),
     "Ky Fan d/4": Variant(
         "imuon",
         {"norm": ("kyfan", KYFAN_K), "polar": "svd"},
         1e-1,
-        "LMO of the dual Ky Fan k-norm ball, U_k V_k^T (exact, SVD)",
-        f'norm=("kyfan", {KYFAN_K}), polar="svd"',
+        "Fanion-k / Ky Fan norms (Kravatskiy et al., arXiv 2512.09678)",
+        "intrinsic LMO of a norm: the dual Ky Fan k-ball, U_k V_k^T (exact, SVD)",
+        f'{_KF}, polar="svd"',
     ),
     "Ky Fan d/4 randomized": Variant(
         "imuon",
         {"norm": ("kyfan", KYFAN_K), "polar": RANDOMIZED},
         1e-1,
-        "the same LMO by a randomized range finder (low-rank orthogonalization)",
-        f'norm=("kyfan", {KYFAN_K}), polar={{"method": "randomized", "oversample": 8, "power_iters": 2}}',
+        "low-rank orthogonalization (He, Deng, Lu, arXiv 2509.11983)",
+        "solver of the Ky Fan LMO: range finder, then the exact LMO of Q^T H (always feasible)",
+        f"{_KF}, {_RAND}",
     ),
     "Ky Fan d/4 + EF": Variant(
         "imuon",
         {"norm": ("kyfan", KYFAN_K), "polar": "svd", "error_feedback": True},
         1e-1,
-        "Ky Fan LMO with Dion's error feedback (the part the step leaves out stays in the momentum)",
-        f'norm=("kyfan", {KYFAN_K}), polar="svd", error_feedback=True',
+        "Dion's error feedback (Ahn et al., arXiv 2504.05295) on the exact Ky Fan LMO",
+        "momentum rule: the part the low-rank step leaves out stays in the buffer",
+        f'{_KF}, polar="svd", error_feedback=True',
     ),
     "Ky Fan d/4 randomized + EF": Variant(
         "imuon",
         {"norm": ("kyfan", KYFAN_K), "polar": RANDOMIZED, "error_feedback": True},
         1e-1,
-        "randomized Ky Fan LMO with error feedback (Dion-like)",
-        f'norm=("kyfan", {KYFAN_K}), polar={{"method": "randomized", ...}}, error_feedback=True',
+        "Dion-like: randomized low-rank LMO with error feedback",
+        "solver of the Ky Fan LMO + error feedback",
+        f"{_KF}, {_RAND}, error_feedback=True",
     ),
     "F-Muon": Variant(
         "imuon",
         {"norm": ("fmuon", FMUON_ALPHA)},
         3e-2,
-        "LMO of the F-Muon norm: alpha polar(H) + (1 - alpha) H / ||H||_F",
+        "F-Muon (Kravatskiy et al., arXiv 2512.09678)",
+        "intrinsic LMO of a norm: alpha polar(H) + (1 - alpha) H / ||H||_F",
         f'norm=("fmuon", {FMUON_ALPHA})',
     ),
     "MuonEq-R": Variant(
         "imuon",
         {"input_transform": "muoneq_col"},
         3e-2,
-        "input transform (not a norm): output rows equilibrated before the spectral LMO",
-        'input_transform="muoneq_col"  (rows of an (out, in) weight = columns of Conv1D\'s (in, out))',
+        "MuonEq-R (Chang et al., arXiv 2603.28254)",
+        "input transform, not a norm: output rows equilibrated before the spectral LMO",
+        'input_transform="muoneq_col" (GPT-2 stores (in, out): its output rows are columns)',
     ),
     "ROOT clip": Variant(
         "imuon",
         {"input_transform": ("root_clip", ROOT_PERCENTILE)},
         3e-2,
-        "input transform (not a norm): entries clipped at the 90th percentile before the spectral LMO",
-        f'input_transform=("root_clip", {ROOT_PERCENTILE})',
+        "ROOT's outlier clipping (He et al., arXiv 2511.20626)",
+        "input transform, not a norm: entries clipped at the 90th percentile of |H|",
+        f'input_transform=("root_clip", {ROOT_PERCENTILE:g})',
     ),
     "MiMuon": Variant(
         "imuon",
         {"input_transform": ("mimuon", MIMUON_THRESHOLD)},
         3e-2,
-        "switch (not a norm): the momentum itself unless the singular values are well separated",
+        "MiMuon (Huang, Luo, Chen, arXiv 2605.19619)",
+        "switch, not a norm: the momentum itself unless the relative singular gap exceeds the threshold",
         f'input_transform=("mimuon", {MIMUON_THRESHOLD:g})',
     ),
 }
@@ -257,6 +285,39 @@ class Run:
     opt_ms: list[float] = field(default_factory=list)
     final: float = math.inf
     diverged: bool = False
+    #: Randomized Ky Fan runs: accuracy of the solver on this run's own gradients (see :func:`solver_accuracy`).
+    accuracy: dict[str, float] = field(default_factory=dict)
+
+
+def solver_accuracy(grads: Sequence[torch.Tensor]) -> dict[str, float]:
+    """How well the randomized Ky Fan solver (``RANDOMIZED``, the package's core :func:`imuon_manopt.lmo.lmo`) does
+    on these matrices against the exact LMO (SVD, float64): the objective ratio ``<G, Z_rand> / <G, Z_exact>``
+    (1 is optimal; ``<G, Z_exact> = KF_k(G)``) and the direction error ``||Z_rand - Z_exact||_F / sqrt(k)``, worst
+    and median over the matrices. Empty if this build's core has no randomized Ky Fan solver."""
+    from imuon_manopt.lmo import lmo
+
+    ratios, errors = [], []
+    opts = {k: v for k, v in RANDOMIZED.items() if k != "method"}
+    for g in grads:
+        g64 = g.detach().to(torch.float64)
+        try:
+            exact = lmo(g64, ("kyfan", KYFAN_K), method="svd")
+            approx = lmo(g64, ("kyfan", KYFAN_K), method="randomized", **opts)
+        except (TypeError, ValueError):
+            return {}
+        best = float((g64 * exact).sum())
+        if best > 0:
+            ratios.append(float((g64 * approx).sum()) / best)
+            errors.append(float(torch.linalg.norm(approx - exact)) / math.sqrt(KYFAN_K))
+    if not ratios:
+        return {}
+    return dict(
+        ratio_min=min(ratios),
+        ratio_median=statistics.median(ratios),
+        direction_error_max=max(errors),
+        direction_error_median=statistics.median(errors),
+        matrices=len(ratios),
+    )
 
 
 @dataclass
@@ -301,6 +362,11 @@ class Context:
         warmup = max(1, round(WARMUP_FRACTION * self.steps))
         run = Run(name, lr, seed)
         elapsed = 0.0
+        variant = VARIANTS[name]
+        measure = (
+            isinstance(variant.options.get("polar"), dict) and variant.options["polar"].get("method") == "randomized"
+        )
+        accuracy: list[dict[str, float]] = []
 
         def record(k: int) -> None:
             model.eval()
@@ -322,6 +388,10 @@ class Context:
             loss = lt.lm_loss(model, batch)
             loss.backward()
             t1 = time.perf_counter()
+            if measure and k + 1 in (self.steps // 2, self.steps):  # not part of the step: kept out of its time
+                accuracy.append(solver_accuracy([p.grad for p in hidden_opt.param_groups[0]["params"]]))
+                t0 += time.perf_counter() - t1
+                t1 = time.perf_counter()
             try:
                 hidden_opt.step()
             except FloatingPointError:
@@ -340,6 +410,13 @@ class Context:
                 break
             if (k + 1) % self.eval_every == 0 or k + 1 == self.steps:
                 record(k + 1)
+        if accuracy and all(accuracy):  # worst and median over both measuring points
+            run.accuracy = dict(
+                ratio_min=min(a["ratio_min"] for a in accuracy),
+                ratio_median=statistics.median(a["ratio_median"] for a in accuracy),
+                direction_error_max=max(a["direction_error_max"] for a in accuracy),
+                direction_error_median=statistics.median(a["direction_error_median"] for a in accuracy),
+            )
         if not run.diverged:
             model.eval()
             final = lt.mean_loss(model, self.final_windows)
@@ -353,6 +430,19 @@ class Context:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Reporting
+
+
+def seconds_to(run: Run, target: float) -> float:
+    """Training seconds ``run`` took to bring its held-out curve down to ``target`` (linear between evaluation
+    points; ``inf`` if it never did)."""
+    xs, ys = run.seconds_at, run.heldout
+    for j, y in enumerate(ys):
+        if y <= target:
+            if j == 0:
+                return xs[0]
+            t = (ys[j - 1] - target) / max(ys[j - 1] - y, 1e-12)
+            return xs[j - 1] + t * (xs[j] - xs[j - 1])
+    return math.inf
 
 
 def loss_at_seconds(run: Run, seconds: float) -> float:
@@ -584,6 +674,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ref = {r.seed: r.final for r in results["AdamW"]} if "AdamW" in results else {}
     muon = {r.seed: r.final for r in results["Muon"]} if "Muon" in results else {}
     rows = []
+    adamw_runs = [r for r in results.get("AdamW", []) if not r.diverged]
+    target = statistics.mean(r.heldout[-1] for r in adamw_runs) if adamw_runs else math.nan
     for v in variants:
         finals = [r.final for r in results[v]]
         ok = all(math.isfinite(f) for f in finals)
@@ -593,10 +685,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         d_muon = [r.final - muon[r.seed] for r in results[v]] if muon else []
         step_ms = statistics.median([x for r in results[v] for x in r.step_ms])
         opt_ms = statistics.median([x for r in results[v] for x in r.opt_ms])
+        to_target = statistics.median(seconds_to(r, target) for r in results[v]) if math.isfinite(target) else math.nan
         grid = grids.get(v)
         edge = bool(grid) and best[v] in (min(grid), max(grid))
         summary[v] = dict(
             lr=best[v],
+            paper=VARIANTS[v].paper,
             finals=finals,
             mean=mean,
             std=spread,
@@ -604,6 +698,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             diffs_vs_muon=d_muon,
             step_ms=step_ms,
             opt_ms=opt_ms,
+            seconds_to_adamw_final=to_target,
             grid=grid,
             best_at_grid_edge=edge,
             config=VARIANTS[v].config,
@@ -613,7 +708,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"| {v} | {lt.fmt_lr(best[v])}{' (edge)' if edge else ''} | {lt.fmt(mean)}"
             + (f" ± {spread:.4f}" if math.isfinite(spread) else "")
             + f" | {'reference' if v == 'AdamW' else lt.verdict(d_adamw)} | "
-            + f"{'-' if v == 'Muon' or not d_muon else lt.verdict(d_muon)} | {step_ms:.1f} | {opt_ms:.2f} |"
+            + f"{'-' if v == 'Muon' or not d_muon else lt.verdict(d_muon)} | {step_ms:.1f} | {opt_ms:.2f} | "
+            + ("never" if math.isinf(to_target) else f"{to_target:.1f}")
+            + " |"
         )
     step_winner = winner({v: summary[v]["finals"] for v in variants})
     fastest = min(
@@ -653,10 +750,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "Held-out loss after the last step (nats/byte); verdicts per seed against AdamW and against Muon (wins / "
         "loses: lower / higher on every seed by more than 1e-3, else ties). ms/step: median over every step of the "
         "best-rate runs (zero_grad, forward, backward, both optimizers); step(): the hidden-matrix optimizer's "
-        "step() alone. `(edge)`: the best rate is at the edge of its grid.",
+        "step() alone. s to AdamW's loss: training seconds until the held-out curve first reaches AdamW's final "
+        f"curve value ({target:.4f}), median over seeds. `(edge)`: the best rate is at the edge of its grid.",
         "",
-        "| optimizer | best lr | held-out loss (mean ± std) | vs AdamW | vs Muon | ms/step | ms step() |",
-        "|---|---|---|---|---|---|---|",
+        "| optimizer | best lr | held-out loss (mean ± std) | vs AdamW | vs Muon | ms/step | ms step() | "
+        "s to AdamW's loss |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         f"**Step budget ({args.steps} steps):** {step_winner[1]}.",
@@ -665,6 +764,44 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "(Held-out loss each run had reached by then, read off its curve; the slower runs' schedules were not "
         "shortened to this budget, so this favours the fast ones only as far as their speed does.)",
     ]
+    lines += [
+        "",
+        "Each paper as one line of configuration of `imuon_manopt.optim.IMuon` (hidden matrices; Δ: held-out loss "
+        "minus Muon's, mean over seeds):",
+        "",
+        "| paper | configuration | what it is | held-out loss | Δ vs Muon | ms step() |",
+        "|---|---|---|---|---|---|",
+    ]
+    muon_mean = summary["Muon"]["mean"] if "Muon" in summary else math.nan
+    for v, var in VARIANTS.items():
+        if v in summary:
+            row = summary[v]
+            delta = "-" if v == "Muon" or not math.isfinite(muon_mean) else f"{row['mean'] - muon_mean:+.4f}"
+            result = f"{lt.fmt(row['mean'])} | {delta} | {row['opt_ms']:.2f}"
+        elif v in missing:
+            result = "not available in this build | - | -"
+        else:
+            continue
+        lines.append(f"| {var.paper} | `{var.config}` | {var.what} | {result} |")
+    acc = {v: [r.accuracy for r in results[v] if r.accuracy] for v in variants}
+    acc = {v: a for v, a in acc.items() if a}
+    if acc:
+        lines += [
+            "",
+            f"Randomized Ky Fan solver on the runs' own hidden-matrix gradients (at the middle and the last step of "
+            f"every best-rate run; against the exact LMO in float64; k = {KYFAN_K}): objective ratio "
+            "<G, Z_rand> / KF_k(G) and direction error ||Z_rand - U_k V_k^T||_F / sqrt(k).",
+            "",
+            "| variant | objective ratio (min / median) | direction error (median / max) |",
+            "|---|---|---|",
+        ]
+        for v, a in acc.items():
+            summary[v]["solver_accuracy"] = a
+            lines.append(
+                f"| {v} | {min(x['ratio_min'] for x in a):.4f} / {statistics.median(x['ratio_median'] for x in a):.4f}"
+                f" | {statistics.median(x['direction_error_median'] for x in a):.3f} / "
+                f"{max(x['direction_error_max'] for x in a):.3f} |"
+            )
     if missing:
         lines += ["", "Not available in this build (not run):", ""]
         lines += [f"- {v} (`{VARIANTS[v].config}`): {why}" for v, why in missing.items()]

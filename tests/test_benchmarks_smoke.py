@@ -184,6 +184,8 @@ def test_bench_pretrain_winner_and_time_budget_reading():
     assert bench.loss_at_seconds(run, 1.0) == pytest.approx(4.0)
     assert bench.loss_at_seconds(run, 3.0) == pytest.approx(2.5)
     assert bench.loss_at_seconds(run, 10.0) == 2.0
+    assert bench.seconds_to(run, 4.0) == pytest.approx(1.0) and bench.seconds_to(run, 2.5) == pytest.approx(3.0)
+    assert bench.seconds_to(run, 6.0) == 0.0 and bench.seconds_to(run, 1.9) == float("inf")
     run.diverged = True
     assert bench.loss_at_seconds(run, 1.0) == float("inf")
 
