@@ -5,10 +5,14 @@ and malformed input."""
 from __future__ import annotations
 
 import io
+import math
 
+import geoopt
 import pytest
 import torch
 
+from imuon_manopt.direction import intrinsic_direction
+from imuon_manopt.geometry import SPD
 from imuon_manopt.optim import IMuon
 
 # ------------------------------------------------------------------------------------ half-precision resume
@@ -62,3 +66,140 @@ def test_half_precision_state_survives_state_dict_round_trip_bit_for_bit(dtype):
     for p, q in zip(params, resumed_params):
         assert torch.isfinite(q).all()
         assert torch.equal(p, q)
+
+
+# ------------------------------------------------------------------------------------ SPD with momentum
+
+
+def _spd_run(dtype, lr, beta, steps, target, x0=None):
+    """``||X - T||_F^2`` on geoopt's SPD manifold from ``X0 = I``; returns the smallest eigenvalue per step and
+    the last loss."""
+    n = target.shape[0]
+    x = geoopt.ManifoldParameter(
+        torch.eye(n, dtype=dtype) if x0 is None else x0.to(dtype), manifold=geoopt.SymmetricPositiveDefinite()
+    )
+    t = target.to(dtype)
+    opt = IMuon([x], lr=lr, momentum=beta)
+    lowest = []
+    for _ in range(steps):
+        opt.zero_grad()
+        ((x - t) ** 2).sum().backward()
+        opt.step()
+        lowest.append(float(torch.linalg.eigvalsh(x.detach().double())[0]))
+    return lowest, float(((x.detach() - t) ** 2).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_spd_with_default_momentum_converges_instead_of_collapsing(dtype):
+    """The reported case: lr=0.1, default momentum 0.95, T = 0.2 I. The eigenvalues used to fall geometrically
+    (1e-9 by step 180; float32 later raised from geoopt's eigh); now they settle at 0.2 like the plain step's."""
+    target = 0.2 * torch.eye(3, dtype=torch.float64)
+    lowest, loss = _spd_run(dtype, 0.1, 0.95, 150, target)
+    plain_lowest, plain_loss = _spd_run(dtype, 0.1, 0.0, 150, target)
+    assert min(lowest[-50:]) > 0.15 and max(lowest[-50:]) < 0.25, lowest[-50:]
+    assert loss < 3 * 0.2**2 * (math.exp(0.1) - 1) ** 2 + 1e-3, loss  # within the sign method's +-lr oscillation
+    assert min(plain_lowest[-50:]) > 0.15 and plain_loss < 1e-2
+
+
+@pytest.mark.parametrize("beta", [0.8, 0.9, 0.95, 0.99])
+def test_spd_momentum_is_safe_where_the_plain_step_is(beta):
+    """lr = 0.3 is above -ln(beta) for every beta here, where the transported momentum used to collapse; float32."""
+    target = 0.2 * torch.eye(3, dtype=torch.float64)
+    lowest, loss = _spd_run(torch.float32, 0.3, beta, 120, target)
+    plain, _ = _spd_run(torch.float32, 0.3, 0.0, 120, target)
+    assert min(plain[-40:]) > 0.1
+    assert min(lowest[-40:]) > 0.05, (beta, lowest[-40:])
+    assert loss < 0.1, loss
+
+
+def test_spd_momentum_with_a_non_commuting_target_recovers():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    target = a @ a.T / 3 + 0.05 * torch.eye(3, dtype=torch.float64)
+    t_min = float(torch.linalg.eigvalsh(target)[0])
+    lowest, _ = _spd_run(torch.float64, 0.1, 0.95, 300, target)
+    assert 0.3 * t_min < min(lowest[-100:]) and max(lowest[-100:]) < 3 * t_min, (t_min, lowest[-100:])
+
+
+def test_spd_momentum_is_the_sum_of_euclidean_gradients_by_hand():
+    """SPD is open in the symmetric matrices: the buffer sums Euclidean gradients (no transport), and the step is the
+    core's direction at the current point for ``E~``, through geoopt's retraction (spec §2-§3)."""
+    beta, lr = 0.9, 0.05
+    manifold = geoopt.SymmetricPositiveDefinite()
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    x = a @ a.T + 0.5 * torch.eye(4, dtype=torch.float64)
+    p = geoopt.ManifoldParameter(x.clone(), manifold=manifold)
+    opt = IMuon([p], lr=lr, momentum=beta, polar="svd")
+    buf = torch.zeros_like(x)
+    for _ in range(4):
+        e = torch.randn(4, 4, generator=g, dtype=torch.float64)
+        p.grad = e.clone()
+        opt.step()
+        buf = beta * buf + e
+        xi = intrinsic_direction(SPD(), x, e + beta * buf, polar="svd").xi
+        x = manifold.retr(x, -lr * xi)
+        torch.testing.assert_close(p.detach(), x, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], buf, atol=1e-14, rtol=0)
+
+
+def test_spd_momentum_trajectory_is_congruence_equivariant():
+    """At ``P X P^T`` with gradients ``P^{-T} E P^{-1}`` the whole momentum trajectory is ``P X_k P^T`` (spec §6)."""
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    x0 = a @ a.T + torch.eye(4, dtype=torch.float64)
+    pm = torch.randn(4, 4, generator=g, dtype=torch.float64) + 2 * torch.eye(4, dtype=torch.float64)
+    pinv = torch.linalg.inv(pm)
+    manifold = geoopt.SymmetricPositiveDefinite()
+    p = geoopt.ManifoldParameter(x0.clone(), manifold=manifold)
+    q = geoopt.ManifoldParameter(pm @ x0 @ pm.T, manifold=manifold)
+    opts = [IMuon([t], lr=0.05, momentum=0.9, polar="svd") for t in (p, q)]
+    for _ in range(5):
+        e = torch.randn(4, 4, generator=g, dtype=torch.float64)
+        p.grad, q.grad = e.clone(), pinv.T @ e @ pinv
+        for o in opts:
+            o.step()
+        torch.testing.assert_close(q.detach(), pm @ p.detach() @ pm.T, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_spd_retraction_losing_definiteness_goes_through_the_nonfinite_policy(nonfinite):
+    """float32, an eigenvalue of 1e-7: geoopt's retraction ``X + U + U X^{-1} U / 2`` comes out indefinite in
+    rounding (it used to be committed: an SPD parameter with a negative eigenvalue). The step now fails as a whole
+    under the ``nonfinite`` policy; parameter and state are unchanged."""
+    g = torch.Generator().manual_seed(0)
+    qm, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))
+    x0 = (qm @ torch.diag(torch.tensor([1e-7, 1.0, 2.0, 3.0], dtype=torch.float64)) @ qm.T).float()
+    x = geoopt.ManifoldParameter(x0.clone(), manifold=geoopt.SymmetricPositiveDefinite())
+    opt = IMuon([x], lr=1.0, momentum=0.9, nonfinite=nonfinite)
+    x.grad = torch.eye(4)
+    if nonfinite == "raise":
+        with pytest.raises(FloatingPointError, match="SymmetricPositiveDefinite"):
+            opt.step()
+    else:
+        opt.step()
+        assert opt.last_step_skipped
+    assert torch.equal(x.detach(), x0) and not opt.state[x]
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_a_raw_runtime_error_of_the_host_retraction_goes_through_the_nonfinite_policy(nonfinite, monkeypatch):
+    """geoopt's scripted ``eigh`` fails with a plain ``RuntimeError`` (TorchScript's), not ``LinAlgError``."""
+
+    def failing(self, x, u, *rest):
+        raise RuntimeError("linalg.eigh: The algorithm failed to converge because the input matrix is ill-conditioned")
+
+    monkeypatch.setattr(geoopt.EuclideanStiefel, "retr_transp", failing)
+    monkeypatch.setattr(geoopt.EuclideanStiefel, "retr", failing)
+    manifold = geoopt.EuclideanStiefel()
+    x0 = manifold.random(5, 3, dtype=torch.float64)
+    x = geoopt.ManifoldParameter(x0.clone(), manifold=manifold)
+    opt = IMuon([x], lr=0.1, nonfinite=nonfinite)
+    x.grad = torch.randn(5, 3, dtype=torch.float64)
+    if nonfinite == "raise":
+        with pytest.raises(FloatingPointError, match="failed to converge"):
+            opt.step()
+    else:
+        opt.step()
+        assert opt.last_step_skipped
+    assert torch.equal(x.detach(), x0) and not opt.state[x]

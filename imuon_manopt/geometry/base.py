@@ -26,6 +26,11 @@ matrix *blocks* and a Riemannian metric ``g_x(u, v) = <G_x u, v>`` on those bloc
     for ``v = grad f`` the direction from ``flat(v)`` equals the direction from the Euclidean gradient. The
     default is the identity, right for metrics that are the embedded Frobenius one on the tangent space.
 
+``open_in_ambient`` (class attribute, default ``False``)
+    ``True`` when the manifold is an open subset of its ambient matrix space (SPD in the symmetric matrices,
+    Euclidean space itself): every cotangent space is then the ambient space, so Euclidean gradients taken at
+    different points can be summed as they are (a momentum buffer of Euclidean gradients needs no transport).
+
 Because unitarily invariant LMOs are equivariant under orthogonal changes, any factor ``L`` with
 ``L L^T = G_x`` gives the same direction, so Cholesky or QR factors may replace symmetric square roots.
 
@@ -60,6 +65,8 @@ class MetricOperator(abc.ABC):
 
     #: One entry per block: ``"general"``, ``"symmetric"`` or ``"skew"``.
     structure: tuple[str, ...] = ("general",)
+    #: The manifold is an open subset of its ambient space (module docstring).
+    open_in_ambient: bool = False
 
     def at(self, x: Any) -> Any:
         """Precompute what the other methods need at the point ``x`` (default: ``x`` itself)."""

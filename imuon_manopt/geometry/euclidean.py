@@ -16,6 +16,7 @@ class Euclidean(MetricOperator):
     """Flat matrix space; the spectral direction is ``polar(E)`` (Muon)."""
 
     structure = ("general",)
+    open_in_ambient = True
 
     def project(self, state: torch.Tensor, egrad: torch.Tensor) -> Blocks:
         if egrad.ndim == 0:

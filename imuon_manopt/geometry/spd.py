@@ -7,7 +7,13 @@
 - with ``X = L L^T`` (Cholesky): ``H = L^T sym(E) L``, ``xi = L lmo(H) L^T``; spectral:
   ``xi = X^{1/2} sign(X^{1/2} sym(E) X^{1/2}) X^{1/2}`` (the same direction for any square root);
 - the exponential map ``X^{1/2} expm(-t Z) X^{1/2}`` stays positive definite for every step ``t``;
-- congruence invariance: at ``P X P^T`` with gradient ``P^{-T} E P^{-1}`` the direction is ``P xi P^T``.
+- congruence invariance: at ``P X P^T`` with gradient ``P^{-T} E P^{-1}`` the direction is ``P xi P^T``;
+- an open subset of the symmetric matrices (``open_in_ambient``): a momentum of Euclidean gradients is summed
+  as it is. A tangent buffer carried by parallel transport keeps its norm while the Riemannian gradient
+  ``X sym(E) X`` of a loss whose Euclidean gradient stays bounded shrinks with ``X``: near the boundary old momentum
+  outweighs every new gradient, and the normalized steps (``lr`` in ``log`` of the eigenvalues per step) drive an
+  eigenvalue to rounding level once ``lr > -ln(beta)``. The sum of Euclidean gradients keeps old and new
+  gradients on one scale, and is congruence-equivariant like each of its terms.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ class SPD(MetricOperator):
     """Affine-invariant SPD geometry (the spectral LMO is the matrix sign)."""
 
     structure = ("symmetric",)
+    open_in_ambient = True
 
     def at(self, x: torch.Tensor) -> torch.Tensor:
         chol, info = torch.linalg.cholesky_ex(sym(x))

@@ -240,7 +240,7 @@ class CommitEngine:
                     bad.append(f"group {gi} parameter {pi} (shape {tuple(p.shape)})")
         if bad:
             return f"non-finite gradient in {', '.join(bad)}"
-        cause = "a factorization met non-finite values" if linalg_failed else "finite gradients"
+        cause = "a factorization failed" if linalg_failed else "finite gradients"
         return f"non-finite update ({cause}; check the learning rate and the parameters' conditioning)"
 
     def _reject(self, loss: Any, what: str) -> Any:

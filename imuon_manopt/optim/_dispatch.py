@@ -19,6 +19,10 @@ metric's lowering map (tangent vector -> covector) is the geometry's own :meth:`
 ``polish``
     an optional map applied after the retraction (one Newton–Schulz step back to orthonormality for the Cayley
     retraction, which is orthogonal only in exact arithmetic).
+``verify``
+    the new point is factorized by the geometry's ``at`` before it is committed (SPD: its Cholesky factor), so that
+    a retraction that lost definiteness to rounding (an eigenvalue near the dtype's resolution) fails the step,
+    through the ``nonfinite`` policy, instead of leaving the manifold.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class ManifoldRule:
     covector_update: bool = False
     matrix_shape: Callable[[torch.Size], tuple[int, int]] = _trailing_shape
     polish: Callable[[torch.Tensor], torch.Tensor] | None = None
+    verify: bool = False
     flat: FlatMap | None = None  # deprecated override of the geometry's flat (register_manifold(flat=...))
 
 
@@ -81,7 +86,7 @@ _RULES: dict[type, ManifoldRule] = {
         polish=_stiefel_polish,
     ),
     geoopt.SymmetricPositiveDefinite: ManifoldRule(
-        lambda m: SPD(), "geoopt.SymmetricPositiveDefinite (affine-invariant metric)"
+        lambda m: SPD(), "geoopt.SymmetricPositiveDefinite (affine-invariant metric)", verify=True
     ),
     geoopt.Sphere: ManifoldRule(_sphere_geometry, "geoopt.Sphere (row-wise unit spheres)", matrix_shape=_column_shape),
 }

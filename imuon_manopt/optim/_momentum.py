@@ -3,7 +3,12 @@
 - Plain matrices and factor pairs (:func:`plain`): the buffer sums Euclidean gradients, ``buf <- beta buf + E``, and
   the step's gradient is ``E~ = E + beta buf`` (Nesterov) or ``E~ = buf``. Elementwise, so it runs on local shards
   of sharded parameters. For pairs the buffers are on the factor gradients ``E_B``, ``E_A`` (GL(r)-equivariant).
-- Manifold parameters (:func:`tangent`): the buffer is a tangent vector, the running sum of Riemannian gradients
+- Parameters on a manifold that is an open subset of its ambient space (SPD; the geometry's ``open_in_ambient``,
+  :func:`covector`): as plain matrices, the buffer sums Euclidean gradients, kept as they are between points (every
+  cotangent space is the ambient space). A transported tangent buffer would keep its norm while the Riemannian
+  gradient shrinks towards the boundary, and carry the normalized steps into it (see
+  :mod:`imuon_manopt.geometry.spd`).
+- Other manifold parameters (:func:`tangent`): the buffer is a tangent vector, the running sum of Riemannian gradients
   ``egrad2rgrad(x, E)``, carried to the new point by the manifold's vector transport (the retraction's
   ``retr_transp``, see :mod:`~imuon_manopt.optim._steps`); the Nesterov combination is lowered to a Euclidean
   covector by the geometry's ``flat`` before the iMuon template.
@@ -31,6 +36,7 @@ __all__ = [
     "KEY",
     "Stacked",
     "buffers",
+    "covector",
     "euclidean",
     "euclidean_stacked",
     "plain",
@@ -140,6 +146,13 @@ def plain(
     return out
 
 
+def covector(e: torch.Tensor, buf: torch.Tensor, beta: float, use_nesterov: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The momentum step of manifold parameters whose geometry is ``open_in_ambient`` (batched): ``(E~, new
+    buffer)`` with ``buf <- E + beta buf`` and ``E~ = E + beta buf`` (Nesterov) or ``buf``; no transport."""
+    new = torch.add(e, buf, alpha=beta)
+    return (torch.add(e, new, alpha=beta) if use_nesterov else new), new
+
+
 def tangent(
     manifold: geoopt.Manifold,
     x: torch.Tensor,
@@ -162,6 +175,9 @@ def project(
     manifold: geoopt.Manifold, rule: ManifoldRule, geometry: MetricOperator, x: torch.Tensor, buf: torch.Tensor
 ) -> torch.Tensor:
     """A manifold parameter's buffer projected onto the tangent space at ``x`` (``stabilize``). geoopt's ``proju``
-    takes a covector where the rule says so (``proju(flat(v)) = v`` on tangents)."""
+    takes a covector where the rule says so (``proju(flat(v)) = v`` on tangents). A buffer of Euclidean gradients
+    (``open_in_ambient``) is no tangent vector and is returned as it is."""
+    if geometry.open_in_ambient:
+        return buf
     v = geometry.flat(geometry.at(x), buf) if rule.covector_update else buf
     return manifold.proju(x, v)

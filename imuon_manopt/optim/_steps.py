@@ -120,8 +120,14 @@ def manifold_body(
     (x_new, buf_new)``.
 
     With momentum the buffer is a tangent vector (:func:`imuon_manopt.optim._momentum.tangent`), carried to the new
-    point by the manifold's ``retr_transp``. Manifolds whose geoopt retraction takes a covector
-    (``rule.covector_update``) get ``flat(xi)``, so that they move along ``xi``.
+    point by the manifold's ``retr_transp``, or, where the geometry is ``open_in_ambient`` (SPD), a sum of Euclidean
+    gradients (:func:`imuon_manopt.optim._momentum.covector`), which needs no transport. Manifolds whose geoopt
+    retraction takes a covector (``rule.covector_update``) get ``flat(xi)``, so that they move along ``xi``.
+
+    A factorization that fails inside the step (the geometry's Cholesky factor of a point that has lost
+    definiteness to rounding, geoopt's scripted ``eigh`` not converging, which raises a plain ``RuntimeError``)
+    raises ``torch.linalg.LinAlgError`` naming the cause, which the optimizer's ``nonfinite`` policy handles like a
+    non-finite update. With ``rule.verify`` the new point is factorized by the geometry before it is returned.
     """
     step_lr = adjusted_lr(float(group["lr"]), group["adjust_lr_fn"], rule.matrix_shape(shape))
     beta, use_nesterov = group["momentum"], group["nesterov"]
@@ -130,12 +136,33 @@ def manifold_body(
     def lower(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return flat(x, v) if flat is not None else geometry.flat(geometry.at(x), v)
 
-    def body(x: torch.Tensor, e: torch.Tensor, buf: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    carried = not geometry.open_in_ambient  # a tangent buffer, transported by the retraction
+
+    def step(x: torch.Tensor, e: torch.Tensor, buf: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if beta > 0:
-            e, buf = _momentum.tangent(manifold, x, e, buf, beta, use_nesterov, lower)
+            if carried:
+                e, buf = _momentum.tangent(manifold, x, e, buf, beta, use_nesterov, lower)
+            else:
+                e, buf = _momentum.covector(e, buf, beta, use_nesterov)
         xi = direction(geometry, x, e, group)
         u = lower(x, xi) if rule.covector_update else xi
-        new_x, buf = _retract(manifold, x, -step_lr * u, buf)
+        if carried:
+            new_x, buf = _retract(manifold, x, -step_lr * u, buf)
+        else:
+            new_x = _retract(manifold, x, -step_lr * u, None)[0]
+        if rule.verify:
+            geometry.at(new_x)  # raises where the new point is off the manifold
+        return new_x, buf
+
+    def body(x: torch.Tensor, e: torch.Tensor, buf: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        try:
+            new_x, buf = step(x, e, buf)
+        except torch.linalg.LinAlgError:
+            raise
+        except (RuntimeError, ValueError) as err:
+            # inputs of the right shapes (checked before the step): a numerical failure, e.g. geoopt's scripted
+            # eigh (a plain RuntimeError) or an SPD point whose smallest eigenvalue fell to rounding level
+            raise torch.linalg.LinAlgError(f"{rule.label}: {err}") from err
         if rule.polish is not None:
             new_x = rule.polish(new_x)
         new_x = new_x.to(out)
@@ -158,21 +185,17 @@ def manifold_fn(
     return per_item(manifold_body(group, manifold, rule, geometry, shape, wdt, out), wdt)
 
 
-def _retract(manifold: geoopt.Manifold, x: torch.Tensor, u: torch.Tensor, buf: torch.Tensor | None):
+def _retract(
+    manifold: geoopt.Manifold, x: torch.Tensor, u: torch.Tensor, buf: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``manifold.retr`` (or ``retr_transp`` with a buffer). geoopt's factorizations raise where they meet
     non-finite values (a huge step, a non-finite direction); the step then has non-finite results like any other
-    overflow, and the optimizer's ``nonfinite`` policy decides. Errors with finite inputs and a finite retraction
-    are real errors and propagate."""
+    overflow, and the optimizer's ``nonfinite`` policy decides. Other failures raise (and become ``LinAlgError``
+    in :func:`manifold_body`)."""
     try:
         return (manifold.retr(x, u), None) if buf is None else manifold.retr_transp(x, u, buf)
     except RuntimeError:
-        finite = bool(torch.isfinite(u).all()) and (buf is None or bool(torch.isfinite(buf).all()))
-        if finite:
-            try:
-                finite = bool(torch.isfinite(manifold.retr(x, u)).all())
-            except RuntimeError:
-                finite = False
-        if finite:
+        if bool(torch.isfinite(u).all()) and (buf is None or bool(torch.isfinite(buf).all())):
             raise
         nan = torch.full_like(x, math.nan)
         return nan, (None if buf is None else torch.full_like(buf, math.nan))

@@ -21,8 +21,8 @@ so ``state_dict()`` keeps its layout; their step is one gather of parameters and
 new values per group.
 
 Momentum (spec §3): :mod:`~imuon_manopt.optim._momentum` (plain matrices and pairs: Nesterov on the Euclidean
-gradients; manifold parameters: a transported tangent buffer). Finiteness and the all-or-nothing commit:
-:mod:`~imuon_manopt.optim._commit`. Buffers are kept in at least float32.
+gradients; manifold parameters: a transported tangent buffer, on SPD the sum of Euclidean gradients). Finiteness
+and the all-or-nothing commit: :mod:`~imuon_manopt.optim._commit`. Buffers are kept in at least float32.
 """
 
 from __future__ import annotations
@@ -416,14 +416,16 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
                     grp.checked = True
             writes: list = []
             checks: list = []
-            failed = False
+            failure = None
             try:
                 for grp in groups:
                     self._update(grp, lazy=not device_mode, writes=writes, checks=checks)
-            except torch.linalg.LinAlgError:  # a factorization met non-finite values (CPU): the nonfinite path
-                failed = True
-            reason = self._settle(groups, writes, checks, failed, device_mode)
+            except torch.linalg.LinAlgError as err:  # a factorization failed: the nonfinite path
+                failure = err
+            reason = self._settle(groups, writes, checks, failure is not None, device_mode)
             if reason is not None:
+                if failure is not None and str(failure):
+                    reason += f" [{failure}]"
                 self._count_and_stabilize()
                 return self._reject(loss, reason)
         self._count_and_stabilize()
