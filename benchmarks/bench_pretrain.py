@@ -21,7 +21,7 @@ output head, and position), the layer norms and the biases are on AdamW with one
   an ``nn.Linear`` weight ``(out, in)``; GPT-2's ``Conv1D`` stores ``(in, out)``, so that is
   ``input_transform="muoneq_col"`` here;
 - ``ROOT clip``: the spectral LMO after clipping the momentum at its 90th percentile of ``|entries|``
-  (``input_transform=("root_clip", 90)``);
+  (``input_transform=("root_clip", 0.9)``);
 - ``MiMuon``: the momentum itself where the singular values are not well separated, else the spectral LMO
   (``input_transform=("mimuon", threshold)``).
 
@@ -88,7 +88,7 @@ HIDDEN = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 KYFAN_K = lt.MODEL["n_embd"] // 4
 RANDOMIZED = {"method": "randomized", "oversample": 8, "power_iters": 2}
 FMUON_ALPHA = 0.5
-ROOT_PERCENTILE = 90.0
+ROOT_PERCENTILE = 0.9
 MIMUON_THRESHOLD = 1e-3
 #: AdamW on the embeddings, norms and biases: the same for every run (its lr follows the schedule).
 REST = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
@@ -168,7 +168,7 @@ VARIANTS: dict[str, Variant] = {
         {"norm": ("fmuon", FMUON_ALPHA)},
         3e-2,
         "F-Muon (Kravatskiy et al., arXiv 2512.09678)",
-        "intrinsic LMO of a norm: alpha polar(H) + (1 - alpha) H / ||H||_F",
+        "intrinsic LMO of a norm: alpha polar(H) + (1 - alpha) H / ‖H‖_F",
         f'norm=("fmuon", {FMUON_ALPHA})',
     ),
     "MuonEq-R": Variant(
@@ -184,7 +184,7 @@ VARIANTS: dict[str, Variant] = {
         {"input_transform": ("root_clip", ROOT_PERCENTILE)},
         3e-2,
         "ROOT's outlier clipping (He et al., arXiv 2511.20626)",
-        "input transform, not a norm: entries clipped at the 90th percentile of |H|",
+        "input transform, not a norm: entries clipped at the 90th percentile of their absolute values",
         f'input_transform=("root_clip", {ROOT_PERCENTILE:g})',
     ),
     "MiMuon": Variant(
@@ -245,24 +245,55 @@ def make_optimizers(
     raise ValueError(f"unknown optimizer kind {variant.kind!r}")
 
 
+def _probe_gradients(steps: int = 3) -> list[torch.Tensor]:
+    """Gradients for the probe: 48 x 40 matrices ``U diag(s) V^T`` with uneven rows, an outlier entry and a tied top
+    singular value (so MuonEq, ROOT's clip and MiMuon's switch each change the step, and a rank-8 Ky Fan step leaves
+    a residual for error feedback)."""
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(steps):
+        u = torch.linalg.qr(torch.randn(48, 40, generator=gen, dtype=torch.float64)).Q
+        v = torch.linalg.qr(torch.randn(40, 40, generator=gen, dtype=torch.float64)).Q
+        sv = torch.linspace(3.0, 0.1, 40, dtype=torch.float64)
+        sv[1] = sv[0]
+        g = (u * sv) @ v.T * torch.logspace(0, 1, 48, dtype=torch.float64)[:, None]
+        g[3, 5] += 10.0
+        out.append(g.float())
+    return out
+
+
+def _probe(ctor: dict, group: dict) -> torch.Tensor:
+    w = nn.Parameter(torch.randn(48, 40, generator=torch.Generator().manual_seed(0)))
+    opt = IMuon([{"params": [w], **group}], lr=1e-2, **ctor)
+    unknown = sorted(k for k in group if k not in opt.defaults)
+    if unknown:  # torch keeps unknown param-group keys without a word: the run would be plain iMuon
+        raise KeyError(f"IMuon has no param-group option {', '.join(map(repr, unknown))}")
+    for g in _probe_gradients():
+        w.grad = g.clone()
+        opt.step()
+    return w.detach().clone()
+
+
 def unavailable(variant: Variant) -> str | None:
-    """Why this build cannot run ``variant`` (the error of a two-step probe on a small matrix), or ``None``."""
+    """Why this build cannot run ``variant``, or ``None``: the error of a three-step probe on a small matrix, or
+    that a param-group option is accepted but changes nothing (the probe's steps equal those without it, on
+    gradients where the option must matter: Ky Fan k = 8 for error feedback)."""
     if variant.kind != "imuon":
         return None
     ctor, group = imuon_arguments(variant.options)
-    w = nn.Parameter(torch.randn(48, 40, generator=torch.Generator().manual_seed(0)))
+    if isinstance(ctor.get("norm"), tuple) and ctor["norm"][0] == "kyfan":
+        ctor = dict(ctor, norm=("kyfan", 8))
     try:
-        opt = IMuon([{"params": [w], **group}], lr=1e-3, **ctor)
-        unknown = sorted(k for k in group if k not in opt.defaults)
-        if unknown:  # torch keeps unknown param-group keys without a word: the run would be plain iMuon
-            return f"IMuon has no param-group option {', '.join(map(repr, unknown))}"
-        for _ in range(2):
-            w.grad = torch.randn(48, 40, generator=torch.Generator().manual_seed(1))
-            opt.step()
+        w = _probe(ctor, group)
+        plain = _probe(ctor, {}) if group else None
+    except KeyError as err:
+        return str(err.args[0])
     except (ValueError, TypeError, NotImplementedError) as err:
         return f"{type(err).__name__}: {err}"
     if not torch.isfinite(w).all():
         return "the probe step gave non-finite values"
+    if plain is not None and torch.equal(w, plain):
+        return f"IMuon accepts {', '.join(map(repr, sorted(group)))} but its step does not use it in this build"
     return None
 
 
@@ -287,6 +318,31 @@ class Run:
     diverged: bool = False
     #: Randomized Ky Fan runs: accuracy of the solver on this run's own gradients (see :func:`solver_accuracy`).
     accuracy: dict[str, float] = field(default_factory=dict)
+    #: MiMuon runs: per hidden-matrix shape, how often its switch orthogonalizes (see :func:`mimuon_switches`).
+    switches: dict[str, list[int]] = field(default_factory=dict)
+
+
+def mimuon_switches(opt: torch.optim.Optimizer, threshold: float) -> dict[str, tuple[int, int]] | None:
+    """``{shape: (orthogonalized, matrices)}`` for the step ``opt`` is about to take: MiMuon orthogonalizes a matrix
+    when the relative singular gap (:func:`imuon_manopt.transforms.relative_gap`) of its Nesterov input ``E + beta
+    (beta buf + E)`` reaches ``threshold``. ``None`` if this build has no ``relative_gap``."""
+    try:
+        from imuon_manopt.transforms import relative_gap
+    except ImportError:
+        return None
+    out: dict[str, tuple[int, int]] = {}
+    for group in opt.param_groups:
+        beta = group["momentum"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g = p.grad.detach().float()
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            e = g + beta * (beta * buf.float() + g) if buf is not None else (1.0 + beta) * g
+            key = "x".join(map(str, p.shape))
+            hit, n = out.get(key, (0, 0))
+            out[key] = (hit + int(float(relative_gap(e)) >= threshold), n + 1)
+    return out
 
 
 def solver_accuracy(grads: Sequence[torch.Tensor]) -> dict[str, float]:
@@ -367,6 +423,8 @@ class Context:
             isinstance(variant.options.get("polar"), dict) and variant.options["polar"].get("method") == "randomized"
         )
         accuracy: list[dict[str, float]] = []
+        transform = variant.options.get("input_transform")
+        mimuon = transform[1] if isinstance(transform, tuple) and transform[0] == "mimuon" else None
 
         def record(k: int) -> None:
             model.eval()
@@ -390,6 +448,12 @@ class Context:
             t1 = time.perf_counter()
             if measure and k + 1 in (self.steps // 2, self.steps):  # not part of the step: kept out of its time
                 accuracy.append(solver_accuracy([p.grad for p in hidden_opt.param_groups[0]["params"]]))
+                t0 += time.perf_counter() - t1
+                t1 = time.perf_counter()
+            if mimuon is not None and k % self.eval_every == 0:
+                for key, (hit, n) in (mimuon_switches(hidden_opt, mimuon) or {}).items():
+                    counts = run.switches.setdefault(key, [0, 0])
+                    counts[0], counts[1] = counts[0] + hit, counts[1] + n
                 t0 += time.perf_counter() - t1
                 t1 = time.perf_counter()
             try:
@@ -802,6 +866,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 f" | {statistics.median(x['direction_error_median'] for x in a):.3f} / "
                 f"{max(x['direction_error_max'] for x in a):.3f} |"
             )
+    for v in variants:
+        counts: dict[str, list[int]] = {}
+        for r in results[v]:
+            for key, (hit, n) in r.switches.items():
+                c = counts.setdefault(key, [0, 0])
+                c[0], c[1] = c[0] + hit, c[1] + n
+        if counts:
+            summary[v]["switch_rate"] = {key: hit / n for key, (hit, n) in counts.items()}
+            rates = ", ".join(f"{key}: {hit}/{n}" for key, (hit, n) in counts.items())
+            lines += [
+                "",
+                f"{v}: orthogonalized steps per hidden-matrix shape (relative singular gap of the Nesterov input >= "
+                f"the threshold, checked every {ctx.eval_every} steps of the best-rate runs; otherwise the step is the "
+                f"momentum scaled to spectral norm 1): {rates}.",
+            ]
     if missing:
         lines += ["", "Not available in this build (not run):", ""]
         lines += [f"- {v} (`{VARIANTS[v].config}`): {why}" for v, why in missing.items()]

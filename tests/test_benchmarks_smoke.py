@@ -162,13 +162,17 @@ def test_bench_pretrain_splits_hidden_matrices_from_the_rest():
 
 
 def test_bench_pretrain_probe_reports_what_this_build_lacks():
-    """A variant whose options IMuon refuses, or whose param-group option IMuon does not know (torch would keep the
-    key silently and the run would be plain iMuon), is reported with the reason instead of being run."""
+    """A variant whose options IMuon refuses, whose param-group option IMuon does not know (torch would keep the key
+    silently and the run would be plain iMuon), or whose option changes nothing in the probe's steps, is reported
+    with the reason instead of being run."""
     bench = _load("bench_pretrain")
     assert bench.unavailable(bench.VARIANTS["iMuon"]) is None
     assert bench.unavailable(bench.VARIANTS["AdamW"]) is None
     assert "norm" in bench.unavailable(bench.Variant("imuon", {"norm": ("no_such_norm", 1)}))
     assert "'no_such_option'" in bench.unavailable(bench.Variant("imuon", {"no_such_option": True}))
+    # accepted but without effect on the step (a default value) is caught; an option that changes the step is not
+    assert "does not use it" in bench.unavailable(bench.Variant("imuon", {"use_imuon": True}))
+    assert bench.unavailable(bench.Variant("imuon", {"nesterov": False})) is None
 
 
 def test_bench_pretrain_winner_and_time_budget_reading():
