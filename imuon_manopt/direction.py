@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ._backend import to_torch
+from ._backend import astype, finfo, namespace, native_numpy, numel, to_torch
 from .geometry.base import MetricOperator, skew, sym
 from .lmo import _SPECTRAL, Norm, PolarSpec, _lmo_tensor, fmuon_mix, resolve_norm, resolve_polar
 from .polar import _check_square, _exact_dtype, _promote, _resolve_schedule
@@ -52,6 +52,7 @@ class Direction(NamedTuple):
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _STRUCTURES = {"general", "symmetric", "skew"}
+_NUMPY_NORMS = ("spectral", "frobenius", "nuclear", "schatten")  # the norms whose LMO kernel has a numpy path
 
 
 def _rebuild(tree, items):
@@ -75,13 +76,13 @@ def _to_torch(tree):
 
 
 def _map(fn, tree):
-    if isinstance(tree, torch.Tensor):
+    if isinstance(tree, (torch.Tensor, np.ndarray)):
         return fn(tree)
     return _rebuild(tree, (_map(fn, t) for t in tree))
 
 
 def _leaves(tree) -> list[torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
+    if isinstance(tree, (torch.Tensor, np.ndarray)):
         return [tree]
     return [leaf for t in tree for leaf in _leaves(t)]
 
@@ -99,18 +100,19 @@ def _prescale(tree, host: bool | None = None):
     pair far from balance) are not pushed into the subnormal range. Above ``2^hi`` projections and whitening
     could overflow. A zero or non-finite tree is returned unchanged (``s = 1``), so NaN and inf propagate.
 
-    On the CPU (``host=None``: when every leaf is on the CPU) the largest entry is read on the host (no device to
-    wait for) and ``s`` is a float; elsewhere it is a 0-d tensor, computed without a host synchronization.
+    On the CPU (``host=None``: when every leaf is a numpy array or on the CPU) the largest entry is read on the host
+    (no device to wait for) and ``s`` is a float; elsewhere it is a 0-d tensor, computed without a host
+    synchronization.
     """
-    leaves = [t for t in _leaves(tree) if t.numel()]
+    leaves = [t for t in _leaves(tree) if numel(t)]
     if not leaves:
         return tree, 1.0
-    max_exp = int(math.log2(torch.finfo(leaves[0].dtype).max))
+    max_exp = int(math.log2(finfo(leaves[0].dtype).max))
     hi, lo = max_exp - 24, -(max_exp // 2)
     if host is None:
-        host = all(t.device.type == "cpu" for t in leaves)
+        host = all(isinstance(t, np.ndarray) or t.device.type == "cpu" for t in leaves)
     if host:
-        amax = max(float(t.abs().max()) for t in leaves)
+        amax = max(float(abs(t).max()) for t in leaves)
         if not (math.isfinite(amax) and amax > 0.0) or 2.0**lo <= amax <= 2.0**hi:
             return tree, 1.0
         e = math.frexp(amax)[1]  # amax = m 2^e, m in [1/2, 1)
@@ -124,6 +126,26 @@ def _prescale(tree, host: bool | None = None):
     shift = torch.where(torch.isfinite(amax) & (amax > 0), shift, torch.zeros_like(shift))
     inv = torch.ldexp(torch.ones_like(amax), -shift)
     return _map(lambda t: t * inv.to(t.dtype), tree), inv
+
+
+def _stays_numpy(geometry: MetricOperator, *trees) -> bool:
+    """Whether the core computes on these numpy inputs directly (the geometry has a numpy path and the inputs are
+    small float32/float64 arrays; :func:`imuon_manopt._backend.native_numpy`) instead of converting them to torch."""
+    return bool(getattr(geometry, "supports_numpy", False)) and native_numpy([t for tr in trees for t in _leaves(tr)])
+
+
+def flat_covector(geometry: MetricOperator, x: Any, v: Any) -> Any:
+    """``geometry.flat`` (the metric's lowering map, tangent vector -> Euclidean covector) at the point ``x``.
+
+    numpy in, numpy out (computed in numpy where :func:`intrinsic_direction` would be, else through torch); torch
+    tensors stay torch. Lists and tuples keep their structure.
+    """
+    if not (_is_numpy(x) or _is_numpy(v)):
+        return geometry.flat(geometry.at(x), v)
+    if _stays_numpy(geometry, x, v):
+        return geometry.flat(geometry.at(x), v)
+    c = geometry.flat(geometry.at(_to_torch(x)), _to_torch(v))
+    return _map(lambda t: t.detach().cpu().numpy(), c)
 
 
 def intrinsic_direction(
@@ -180,14 +202,24 @@ def intrinsic_direction(
     if sketch is not None and dtype is not None:
         sketch = PolarSpec("randomized", None, dtype, sketch.oversample, sketch.power_iters)
     as_numpy = _is_numpy(x) or _is_numpy(egrad)
-    xt, et = _to_torch(x), _to_torch(egrad)
+    if (
+        as_numpy
+        and schedule is None
+        and dtype is None
+        and nrm.name in _NUMPY_NORMS
+        and _stays_numpy(geometry, x, egrad)
+    ):
+        # small numpy problems stay numpy: the same kernels, without torch's per-operation cost (_backend.py)
+        xt, et = x, egrad
+    else:
+        xt, et = _to_torch(x), _to_torch(egrad)
     out_dtype = _leaves(xt)[0].dtype
     dtypes = {t.dtype for t in _leaves(xt)} | {t.dtype for t in _leaves(et)}
-    if out_dtype in _LOW_PRECISION:
+    if isinstance(out_dtype, torch.dtype) and out_dtype in _LOW_PRECISION:
         xt = _map(lambda t: t.float(), xt)
         et = _map(lambda t: t.float(), et)
     else:
-        et = _map(lambda t: t.to(out_dtype), et)
+        et = _map(lambda t: astype(t, out_dtype), et)
 
     # The direction is invariant under a positive scaling of the gradient (and the gap scales with it): a huge (or
     # tiny) gradient is multiplied by a power of two (exact) so that it cannot overflow in the projection or
@@ -205,7 +237,7 @@ def intrinsic_direction(
     if ranks is None:
         ranks = (None,) * len(blocks)
     # The rank cut follows the precision the inputs were rounded to, not the working dtype.
-    eps = max(torch.finfo(in_dtype).eps for in_dtype in dtypes)
+    eps = max(finfo(in_dtype).eps for in_dtype in dtypes)
     zs, duals, kinds, hs = [], [], [], []
     fmuon = nrm.name == "fmuon"
     need_duals = gap or (nrm.joint and not fmuon)  # a joint norm splits its budget by the blocks' duals
@@ -218,17 +250,21 @@ def intrinsic_direction(
             _check_square(h, "h")
         elif method == "eigh":
             raise ValueError(f"polar='eigh' needs symmetric blocks; {geometry!r} has a {kind} block: use 'svd'")
-        if h.numel() == 0:
-            z, d = torch.zeros_like(h), torch.zeros(h.shape[:-2], dtype=h.dtype, device=h.device)
+        h_numpy = isinstance(h, np.ndarray)
+        if numel(h) == 0:
+            if h_numpy:
+                z, d = np.zeros_like(h), np.zeros(h.shape[:-2], dtype=h.dtype)
+            else:
+                z, d = torch.zeros_like(h), torch.zeros(h.shape[:-2], dtype=h.dtype, device=h.device)
         else:  # the LMO kernel: the arguments were validated once above
-            work = _exact_dtype(h, None if sketch is not None else dtype)
-            hw = h.to(work)
+            work = h.dtype if h_numpy else _exact_dtype(h, None if sketch is not None else dtype)
+            hw = astype(h, work)
             z, d = _lmo_tensor(
                 hw,
                 _SPECTRAL if fmuon else nrm,  # F-Muon: the polar part here, the joint Frobenius part below
                 symmetric=symmetric,
                 schedule=schedule,
-                ns_work=dtype if dtype is not None else _promote(h.dtype),
+                ns_work=None if h_numpy else (dtype if dtype is not None else _promote(h.dtype)),
                 return_dual=need_duals,
                 rank=rank,
                 eps=eps,
@@ -237,10 +273,10 @@ def intrinsic_direction(
             )
             if fmuon:
                 hs.append(sym(hw).to(h.dtype) if symmetric else h)
-            z = z.to(h.dtype)
+            z = astype(z, h.dtype)
         zs.append(z)
         kinds.append(kind)
-        duals.append(None if d is None else d.to(h.dtype))
+        duals.append(None if d is None else astype(d, h.dtype))
 
     if fmuon:  # Z_b = alpha polar(H_b) + (1 - alpha) H_b / ||H||_F (joint), then the budget and skew parts
         alpha = float(nrm.alpha)  # type: ignore[arg-type]
@@ -260,18 +296,25 @@ def intrinsic_direction(
             gap = None
     elif nrm.joint:
         q = nrm.q
-        flat = torch.cat([d.reshape(-1) for d in duals])
-        total = torch.linalg.vector_norm(flat, ord=q)
-        safe = torch.where(total > 0, total, torch.ones_like(total))
-        zs = [z * ((d / safe) ** (q - 1))[..., None, None].to(z.dtype) for z, d in zip(zs, duals)]
+        xp = namespace(zs[0])
+        if xp is np:  # numpy's norm does not rescale: divide by the largest dual first (the duals may be ~1e300)
+            flat = np.concatenate([np.reshape(d, -1) for d in duals])
+            big = float(np.abs(flat).max()) if flat.size else 0.0
+            total = big * np.linalg.vector_norm(flat / big, ord=q) if 0.0 < big < math.inf else np.linalg.norm(flat, q)
+        else:
+            total = torch.linalg.vector_norm(torch.cat([d.reshape(-1) for d in duals]), ord=q)
+        safe = xp.where(total > 0, total, xp.ones_like(total))
+        zs = [z * astype(((d / safe) ** (q - 1))[..., None, None], z.dtype) for z, d in zip(zs, duals)]
         gap = tau * total / inv_scale if gap else None
     elif gap:
-        gap = tau * sum(d.sum() for d in duals) / inv_scale
+        gap = tau * sum(d if d.ndim == 0 else d.sum() for d in duals) / inv_scale
     else:
         gap = None
 
     xi = geometry.tangent(state, geometry.unwhiten(state, tuple(zs)))
-    xi = _map(lambda t: t.to(out_dtype), xi)
+    xi = _map(lambda t: astype(t, out_dtype), xi)
+    if isinstance(_leaves(xi)[0], np.ndarray):
+        return Direction(xi, None if gap is None else float(gap))
     if as_numpy:
         return Direction(_map(lambda t: t.detach().cpu().numpy(), xi), None if gap is None else float(gap))
     return Direction(xi, gap)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._backend import from_torch, to_torch
+from ._backend import astype, from_torch, namespace, to_torch
 from .geometry.base import sym
 from .polar import (
     Coefficients,
@@ -317,30 +317,36 @@ def _singular_lmo(s: torch.Tensor, keep: torch.Tensor, nrm: Norm) -> tuple[torch
     """Vector LMO on scaled singular values ``s`` (..., k); ``keep`` masks the numerical rank.
 
     Returns ``(z, dual)`` with ``phi_vec(z) = 1`` (or ``z = 0``) and ``dual = phi_dual(s)`` (the
-    true dual, over all values).
+    true dual, over all values). Torch tensors or numpy arrays.
     """
-    mask = keep.to(s.dtype)
+    xp = namespace(s)
+    mask = astype(keep, s.dtype)
     if nrm.name == "spectral":
-        return mask, s.sum(dim=-1)
-    smax = s.amax(dim=-1, keepdim=True)
+        return mask, s.sum(-1)
+    smax = xp.amax(s, axis=-1, keepdims=True)
     if nrm.name == "nuclear":
-        idx = s.argmax(dim=-1, keepdim=True)
-        z = torch.zeros_like(s).scatter(-1, idx, torch.gather(mask, -1, idx))
-        return z, smax.squeeze(-1)
-    if nrm.name == "kyfan":  # the k largest values (ties: the first in order), within the numerical rank
+        if xp is np:
+            idx = np.argmax(s, axis=-1, keepdims=True)
+            z = np.zeros_like(s)
+            np.put_along_axis(z, idx, np.take_along_axis(mask, idx, axis=-1), axis=-1)
+        else:
+            idx = s.argmax(dim=-1, keepdim=True)
+            z = torch.zeros_like(s).scatter(-1, idx, torch.gather(mask, -1, idx))
+        return z, smax[..., 0]
+    if nrm.name == "kyfan":  # the k largest values (ties: the first in order), within the numerical rank (torch only)
         top = s.topk(min(int(nrm.k), s.shape[-1]), dim=-1)  # type: ignore[arg-type]
         z = torch.zeros_like(s).scatter(-1, top.indices, torch.gather(mask, -1, top.indices))
         return z, top.values.sum(dim=-1)
     # Schatten-p with 1 < p < inf: work with r = s / s_max in [0, 1] so that r^(q-1) can neither
     # overflow nor, for the leading value, underflow.
     q = nrm.q
-    safe = torch.where(smax > 0, smax, torch.ones_like(smax))
+    safe = xp.where(smax > 0, smax, xp.ones_like(smax))
     r = s / safe
     rk = r * mask
-    denom = torch.linalg.vector_norm(rk, ord=q, dim=-1, keepdim=True)
-    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+    denom = xp.linalg.vector_norm(rk, ord=q, axis=-1, keepdims=True)
+    denom = xp.where(denom > 0, denom, xp.ones_like(denom))
     z = (rk / denom) ** (q - 1.0)
-    dual = smax.squeeze(-1) * torch.linalg.vector_norm(r, ord=q, dim=-1)
+    dual = smax[..., 0] * xp.linalg.vector_norm(r, ord=q, axis=-1)
     return z, dual
 
 
@@ -448,14 +454,16 @@ def _lmo_tensor(
     ``schedule`` is ``(coefficients, margin)`` for the Newton–Schulz path (the spectral norm and F-Muon's polar
     part), else ``None``. ``sketch`` selects the randomized Ky Fan solver (its ``oversample``, ``power_iters`` and
     matmul ``dtype``); other norms ignore it. Returns ``(Z, dual)`` in ``x``'s dtype; ``dual`` is ``None`` only for
-    Newton–Schulz without ``return_dual``.
+    Newton–Schulz without ``return_dual``. ``x`` is a torch tensor, or a numpy array for the exact paths of the
+    spectral, Frobenius, nuclear and Schatten norms (the result has ``x``'s type).
     """
+    xp = namespace(x)
     if symmetric:
         x = sym(x)
     if _is_vector(x):  # one singular value: every norm's LMO is the normalization
         z, nrm_x = _vector_parts(x)
         if rank == 0:
-            z = torch.zeros_like(z)
+            z = xp.zeros_like(z)
         return z, nrm_x[..., 0, 0]
     if nrm.name == "fmuon":
         zp, nuc = _lmo_tensor(
@@ -479,8 +487,8 @@ def _lmo_tensor(
     if nrm.name == "frobenius":
         scale = _max_abs(x)
         y = x / scale
-        f = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True)
-        return y / torch.where(f > 0, f, torch.ones_like(f)), (f * scale)[..., 0, 0]
+        f = xp.linalg.vector_norm(y, axis=(-2, -1), keepdims=True)
+        return y / xp.where(f > 0, f, xp.ones_like(f)), (f * scale)[..., 0, 0]
     if schedule is not None:
         z = _newton_schulz(x, schedule[0], schedule[1], ns_work).to(x.dtype)
         if not return_dual:
@@ -489,11 +497,11 @@ def _lmo_tensor(
         return z, ((x / scale) * z).sum(dim=(-2, -1)) * scale[..., 0, 0]
     if symmetric:
         q, lam, scale, keep = _eigh_parts(x, eps=eps, rank=rank)
-        zv, dual = _singular_lmo(lam.abs(), keep, nrm)
-        return (q * (torch.sign(lam) * zv).unsqueeze(-2)) @ q.mT, dual * scale[..., 0, 0]
+        zv, dual = _singular_lmo(abs(lam), keep, nrm)
+        return (q * (xp.sign(lam) * zv)[..., None, :]) @ q.mT, dual * scale[..., 0, 0]
     u, s, vh, scale, keep = _svd_parts(x, eps=eps, rank=rank)
     zv, dual = _singular_lmo(s, keep, nrm)
-    return (u * zv.unsqueeze(-2)) @ vh, dual * scale[..., 0, 0]
+    return (u * zv[..., None, :]) @ vh, dual * scale[..., 0, 0]
 
 
 def lmo(

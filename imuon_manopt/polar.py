@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._backend import from_torch, to_torch
+from ._backend import finfo, from_torch, namespace, to_torch
 from .geometry.base import sym
 
 __all__ = ["polar", "msign", "NS_COEFFICIENTS", "DEFAULT_NS_STEPS"]
@@ -187,7 +187,9 @@ def _resolve_schedule(coefficients: Coefficients, steps: Any) -> tuple[list[tupl
 def _max_abs(x: torch.Tensor) -> torch.Tensor:
     """Per-matrix max |x_ij| (..., 1, 1), floored at the dtype's smallest normal number: dividing
     by it is always safe, a zero matrix stays zero, and a subnormal one comes out with entries
-    below 1 (the caller's next normalization, if any, must allow for that)."""
+    below 1 (the caller's next normalization, if any, must allow for that). numpy in, numpy out."""
+    if isinstance(x, np.ndarray):
+        return np.maximum(np.abs(x).max(axis=(-2, -1), keepdims=True), finfo(x.dtype).tiny)
     if x.device.type == "cpu":
         amax = x.abs().amax(dim=(-2, -1), keepdim=True)  # (vector_norm with ord=inf is ~8x slower)
     else:  # one fused kernel: on a GPU small matrices cost launches more than flops
@@ -204,7 +206,7 @@ def _rank_tol(n: int, eps: float | None, dtype: torch.dtype) -> float:
     decomposition in the working dtype, the second the rounding the input carries (``eps``: its machine epsilon, e.g.
     ``2^-7`` for bfloat16 computed in float32; the rounding noise of a rank-deficient bfloat16 matrix measured below
     ``0.2 eps s_max`` from 4 x 4 to 4096 x 256), so that noise is not mistaken for a direction."""
-    tol = torch.finfo(dtype).eps * n
+    tol = finfo(dtype).eps * n
     return tol if eps is None else max(tol, float(eps))
 
 
@@ -213,29 +215,34 @@ def _cap_rank(keep: torch.Tensor, rank: int | None) -> torch.Tensor:
     be at most ``rank``, so anything past it is rounding noise, however large relative to ``eps``."""
     if rank is None or rank >= keep.shape[-1]:
         return keep
+    if isinstance(keep, np.ndarray):
+        return keep & (np.arange(keep.shape[-1]) < rank)
     return keep & (torch.arange(keep.shape[-1], device=keep.device) < rank)
 
 
 def _finite_or_zero(y: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y with every non-finite matrix zeroed, mask)``, ``mask`` 1 for finite and NaN for non-finite matrices
     (..., 1, 1). ``scale`` (the per-matrix max-abs) is non-finite exactly when the matrix is."""
-    bad = ~torch.isfinite(scale)
-    mask = torch.where(bad, torch.full_like(scale, math.nan), torch.ones_like(scale))
-    return torch.where(bad, torch.zeros_like(y), y), mask
+    xp = namespace(y)
+    bad = ~xp.isfinite(scale)
+    mask = xp.where(bad, xp.full_like(scale, math.nan), xp.ones_like(scale))
+    return xp.where(bad, xp.zeros_like(y), y), mask
 
 
 def _svd_parts(x: torch.Tensor, *, eps: float | None = None, rank: int | None = None):
     """Thin SVD of ``x / scale`` (``scale`` = per-matrix max-abs entry, so huge and tiny inputs
     neither overflow nor underflow). Returns ``(U, s, Vh, scale, keep)``: the singular values of
     ``x`` are ``s * scale``; ``keep`` marks those above the cut of :func:`_rank_tol` times ``s_max``
-    among the first ``rank``. A matrix with a NaN or infinite entry gives NaN factors (never a solver error)."""
+    among the first ``rank``. A matrix with a NaN or infinite entry gives NaN factors (never a solver error).
+    Torch tensors or numpy arrays."""
+    xp = namespace(x)
     scale = _max_abs(x)
     y = x / scale
     try:
-        u, s, vh = torch.linalg.svd(y, full_matrices=False)
-    except torch.linalg.LinAlgError:  # non-finite input: solve the finite matrices, NaN for the others
+        u, s, vh = xp.linalg.svd(y, full_matrices=False)
+    except (torch.linalg.LinAlgError, np.linalg.LinAlgError):  # non-finite input: NaN for those matrices
         y, mask = _finite_or_zero(y, scale)
-        u, s, vh = torch.linalg.svd(y, full_matrices=False)
+        u, s, vh = xp.linalg.svd(y, full_matrices=False)
         u, s = u * mask, s * mask[..., 0]
     tol = _rank_tol(max(x.shape[-2:]), eps, s.dtype) * s[..., :1]
     return u, s, vh, scale, _cap_rank(s > tol, rank)
@@ -244,22 +251,28 @@ def _svd_parts(x: torch.Tensor, *, eps: float | None = None, rank: int | None = 
 def _eigh_parts(x: torch.Tensor, *, eps: float | None = None, rank: int | None = None):
     """``eigh`` of ``sym(x) / scale``. Returns ``(Q, lam, scale, keep)``: the eigenvalues of
     ``sym(x)`` are ``lam * scale``; ``keep`` marks ``|lam|`` above the :func:`_rank_tol` cut among the
-    ``rank`` largest in magnitude. Non-finite matrices give NaN factors."""
+    ``rank`` largest in magnitude. Non-finite matrices give NaN factors. Torch tensors or numpy arrays."""
+    xp = namespace(x)
     h = sym(x)
     scale = _max_abs(h)
     y = h / scale
     try:
-        lam, q = torch.linalg.eigh(y)
-    except torch.linalg.LinAlgError:
+        lam, q = xp.linalg.eigh(y)
+    except (torch.linalg.LinAlgError, np.linalg.LinAlgError):
         y, mask = _finite_or_zero(y, scale)
-        lam, q = torch.linalg.eigh(y)
+        lam, q = xp.linalg.eigh(y)
         lam, q = lam * mask[..., 0], q * mask
-    mag = lam.abs()
-    tol = _rank_tol(x.shape[-1], eps, lam.dtype) * mag.amax(dim=-1, keepdim=True)
+    mag = abs(lam)
+    tol = _rank_tol(x.shape[-1], eps, lam.dtype) * xp.amax(mag, axis=-1, keepdims=True)
     keep = mag > tol
     if rank is not None and rank < mag.shape[-1]:  # keep the `rank` largest magnitudes
-        order = mag.argsort(dim=-1, descending=True)
-        keep = keep & torch.zeros_like(keep).scatter(-1, order[..., :rank], True)
+        if xp is np:
+            top = np.zeros_like(keep)
+            np.put_along_axis(top, np.argsort(-mag, axis=-1, kind="stable")[..., :rank], True, axis=-1)
+            keep = keep & top
+        else:
+            order = mag.argsort(dim=-1, descending=True)
+            keep = keep & torch.zeros_like(keep).scatter(-1, order[..., :rank], True)
     return q, lam, scale, keep
 
 
@@ -272,10 +285,11 @@ def _vector_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x / ||x||_F, ||x||_F)`` per matrix for a vector-shaped ``x`` (..., m, 1) or (..., 1, n): its
     exact polar factor (zero for a zero vector, NaN for a non-finite one) and its singular value
     (..., 1, 1), without overflow or underflow."""
+    xp = namespace(x)
     scale = _max_abs(x)
     y = x / scale
-    nrm = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True)
-    return y / torch.where(nrm > 0, nrm, torch.ones_like(nrm)), nrm * scale
+    nrm = xp.linalg.vector_norm(y, axis=(-2, -1), keepdims=True)
+    return y / xp.where(nrm > 0, nrm, xp.ones_like(nrm)), nrm * scale
 
 
 def _polar_svd(x: torch.Tensor, work: torch.dtype, eps: float | None = None, rank: int | None = None):

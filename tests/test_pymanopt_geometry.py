@@ -6,10 +6,13 @@ directional derivative; fixed-rank factored form; stacks; products; point checks
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pymanopt
 import pytest
 import scipy.sparse as sp
+import torch
 from pymanopt import manifolds as pm
 
 from imuon_manopt import geometry as core
@@ -413,27 +416,47 @@ def test_fixed_rank_riemannian_gradient_is_the_projection():
 
 @pytest.mark.parametrize("norm", ["spectral", "frobenius"])
 @pytest.mark.parametrize("s", [[2.0, 0.7, 0.3], [1.0, 1.0, 1.0]])
-def test_fixed_rank_closed_form_is_the_core_direction(norm, s):
-    """The numpy closed form used by the solver = core FixedRank direction -> tangent, and gap."""
+def _polar_and_nuclear(h):
+    """The thin polar factor (over the nonzero singular values) and the nuclear norm, from a float64 SVD."""
+    left, sv, right = np.linalg.svd(h, full_matrices=False)
+    keep = sv > 1e-12 * max(sv[0], 1e-300)
+    return (left * keep) @ right, float(sv.sum())
+
+
+@pytest.mark.parametrize("norm", ["spectral", "frobenius"])
+@pytest.mark.parametrize("s", [[2.0, 0.7, 0.3], [1.0, 1.0, 1.0]])
+def test_fixed_rank_direction_is_the_spec_closed_form(norm, s):
+    """On balanced factors the whitened blocks are Gamma V and U^T Gamma (spec §2): the solver's direction (the
+    core's numpy path, assembled by the adapter) is the projection of ``polar(Gamma V) vt + u polar(U^T Gamma)``
+    (spectral; Frobenius: both blocks over one joint norm), written out here with float64 SVDs."""
     manifold, x, gamma, _, factors = _fixed_rank_case(s)
+    u, _, vt = x
     host = host_geometry(manifold)
-    for egrad in (factors, np.outer(gamma[:, 0], gamma[0]), np.zeros_like(gamma)):  # rank 4, 1, 0
+    for egrad, g in ((factors, gamma), (np.outer(gamma[:, 0], gamma[0]),) * 2, (np.zeros_like(gamma),) * 2):
         c = host.core_egrad(x, egrad)
-        xi, gap = host.direction(x, c, norm, "svd")
         d = intrinsic_direction(core.FixedRank(), host.core_point(x), c, norm)
+        assert isinstance(d.xi[0], np.ndarray)  # computed in numpy
+        xi = host.tangent(x, d.xi)
+        h_b, h_at = g @ vt.T, g.T @ u  # Gamma V, (U^T Gamma)^T
+        if norm == "spectral":
+            (z_b, gap_b), (z_at, gap_a) = _polar_and_nuclear(h_b), _polar_and_nuclear(h_at)
+            gap = gap_b + gap_a
+        else:
+            gap = math.sqrt(np.sum(h_b**2) + np.sum(h_at**2))
+            z_b, z_at = (h_b / gap, h_at / gap) if gap > 0 else (h_b, h_at)
+        expected = manifold.projection(x, (np.hstack((z_b, u)), np.eye(2 * u.shape[1]), np.hstack((vt.T, z_at))))
         assert type(xi) is type(manifold.zero_vector(x))
-        _assert_tree_close(xi, host.tangent(x, d.xi), atol=1e-12)
-        _assert_tree_close(xi, manifold.projection(x, host.ambient(x, d.xi)), atol=1e-12)
-        np.testing.assert_allclose(gap, float(d.gap), rtol=1e-12, atol=1e-300)
-    assert host.direction(x, c, "nuclear", "svd") is None  # other norms: the core
-    assert host.direction(x, c, "spectral", "newton_schulz") is None
+        _assert_tree_close(xi, expected, atol=1e-12)
+        np.testing.assert_allclose(float(d.gap), gap, rtol=1e-12, atol=1e-300)
 
 
-def test_fixed_rank_closed_form_refuses_rank_loss_like_the_core():
+def test_fixed_rank_direction_refuses_rank_loss_in_both_array_types():
     manifold, x, _, _, factors = _fixed_rank_case([1.0, 1e-40, 0.5])
     host = host_geometry(manifold)
     c = host.core_egrad(x, factors)
     with pytest.raises(ValueError, match="rank"):
-        intrinsic_direction(core.FixedRank(), host.core_point(x), c)
+        intrinsic_direction(core.FixedRank(), host.core_point(x), c)  # numpy
     with pytest.raises(ValueError, match="rank"):
-        host.direction(x, c, "spectral", "svd")
+        intrinsic_direction(
+            core.FixedRank(), tuple(map(torch.from_numpy, host.core_point(x))), tuple(map(torch.from_numpy, c))
+        )

@@ -11,10 +11,10 @@ import pytest
 import torch
 from pymanopt import manifolds as pm
 
-from imuon_manopt.direction import intrinsic_direction
+from imuon_manopt.direction import flat_covector, intrinsic_direction
 from imuon_manopt.geometry import SPD, Sphere
 from imuon_manopt.optimizers import Armijo, IMuon
-from imuon_manopt.optimizers._pymanopt_geometry import core_flat, host_geometry
+from imuon_manopt.optimizers._pymanopt_geometry import host_geometry
 
 QUIET = {"verbosity": 0}
 
@@ -127,7 +127,10 @@ def test_sphere_step_moves_exactly_the_step_size(polar):
 @pytest.mark.parametrize("norm,p", [("spectral", None), ("frobenius", None), ("nuclear", None), ("schatten", 3.0)])
 @pytest.mark.parametrize("polar", ["svd", "newton_schulz"])
 @pytest.mark.parametrize("scale", [1.0, 1e300, 1e-300])
-def test_sphere_accelerator_is_the_core_direction(norm, p, polar, scale):
+def test_sphere_direction_is_the_normalized_projected_gradient(norm, p, polar, scale):
+    # A vector has one singular value, so every norm's direction is P_x(e) / ||P_x(e)|| with gap ||P_x(e)||: the
+    # closed form, written out here in float64 (scaled first, so 1e300 and 1e-300 neither overflow nor underflow),
+    # against the core's numpy path (the solver's) and its torch path.
     if polar == "newton_schulz" and norm != "spectral":
         pytest.skip("Newton–Schulz applies to the spectral norm only")
     manifold = pm.Sphere(3, 4)
@@ -135,11 +138,18 @@ def test_sphere_accelerator_is_the_core_direction(norm, p, polar, scale):
     rng = np.random.default_rng(2)
     x = manifold.random_point()
     e = rng.standard_normal((3, 4)) * scale
-    xi, gap = host.direction(x, host.core_egrad(x, e), norm, polar)
-    d = intrinsic_direction(Sphere(), x.reshape(-1), e.reshape(-1), norm if p is None else (norm, p), polar=polar)
-    np.testing.assert_allclose(xi.reshape(-1), d.xi, atol=1e-14)
-    assert gap == pytest.approx(d.gap, rel=1e-12)
-    assert np.all(host.direction(x, np.zeros(12), norm, polar)[0] == 0)
+    spec = norm if p is None else (norm, p)
+    v, c = x.reshape(-1), host.core_egrad(x, e)
+    g = c / scale - (v @ (c / scale)) * v
+    expected, expected_gap = g / np.linalg.norm(g), np.linalg.norm(g) * scale
+    d = intrinsic_direction(Sphere(), host.core_point(x), c, spec, polar=polar)
+    assert isinstance(d.xi, np.ndarray) and isinstance(d.gap, float)
+    np.testing.assert_allclose(d.xi, expected, atol=1e-14)
+    assert d.gap == pytest.approx(expected_gap, rel=1e-12)
+    t = intrinsic_direction(Sphere(), torch.from_numpy(v), torch.from_numpy(c), spec, polar=polar)
+    np.testing.assert_allclose(t.xi.numpy(), expected, atol=1e-14)
+    zero = intrinsic_direction(Sphere(), v, np.zeros(12), spec, polar=polar)
+    assert np.all(zero.xi == 0) and zero.gap == 0
 
 
 # ---------------------------------------------------------------------------------------------- flat
@@ -179,11 +189,16 @@ def test_adapter_flat_is_the_core_flat():
         host = host_geometry(manifold)
         x = manifold.random_point()
         v = manifold.random_tangent_vector(x)
-        np.testing.assert_allclose(host.flat(x, v), core_flat(host.geometry, x, v), atol=1e-12)
+        np.testing.assert_allclose(host.flat(x, v), flat_covector(host.geometry, x, v), atol=1e-12)
     x = pm.SymmetricPositiveDefinite(3).random_point()
     v = rng.standard_normal((3, 3))
     v = v + v.T
-    np.testing.assert_allclose(core_flat(SPD(), x, v), np.linalg.solve(x, np.linalg.solve(x, v).T), atol=1e-10)
+    expected = np.linalg.solve(x, np.linalg.solve(x, v).T)  # X^{-1} v X^{-1}
+    c = flat_covector(SPD(), x, v)  # numpy path
+    assert isinstance(c, np.ndarray)
+    np.testing.assert_allclose(c, expected, atol=1e-10)
+    c_torch = flat_covector(SPD(), torch.from_numpy(x), torch.from_numpy(v))
+    np.testing.assert_allclose(c_torch.numpy(), expected, atol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------- table, args

@@ -19,6 +19,10 @@ matrix *blocks* and a Riemannian metric ``g_x(u, v) = <G_x u, v>`` on those bloc
     ``None`` (default for every block). E.g. Stiefel's ``K = (I - X X^T) E`` has rank at most ``n - p``; the LMO
     then treats the values beyond the bound as the rounding noise they are, so the direction stays tangent and
     continuous in the gradient when ``n < 2p``;
+``supports_numpy``
+    optional attribute (default ``False``): ``True`` when every operation also accepts and returns numpy arrays
+    (written with arithmetic, ``@``, ``.mT`` and the helpers of ``imuon_manopt._backend``); the template then
+    keeps small numpy inputs in numpy instead of converting them to torch;
 ``flat(state, v)``
     the metric's lowering map ("flat", tangent vector -> covector): a Euclidean gradient ``c`` in the point's
     representation with ``<c, w>_F = g_x(v, w)`` for every tangent ``w``. It turns a tangent vector (a
@@ -67,6 +71,8 @@ class MetricOperator(abc.ABC):
     structure: tuple[str, ...] = ("general",)
     #: The manifold is an open subset of its ambient space (module docstring).
     open_in_ambient: bool = False
+    #: Whether the operations also run on numpy arrays (see the module docstring); user geometries get torch.
+    supports_numpy: bool = False
 
     def at(self, x: Any) -> Any:
         """Precompute what the other methods need at the point ``x`` (default: ``x`` itself)."""
@@ -129,10 +135,15 @@ def check_same_shape(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> N
 
 def sym(a: torch.Tensor) -> torch.Tensor:
     """Symmetric part ``(a + a^T) / 2`` over the trailing two dims, as ``a / 2 + a^T / 2`` (no overflow for
-    entries near the dtype's largest value)."""
-    return torch.add(a * 0.5, a.mT, alpha=0.5)
+    entries near the dtype's largest value). A torch tensor or a numpy array."""
+    if isinstance(a, torch.Tensor):
+        return torch.add(a * 0.5, a.mT, alpha=0.5)
+    return a * 0.5 + a.mT * 0.5
 
 
 def skew(a: torch.Tensor) -> torch.Tensor:
-    """Skew-symmetric part ``(a - a^T) / 2`` over the trailing two dims, as ``a / 2 - a^T / 2``."""
-    return torch.add(a * 0.5, a.mT, alpha=-0.5)
+    """Skew-symmetric part ``(a - a^T) / 2`` over the trailing two dims, as ``a / 2 - a^T / 2``. A torch tensor or
+    a numpy array."""
+    if isinstance(a, torch.Tensor):
+        return torch.add(a * 0.5, a.mT, alpha=-0.5)
+    return a * 0.5 - a.mT * 0.5

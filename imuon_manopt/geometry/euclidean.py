@@ -17,12 +17,13 @@ class Euclidean(MetricOperator):
 
     structure = ("general",)
     open_in_ambient = True
+    supports_numpy = True
 
     def project(self, state: torch.Tensor, egrad: torch.Tensor) -> Blocks:
         if egrad.ndim == 0:
             return (egrad.reshape(1, 1),)
         if egrad.ndim == 1:
-            return (egrad.unsqueeze(-1),)
+            return (egrad[..., None],)
         return (egrad,)
 
     def whiten(self, state: torch.Tensor, blocks: Blocks) -> Blocks:

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .base import Blocks, MetricOperator
@@ -42,7 +43,17 @@ def _upper_factor(
     triangular solves downstream produce non-finite values that the caller must detect.
     """
     q = None
-    if how == "qr":
+    if isinstance(f, np.ndarray):  # the numpy path (FixedRank("qr") only: supports_numpy)
+        if with_q:
+            q, r = np.linalg.qr(f)
+        else:
+            r = np.linalg.qr(f, mode="r")
+        if not check:
+            return q, r
+        diag = np.abs(np.diagonal(r, axis1=-2, axis2=-1))
+        tol = np.finfo(f.dtype).eps * max(f.shape[-2:]) * 10
+        bad = not bool((diag > diag.max(-1, keepdims=True) * tol).all())
+    elif how == "qr":
         if with_q:
             q, r = torch.linalg.qr(f)
         else:
@@ -69,6 +80,15 @@ def _upper_factor(
     return q, r
 
 
+def _solve_triangular(a: torch.Tensor, b: torch.Tensor, *, upper: bool, left: bool = True) -> torch.Tensor:
+    """``a^{-1} b`` (``left``) or ``b a^{-1}`` for a triangular ``a``: ``torch.linalg.solve_triangular``, or for numpy
+    arrays ``numpy.linalg.solve`` (numpy has no triangular solver; on a triangular matrix the LU factorization is
+    the matrix itself up to pivoting, so the result is the substitution's to rounding)."""
+    if isinstance(a, np.ndarray):
+        return np.linalg.solve(a, b) if left else np.linalg.solve(a.mT, b.mT).mT
+    return torch.linalg.solve_triangular(a, b, upper=upper, left=left)
+
+
 def _check_chain(b: torch.Tensor, a: torch.Tensor) -> None:
     if b.shape[-1] != a.shape[-2] or b.shape[:-2] != a.shape[:-2]:
         raise ValueError(
@@ -91,6 +111,7 @@ class FixedRank(MetricOperator):
         if factorization not in _FACTORIZATIONS:
             raise ValueError(f"unknown factorization {factorization!r}; expected one of {_FACTORIZATIONS}")
         self.factorization = factorization
+        self.supports_numpy = factorization == "qr"
         #: raise on a rank-deficient factor in ``at`` (one host synchronization); ``False`` leaves the
         #: detection (non-finite directions) to the caller, e.g. an optimizer that avoids host syncs.
         self.check = check
@@ -109,15 +130,15 @@ class FixedRank(MetricOperator):
     def whiten(self, state, blocks: Blocks) -> Blocks:
         r_b, r_a = state
         e_b, e_a = blocks
-        h_b = torch.linalg.solve_triangular(r_a, e_b, upper=True, left=False)  # E_B R_A^{-1}
-        h_a = torch.linalg.solve_triangular(r_b.mT, e_a, upper=False)  # R_B^{-T} E_A
+        h_b = _solve_triangular(r_a, e_b, upper=True, left=False)  # E_B R_A^{-1}
+        h_a = _solve_triangular(r_b.mT, e_a, upper=False)  # R_B^{-T} E_A
         return h_b, h_a
 
     def unwhiten(self, state, blocks: Blocks) -> Blocks:
         r_b, r_a = state
         z_b, z_a = blocks
-        xi_b = torch.linalg.solve_triangular(r_a.mT, z_b, upper=False, left=False)  # Z_B R_A^{-T}
-        xi_a = torch.linalg.solve_triangular(r_b, z_a, upper=True)  # R_B^{-1} Z_A
+        xi_b = _solve_triangular(r_a.mT, z_b, upper=False, left=False)  # Z_B R_A^{-T}
+        xi_a = _solve_triangular(r_b, z_a, upper=True)  # R_B^{-1} Z_A
         return xi_b, xi_a
 
     def tangent(self, state, blocks: Blocks):

@@ -29,6 +29,8 @@ class Grassmann(MetricOperator):
         if representative not in _REPRESENTATIVES:
             raise ValueError(f"unknown Grassmann representative {representative!r}; expected one of {_REPRESENTATIVES}")
         self.representative = representative
+        # the orthonormal representative's operations are products only; the general one factors Y^T Y in torch
+        self.supports_numpy = representative == "orthonormal"
 
     def at(self, x: torch.Tensor):
         if self.representative == "orthonormal":

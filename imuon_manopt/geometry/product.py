@@ -24,6 +24,7 @@ class Product(MetricOperator):
         self.factors = factors
         self.structure = tuple(s for f in factors for s in f.structure)
         self._sizes = tuple(len(f.structure) for f in factors)
+        self.supports_numpy = all(f.supports_numpy for f in factors)
 
     def _check(self, seq, what: str):
         if not isinstance(seq, (list, tuple)) or len(seq) != len(self.factors):

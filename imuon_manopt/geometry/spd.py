@@ -18,9 +18,30 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from .base import Blocks, MetricOperator, sym
+
+
+def _cholesky(a: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``(L, ok)`` with ``L L^T = a`` for every matrix when ``ok``; a torch tensor or a numpy array."""
+    if isinstance(a, np.ndarray):
+        try:
+            return np.linalg.cholesky(a), True
+        except np.linalg.LinAlgError:
+            return a, False
+    chol, info = torch.linalg.cholesky_ex(a)
+    return chol, not bool((info != 0).any())
+
+
+def _cholesky_solve(b: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
+    """``(L L^T)^{-1} b``: ``torch.cholesky_solve``, or two solves with ``L`` for numpy arrays."""
+    if isinstance(b, np.ndarray):
+        return np.linalg.solve(chol.mT, np.linalg.solve(chol, b))
+    return torch.cholesky_solve(b, chol)
 
 
 class SPD(MetricOperator):
@@ -28,18 +49,19 @@ class SPD(MetricOperator):
 
     structure = ("symmetric",)
     open_in_ambient = True
+    supports_numpy = True
 
     def at(self, x: torch.Tensor) -> torch.Tensor:
-        chol, info = torch.linalg.cholesky_ex(sym(x))
-        if bool((info != 0).any()):
-            if not bool(torch.isfinite(x).all()):
+        chol, ok = _cholesky(sym(x))
+        if not ok:
+            if not bool(abs(x).max() < math.inf):  # (NaN compares False)
                 raise ValueError("SPD point has NaN or infinite entries")
             # entries near the dtype's largest value can overflow inside the factorization: X = 4^k (X / 4^k)
-            exponent = torch.frexp(x.abs().amax()).exponent
-            scale = torch.ldexp(torch.ones((), dtype=x.dtype), exponent + exponent % 2)
-            chol, info = torch.linalg.cholesky_ex(sym(x / scale))
-            chol = chol * scale.sqrt()
-        if bool((info != 0).any()):
+            exponent = math.frexp(float(abs(x).max()))[1]
+            scale = math.ldexp(1.0, exponent + exponent % 2)
+            chol, ok = _cholesky(sym(x / scale))
+            chol = chol * math.sqrt(scale)
+        if not ok:
             raise ValueError(
                 "SPD point is not positive definite (its Cholesky factorization failed); "
                 "an SPD point must be symmetric with positive eigenvalues"
@@ -57,5 +79,5 @@ class SPD(MetricOperator):
 
     def flat(self, state: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``X^{-1} v X^{-1}`` (two Cholesky solves with ``X = L L^T``)."""
-        c = torch.cholesky_solve(torch.cholesky_solve(v, state).mT, state)
+        c = _cholesky_solve(_cholesky_solve(v, state).mT, state)
         return sym(c)

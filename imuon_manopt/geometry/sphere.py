@@ -16,11 +16,12 @@ class Sphere(MetricOperator):
     """Row-wise unit spheres (geoopt's convention: the last dimension is the vector)."""
 
     structure = ("general",)
+    supports_numpy = True
 
     def project(self, state: torch.Tensor, egrad: torch.Tensor) -> Blocks:
         x = state
-        radial = (x * egrad).sum(-1, keepdim=True)
-        return ((egrad - radial * x).unsqueeze(-1),)
+        radial = (x * egrad).sum(-1)[..., None]
+        return ((egrad - radial * x)[..., None],)
 
     def whiten(self, state: torch.Tensor, blocks: Blocks) -> Blocks:
         return blocks
@@ -29,4 +30,4 @@ class Sphere(MetricOperator):
         return blocks
 
     def tangent(self, state: torch.Tensor, blocks: Blocks) -> torch.Tensor:
-        return blocks[0].squeeze(-1)
+        return blocks[0][..., 0]

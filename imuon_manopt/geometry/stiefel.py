@@ -28,6 +28,7 @@ class Stiefel(MetricOperator):
     """Orthonormal frames with the embedded (default) or the canonical metric."""
 
     structure = ("skew", "general")
+    supports_numpy = True
 
     def __init__(self, metric: str = "embedded") -> None:
         if metric not in _METRICS:

@@ -12,8 +12,8 @@ for products) and the core's (see ``docs/core-api.md``):
     a tangent vector (a Riemannian gradient, a momentum buffer) -> a core Euclidean gradient ``c``
     with ``P_x(c) = v`` lowered by the metric, i.e. ``<c, w> = g_x(v, w)`` for tangent ``w``; for
     ``v = grad f`` it gives the same direction as the true Euclidean gradient. The metric part is
-    the core geometry's ``flat`` (:func:`core_flat`); where it is the identity (embedded metrics)
-    the adapter skips the conversion;
+    the core geometry's ``flat`` (:func:`imuon_manopt.direction.flat_covector`); where it is the
+    identity (embedded metrics) the adapter skips the call;
 ``tangent(x, xi)``
     a core direction -> a Pymanopt tangent vector of the manifold's own type (through
     ``manifold.projection``; fixed rank assembles ``(Up, M, Vp)`` directly);
@@ -23,11 +23,10 @@ for products) and the core's (see ``docs/core-api.md``):
     Pymanopt's Euclidean gradient -> ``(Riemannian gradient, core Euclidean gradient)``; the
     Riemannian gradient is the manifold's own conversion, except for ``FixedRankEmbedded`` (see
     :class:`_FixedRank`);
-``direction(x, c, norm, polar)``
-    the iMuon direction as a Pymanopt tangent vector and its LMO gap, computed directly in numpy
-    where that is several times cheaper than the core at small sizes (``Sphere``: the normalized
-    projected gradient; fixed rank, spectral or Frobenius norm), else ``None``. These accelerators
-    evaluate the core's formulas and are tested against the core (``tests/test_pymanopt_geometry.py``).
+
+The adapter holds no iMuon formula: every direction comes from
+:func:`imuon_manopt.direction.intrinsic_direction`, which keeps small numpy problems in numpy (see
+``imuon_manopt/_backend.py``), so no torch conversion or thread setting is involved on them.
 
 Supported (exact classes): ``Euclidean``, ``Sphere``, ``Stiefel`` (embedded metric), ``Grassmann``
 (orthonormal representative), ``SymmetricPositiveDefinite`` (affine-invariant metric),
@@ -37,18 +36,12 @@ batches of the core geometry, i.e. products.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
-import torch
 from pymanopt import manifolds as pm
-from pymanopt.manifolds.fixed_rank import _FixedRankTangentVector
-from pymanopt.manifolds.product import _ProductTangentVector
 
-from ..direction import _map, _to_torch
+from ..direction import flat_covector
 from ..geometry import (
     SPD,
     Euclidean,
@@ -99,40 +92,9 @@ def _check_orthonormal(name: str, x: np.ndarray, what: str) -> None:
         )
 
 
-# The core runs in torch while Pymanopt's manifolds and costs run in numpy (OpenBLAS). Both keep
-# spinning thread pools; alternating between them on few cores made torch's thin SVDs 20-400x slower
-# (0.1 ms -> 42 ms for a 200 x 5 SVD on 2 cores). The core's factorizations here are small (thin
-# SVDs, r x r or n x n eigh), so it runs single-threaded inside the solver; the user's torch thread
-# setting is restored after every call.
-_CORE_THREADS = 1
-
-
-@contextmanager
-def single_threaded() -> Iterator[None]:
-    """Run the enclosed core calls with ``_CORE_THREADS`` torch threads, then restore the setting."""
-    threads = torch.get_num_threads()
-    if threads != _CORE_THREADS:
-        torch.set_num_threads(_CORE_THREADS)
-    try:
-        yield
-    finally:
-        if threads != _CORE_THREADS:
-            torch.set_num_threads(threads)
-
-
 def _identity_flat(self, x: Any, v: Any) -> Any:
     """The embedded metric's lowering map, the identity (the core geometry's ``flat`` is too)."""
     return v
-
-
-def core_flat(geometry: MetricOperator, x: Any, v: Any) -> Any:
-    """``geometry.flat`` (the metric's lowering map) on numpy points and tangent vectors: converts to
-    torch, factors the point with ``geometry.at`` and converts the covector back (lists and tuples
-    keep their structure)."""
-    xt, vt = _to_torch(x), _to_torch(v)
-    with single_threaded():
-        c = geometry.flat(geometry.at(xt), vt)
-    return _map(lambda t: t.detach().cpu().numpy(), c)
 
 
 class HostGeometry:
@@ -143,6 +105,14 @@ class HostGeometry:
     def __init__(self, manifold: Any) -> None:
         self.manifold = manifold
         self.name = type(manifold).__name__
+        self._vector_type: Any = None
+
+    def vector_type(self, x: Any) -> Any:
+        """The class of the manifold's tangent vectors (``FixedRankEmbedded``'s triple, ``Product``'s list),
+        learned once from the public ``manifold.zero_vector`` instead of importing Pymanopt's private class."""
+        if self._vector_type is None:
+            self._vector_type = type(self.manifold.zero_vector(x))
+        return self._vector_type
 
     def check_point(self, x: Any) -> None:
         """Raise ``ValueError`` if ``x`` is not a point of the manifold."""
@@ -166,15 +136,11 @@ class HostGeometry:
 
     def flat(self, x: Any, v: Any) -> Any:
         """Tangent vector -> core Euclidean gradient, lowered by the core geometry's metric."""
-        return core_flat(self.geometry, self.core_point(x), v)
+        return flat_covector(self.geometry, self.core_point(x), v)
 
     def gradients(self, x: Any, egrad: Any) -> tuple[Any, Any]:
         self.check_gradient(x, egrad)
         return self.manifold.euclidean_to_riemannian_gradient(x, egrad), self.core_egrad(x, egrad)
-
-    def direction(self, x: Any, c: Any, norm: str, polar: str) -> tuple[Any, float] | None:
-        """``(tangent vector, gap)`` for the core Euclidean gradient ``c``, or ``None``: use the core."""
-        return None
 
     def ambient(self, x: Any, xi: Any) -> Any:
         """Core direction -> the argument of ``manifold.projection``."""
@@ -215,27 +181,6 @@ class _Sphere(HostGeometry):
         return np.asarray(egrad).reshape(-1)
 
     flat = core_egrad  # the embedded metric: the identity, on the flattened vector
-
-    def direction(self, x, c, norm, polar):
-        """The core ``Sphere`` direction, evaluated in numpy (an accelerator, tested against the core).
-
-        A vector has one singular value, its 2-norm, so for every norm and either polar method the
-        direction is ``P_x(c) / ||P_x(c)||`` and the gap ``||P_x(c)||`` (``P_x(c) = c - <x, c> x``);
-        the division by the largest entry first keeps huge and tiny gradients finite.
-        """
-        v = x.reshape(-1)
-        g = c - (v @ c) * v
-        nrm = math.sqrt(float(g @ g))
-        if not 1e-150 < nrm < 1e150:  # zero, non-finite, or a sum of squares near under- or overflow
-            scale = float(np.max(np.abs(g))) if g.size else 0.0
-            if not math.isfinite(scale):
-                return np.full(x.shape, math.nan), math.nan
-            if scale == 0.0:
-                return np.zeros(x.shape), 0.0
-            g = g / scale
-            nrm = math.sqrt(float(g @ g))
-            return (g / nrm).reshape(x.shape), nrm * scale
-        return (g / nrm).reshape(x.shape), nrm
 
     def ambient(self, x, xi):
         return xi.reshape(x.shape)
@@ -285,24 +230,6 @@ class _SPD(HostGeometry):
     def core_egrad(self, x, egrad):
         e = np.asarray(egrad)
         return 0.5 * (e + np.swapaxes(e, -1, -2))
-
-
-def _polar_tall(h: np.ndarray) -> tuple[np.ndarray, float]:
-    """Thin polar factor of ``h`` (rank-aware, as the core's) and its nuclear norm, in numpy.
-
-    ``h`` is scaled by its largest entry first, so huge and tiny inputs neither overflow nor
-    underflow; singular values at or below ``eps * max(shape) * s_max`` give no direction.
-    """
-    scale = float(np.max(np.abs(h))) if h.size else 0.0
-    if scale == 0.0:
-        return np.zeros_like(h), 0.0
-    if not math.isfinite(scale):  # NaN out, as the core does, instead of numpy's LinAlgError
-        return np.full_like(h, math.nan), math.nan
-    left, sv, right = np.linalg.svd(h / scale, full_matrices=False)
-    keep = sv > np.finfo(sv.dtype).eps * max(h.shape) * sv[0]
-    if not keep[-1]:
-        left = left * keep
-    return left @ right, float(np.sum(sv)) * scale
 
 
 class _FixedRank(HostGeometry):
@@ -396,7 +323,7 @@ class _FixedRank(HostGeometry):
         g_v, g_u = self._gamma_products(x, egrad)
         utgv = u.T @ g_v  # U^T Gamma V, twice: from Gamma V and from Gamma^T U
         vtgu = vt @ g_u
-        rgrad = _FixedRankTangentVector(g_v - u @ utgv, 0.5 * (utgv + vtgu.T), g_u - vt.T @ vtgu)
+        rgrad = self.vector_type(x)(g_v - u @ utgv, 0.5 * (utgv + vtgu.T), g_u - vt.T @ vtgu)
         return rgrad, self._core_egrad(x, g_v, g_u)
 
     def flat(self, x, v):
@@ -409,43 +336,12 @@ class _FixedRank(HostGeometry):
         r = np.sqrt(s)
         return (up + u @ mm) * r, r[:, None] * (mm @ vt + vp.T)
 
-    def _whitening_root(self, s: np.ndarray) -> np.ndarray:
-        """``s^{1/2}``, the triangular factors of both factors' Grams; refuses a numerically
-        rank-deficient point as the core does."""
-        r = np.sqrt(s)
-        r_min, r_max = float(np.min(r)), float(np.max(r))
-        tol = np.finfo(r.dtype).eps * max(self.manifold._m, self.manifold._n) * 10
-        if not (math.isfinite(r_max) and r_min > tol * r_max):
-            ratio = r_min**2 / r_max**2 if r_max > 0.0 else 0.0
-            raise ValueError(
-                f"{self.name}: the point is numerically rank-deficient (min(s) / max(s) = "
-                f"{ratio:.3g}); both factors must have full rank {self.manifold._k}"
-            )
-        return r
-
-    def direction(self, x, c, norm, polar):
-        if norm == "frobenius" or (norm == "spectral" and polar == "svd"):
-            e_b, e_a = c
-            r = self._whitening_root(x[1])
-            h_b, h_at = e_b / r, e_a.T / r  # H_B = E_B S_A^{-1/2}, H_A^T = E_A^T S_B^{-1/2}
-            if norm == "spectral":
-                z_b, gap_b = _polar_tall(h_b)
-                z_at, gap_a = _polar_tall(h_at)
-                return self._tangent(x, z_b, z_at), gap_b + gap_a
-            scale = max(float(np.max(np.abs(h_b))), float(np.max(np.abs(h_at))))
-            if scale == 0.0:
-                return self._tangent(x, np.zeros_like(h_b), np.zeros_like(h_at)), 0.0
-            h_b, h_at = h_b / scale, h_at / scale
-            total = math.sqrt(float(np.sum(h_b * h_b)) + float(np.sum(h_at * h_at)))
-            return self._tangent(x, h_b / total, h_at / total), total * scale
-        return None
-
     def _tangent(self, x, p_b, p_at):
         """The tangent ``(Up, M, Vp)`` of the ambient ``P_B vt + u P_A`` (``p_at = P_A^T``)."""
         u, _, vt = x
         utp = u.T @ p_b
         vtq = vt @ p_at
-        return _FixedRankTangentVector(p_b - u @ utp, utp + vtq.T, p_at - vt.T @ vtq)
+        return self.vector_type(x)(p_b - u @ utp, utp + vtq.T, p_at - vt.T @ vtq)
 
     def tangent(self, x, xi):
         # xi_B A + B xi_A = (xi_B s^{1/2}) vt + u (s^{1/2} xi_A).
@@ -495,13 +391,13 @@ class _Product(HostGeometry):
                 f"component gradients, got {got}"
             )
         pairs = [p.gradients(c, e) for p, c, e in zip(self.parts, x, egrad)]
-        return _ProductTangentVector([g for g, _ in pairs]), [c for _, c in pairs]
+        return self.vector_type(x)([g for g, _ in pairs]), [c for _, c in pairs]
 
     def ambient(self, x, xi):
         return [p.ambient(c, d) for p, c, d in zip(self.parts, x, xi)]
 
     def tangent(self, x, xi):
-        return _ProductTangentVector([p.tangent(c, d) for p, c, d in zip(self.parts, x, xi)])
+        return self.vector_type(x)([p.tangent(c, d) for p, c, d in zip(self.parts, x, xi)])
 
 
 class _Custom(HostGeometry):
@@ -519,7 +415,7 @@ class _Custom(HostGeometry):
 
     def tangent(self, x, xi):
         if isinstance(self.manifold, pm.Product) and type(xi) is list:
-            return type(self.manifold.zero_vector(x))(xi)  # Pymanopt's product tangent type (supports +, *)
+            return self.vector_type(x)(xi)  # Pymanopt's product tangent type (supports +, *)
         return xi
 
 

@@ -8,8 +8,7 @@ One iteration at a point ``x`` (spec §1):
    computed without Pymanopt's divisions by ``s_i^2 - s_j^2``);
 2. the iMuon direction ``xi`` and the LMO gap ``<E, xi>`` from
    :func:`imuon_manopt.direction.intrinsic_direction` with the manifold's metric operator
-   (:mod:`._pymanopt_geometry`), or from the same closed form evaluated directly in numpy where that
-   is cheaper (``FixedRankEmbedded`` with the spectral or Frobenius norm);
+   (:mod:`._pymanopt_geometry`); on small problems the core computes in numpy (no torch call);
 3. ``x <- manifold.retraction(x, -eta * xi)``, ``eta`` from the step-size rule (:mod:`.step_size`).
 
 With momentum ``beta > 0`` the buffer is a tangent vector, ``m <- beta * transport(m) + grad f``,
@@ -39,7 +38,7 @@ from pymanopt.tools import printer
 from ..direction import intrinsic_direction
 from ..geometry import MetricOperator
 from ..lmo import Norm, PolarSpec, resolve_norm, resolve_polar
-from ._pymanopt_geometry import host_geometry, single_threaded
+from ._pymanopt_geometry import host_geometry
 from .step_size import StepSizeRule, resolve_step_size
 
 __all__ = ["IMuon"]
@@ -178,11 +177,7 @@ class IMuon(Optimizer):
     def _direction(self, host, x, e_core):
         """``(xi, gap)``: the iMuon direction at ``x`` as a Pymanopt tangent vector, and the LMO
         gap, for the core Euclidean gradient ``e_core``."""
-        closed_form = host.direction(x, e_core, self._norm, self._polar)
-        if closed_form is not None:
-            return closed_form
-        with single_threaded():
-            d = intrinsic_direction(host.geometry, host.core_point(x), e_core, self._nrm, polar=self._polar_spec)
+        d = intrinsic_direction(host.geometry, host.core_point(x), e_core, self._nrm, polar=self._polar_spec)
         return host.tangent(x, d.xi), float(d.gap)
 
     def _gradient_function(self, problem, host):
