@@ -84,10 +84,11 @@ def problems(quick: bool):
         m, r = 200, 5
     fr_copy = matrix_completion._copy_fixed_rank
 
-    def pca_case(manifold):
+    def pca_case(manifold, size=(n, p), backend="numpy"):
         def build():
-            problem, x0, error, _ = pca.make_problem(n, p, gap, manifold)
-            return problem, x0, error, 1e-8, ("iMuon-spectral", "iMuon-frobenius", "SD", "CG", "TR"), None
+            problem, x0, error, _ = pca.make_problem(*size, gap, manifold, backend=backend)
+            solvers = ("iMuon-spectral", "iMuon-frobenius", "SD", "CG") + (("TR",) if backend == "numpy" else ())
+            return problem, x0, error, 1e-8, solvers, None
 
         return build
 
@@ -112,7 +113,13 @@ def problems(quick: bool):
         problem, x0, error = sphere_problem(32 if quick else 128)
         return problem, x0, error, 1e-8, ("iMuon-spectral", "iMuon-frobenius", "SD", "CG"), None
 
+    small = (32, 4) if quick else (64, 10)
     return {
+        **{
+            f"PCA {m.capitalize()}({small[0]},{small[1]}) gap {gap:g} {backend}": pca_case(m, small, backend)
+            for m in ("grassmann", "stiefel")
+            for backend in ("numpy", "autograd")
+        },
         f"Rayleigh quotient Sphere({32 if quick else 128})": sphere_case,
         f"PCA Grassmann({n},{p}) gap {gap:g}": pca_case("grassmann"),
         f"PCA Stiefel({n},{p}) gap {gap:g}": pca_case("stiefel"),

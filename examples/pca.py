@@ -74,9 +74,12 @@ def digits_covariance(p: int = 10, seed: int = 0):
     return cov, vec[:, :p].copy(), float(lam[:p].sum()), x0
 
 
-def make_problem(n: int = 1000, p: int = 10, gap: float = 0.01, manifold: str = "grassmann", seed: int = 0):
-    """Return ``(problem, initial_point, error, final_info)`` for one manifold (``"grassmann"`` or ``"stiefel"``)."""
-    return problem_for(*covariance(n, p, gap, seed), manifold)
+def make_problem(
+    n: int = 1000, p: int = 10, gap: float = 0.01, manifold: str = "grassmann", seed: int = 0, backend: str = "numpy"
+):
+    """Return ``(problem, initial_point, error, final_info)`` for one manifold (``"grassmann"`` or ``"stiefel"``);
+    ``backend="autograd"`` differentiates the cost with autograd instead of the explicit gradient."""
+    return problem_for(*covariance(n, p, gap, seed), manifold, backend=backend)
 
 
 def make_digits_problem(p: int = 10, manifold: str = "grassmann", seed: int = 0):
@@ -84,11 +87,14 @@ def make_digits_problem(p: int = 10, manifold: str = "grassmann", seed: int = 0)
     return problem_for(*digits_covariance(p, seed), manifold)
 
 
-def problem_for(cov: np.ndarray, top: np.ndarray, optimum: float, x0: np.ndarray, manifold: str):
+def problem_for(
+    cov: np.ndarray, top: np.ndarray, optimum: float, x0: np.ndarray, manifold: str, backend: str = "numpy"
+):
     """``(problem, initial_point, error, final_info)`` of ``min -tr(X^T C X)`` on ``manifold`` (``"grassmann"`` or
     ``"stiefel"``) for ``C`` (``n x n``) with dominant subspace ``span(top)`` (``n x p``) and optimum ``-optimum``.
     ``final_info`` gives ``sin_theta`` (largest principal angle to ``span(top)``) and ``captured``
-    (``tr(X^T C X) / optimum``)."""
+    (``tr(X^T C X) / optimum``). ``backend``: ``"numpy"`` (explicit gradient and Hessian) or ``"autograd"`` (the
+    cost only, differentiated by autograd)."""
     n, p = top.shape
     x0 = x0.copy()
 
@@ -111,7 +117,18 @@ def problem_for(cov: np.ndarray, top: np.ndarray, optimum: float, x0: np.ndarray
     def ehess(x, u):
         return -2.0 * (cov @ u)
 
-    problem = pymanopt.Problem(mani, cost, euclidean_gradient=egrad, euclidean_hessian=ehess)
+    if backend == "autograd":
+        import autograd.numpy as anp
+
+        @pymanopt.function.autograd(mani)
+        def autograd_cost(x):
+            return -anp.sum(x * (cov @ x))
+
+        problem = pymanopt.Problem(mani, autograd_cost)
+    elif backend == "numpy":
+        problem = pymanopt.Problem(mani, cost, euclidean_gradient=egrad, euclidean_hessian=ehess)
+    else:
+        raise ValueError(f"unknown backend {backend!r}; expected 'numpy' or 'autograd'")
 
     def error(x):
         return abs(optimum - float(np.sum(x * (cov @ x)))) / optimum

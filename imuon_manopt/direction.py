@@ -190,7 +190,7 @@ def intrinsic_direction(
         raise TypeError(f"geometry must be an imuon_manopt.geometry.MetricOperator, got {type(geometry).__name__}")
     nrm = resolve_norm(norm)
     spec = resolve_polar(polar)
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not float(tau) >= 0:
+    if type(tau) is not float and (isinstance(tau, bool) or not isinstance(tau, numbers.Real)) or not float(tau) >= 0:
         raise ValueError(f"tau must be a non-negative number, got {tau!r}")
     tau = float(tau)
     method = spec.method
@@ -205,6 +205,7 @@ def intrinsic_direction(
     if (
         as_numpy
         and schedule is None
+        and sketch is None
         and dtype is None
         and nrm.name in _NUMPY_NORMS
         and _stays_numpy(geometry, x, egrad)

@@ -195,6 +195,11 @@ class _Frames(HostGeometry):
 
     flat = _identity_flat
 
+    def tangent(self, x, xi):
+        # the core's direction is tangent already (X Omega + K with skew Omega and X^T K = 0 on Stiefel, (I - X X^T)
+        # times a matrix on Grassmann): no projection
+        return xi
+
     def check_point(self, x):
         m = self.manifold
         shape = (m._n, m._p) if m._k == 1 else (m._k, m._n, m._p)
