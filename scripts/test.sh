@@ -5,6 +5,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check imuon_manopt tests examples benchmarks
 .venv/bin/ruff format --check imuon_manopt tests examples benchmarks
+# The sdist and wheel build, pass twine's metadata check, and the wheel works in a clean venv (~1-2 min, mostly
+# installing torch there).
+bash scripts/check_package.sh
 # The whole pytest run is bounded (20 minutes by default, TEST_TIMEOUT=seconds to change it): timeout kills
 # pytest's whole process group, so a hung run fails CI instead of using up its budget. Each multi-process
 # test also has its own deadline (tests/_multiprocess.py).

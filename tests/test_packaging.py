@@ -82,3 +82,47 @@ def test_dtensor_recognized_once_loaded():
         """
     )
     assert out.strip().endswith("ok")
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
+        return tomllib.load(handle)
+
+
+def test_one_version_source():
+    import re
+
+    import imuon_manopt
+
+    project = _pyproject()["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert _pyproject()["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "imuon_manopt.__version__"}
+    with open(os.path.join(ROOT, "CITATION.cff"), encoding="utf-8") as handle:
+        cited = re.search(r"^version: (\S+)$", handle.read(), flags=re.MULTILINE)
+    assert cited is not None and cited.group(1) == imuon_manopt.__version__  # bump both (CONTRIBUTING)
+
+
+def test_license_and_changelog():
+    project = _pyproject()["project"]
+    assert project["license"] == "BSD-3-Clause" and project["license-files"] == ["LICENSE"]
+    with open(os.path.join(ROOT, "LICENSE"), encoding="utf-8") as handle:
+        assert "Redistribution and use in source and binary forms" in handle.read()
+    with open(os.path.join(ROOT, "CHANGELOG.md"), encoding="utf-8") as handle:
+        assert "## [Unreleased]" in handle.read()
+
+
+def test_plain_install_pulls_no_test_or_unused_packages():
+    # The package never imports scipy or autograd (tests and examples get them through extras), and the plain
+    # install carries no test tools.
+    import re
+
+    required = {re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0].lower() for d in _pyproject()["project"]["dependencies"]}
+    assert required == {"numpy", "torch", "pymanopt", "geoopt"}
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "imuon_manopt")):
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(dirpath, name), encoding="utf-8") as handle:
+                    source = handle.read()
+                assert not re.search(r"^\s*(import|from) (scipy|autograd)\b", source, flags=re.MULTILINE), name

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Packaging check (run by scripts/test.sh): builds the sdist and the wheel, checks their metadata with twine,
+# checks what the sdist carries, installs the wheel into a clean virtualenv (torch pinned as scripts/setup.sh does;
+# no extras) and there imports the three entry points and runs the README's first two examples.
+# Uses the pip cache, so after the first run nothing is downloaded. TORCH_INDEX_URL as in scripts/setup.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON_BIN:-.venv/bin/python}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+start=$SECONDS
+
+"$PY" -m build --outdir "$WORK/dist" . >"$WORK/build.log" 2>&1 || { cat "$WORK/build.log"; exit 1; }
+"$PY" -m twine check --strict "$WORK"/dist/*
+
+sdist=$(ls "$WORK"/dist/*.tar.gz)
+wheel=$(ls "$WORK"/dist/*.whl)
+tar -tzf "$sdist" >"$WORK/sdist.txt"  # listed to files first: `tar | grep -q` fails under pipefail (SIGPIPE)
+"$PY" -m zipfile -l "$wheel" >"$WORK/wheel.txt"
+for required in LICENSE CITATION.cff CHANGELOG.md docs/math.md docs/results/digits_stiefel.png examples/pca.py \
+    imuon_manopt/py.typed; do
+    grep -q "^[^/]*/$required\$" "$WORK/sdist.txt" || { echo "sdist lacks $required"; exit 1; }
+done
+for required in imuon_manopt/py.typed imuon_manopt/optim/__init__.py imuon_manopt/optimizers/__init__.py; do
+    grep -q "^$required " "$WORK/wheel.txt" || { echo "wheel lacks $required"; exit 1; }
+done
+
+"$PY" -m venv "$WORK/venv"
+VPY="$WORK/venv/bin/python"
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    "$VPY" -m pip install --quiet -c constraints.txt torch --index-url "$TORCH_INDEX_URL"
+fi
+"$VPY" -m pip install --quiet -c constraints.txt "$wheel"
+if "$VPY" -m pip show --quiet autograd pytest >/dev/null 2>&1; then
+    echo "the plain install pulled a test extra (autograd or pytest)"; exit 1
+fi
+
+# Outside the source tree, so the installed wheel is what gets imported.
+cd "$WORK"
+"$VPY" - "$ROOT/README.md" <<'PYEOF'
+import re
+import sys
+
+import imuon_manopt
+import imuon_manopt.optim
+import imuon_manopt.optimizers
+
+assert imuon_manopt.__file__.startswith(sys.prefix), imuon_manopt.__file__  # the wheel, not the checkout
+blocks = re.findall(r"```python\n(.*?)```", open(sys.argv[1], encoding="utf-8").read(), flags=re.DOTALL)
+for i, code in enumerate(blocks[:2]):  # the first screen's examples: one per host
+    exec(compile(code, f"README.md[python block {i}]", "exec"), {"__name__": f"readme_{i}"})
+print(f"wheel imuon_manopt {imuon_manopt.__version__}: three entry points import, README examples 1-2 run")
+PYEOF
+echo "packaging check: $((SECONDS - start)) s"
