@@ -62,6 +62,7 @@ __all__ = [
     "PolarSpec",
     "resolve_norm",
     "resolve_polar",
+    "kyfan_factors",
     "lmo",
     "dual_norm",
     "polar",
@@ -365,8 +366,9 @@ def fmuon_mix(z_polar: torch.Tensor, h: torch.Tensor, fro: torch.Tensor, alpha: 
 
 
 def _kyfan_gram(x: torch.Tensor, k: int, eps: float | None, rank: int | None):
-    """Exact ``U_k V_k^T`` of a thin ``x`` (..., m, n) from the Gram matrix of its short side (float64): with
-    ``X^T X = V diag(lam) V^T`` (``n <= m``), ``Z = X V_k diag(lam_k)^(-1/2) V_k^T``. Returns ``(Z, KF_k(X))``."""
+    """Exact top-k factors of a thin ``x`` (..., m, n) from the Gram matrix of its short side (float64): with
+    ``X^T X = V diag(lam) V^T`` (``n <= m``), ``P = X V_k diag(lam_k)^(-1/2)`` and ``U_k V_k^T = P V_k^T``.
+    Returns ``(P, V_k^T, KF_k(X))`` in ``x``'s orientation."""
     transpose = x.shape[-2] < x.shape[-1]
     y = x.mT if transpose else x
     scale = _max_abs(y)
@@ -384,9 +386,10 @@ def _kyfan_gram(x: torch.Tensor, k: int, eps: float | None, rank: int | None):
         keep = keep & (torch.arange(kk, device=x.device) < rank)
     sig = lam_k.sqrt()
     inv = torch.where(keep, 1.0 / torch.where(keep, sig, torch.ones_like(sig)), torch.zeros_like(sig))
-    z = ((y64 @ v_k) * inv.unsqueeze(-2)) @ v_k.mT
-    z = z.to(x.dtype)
-    return (z.mT if transpose else z), sig.sum(dim=-1).to(x.dtype) * scale[..., 0, 0]
+    left = ((y64 @ v_k) * inv.unsqueeze(-2)).to(x.dtype)
+    right = v_k.mT.to(x.dtype)
+    dual = sig.sum(dim=-1).to(x.dtype) * scale[..., 0, 0]
+    return (right.mT, left.mT, dual) if transpose else (left, right, dual)
 
 
 def _kyfan_randomized(
@@ -430,9 +433,62 @@ def _kyfan_randomized(
     keep = sv[..., :kk] > tol
     if rank is not None:
         keep = keep & (torch.arange(kk, device=x.device) < rank)
-    z = (q @ (u[..., :kk] * keep.unsqueeze(-2).to(u.dtype))) @ vh[..., :kk, :]
+    left = q @ (u[..., :kk] * keep.unsqueeze(-2).to(u.dtype))
+    right = vh[..., :kk, :]
     dual = sv[..., :kk].sum(dim=-1) * scale[..., 0, 0]
-    return (z.mT if transpose else z), dual
+    return (right.mT, left.mT, dual) if transpose else (left, right, dual)
+
+
+def _kyfan_factors(
+    x: torch.Tensor,
+    k: int,
+    *,
+    sketch: PolarSpec | None,
+    eps: float | None,
+    rank: int | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Ky Fan LMO of ``x`` (..., m, n) as factors ``(P, R, dual)``: ``Z = P R`` with ``P`` (..., m, k') of
+    orthonormal columns (zero columns beyond the numerical rank) and ``R`` (..., k', n) of orthonormal rows,
+    ``k' = min(k, m, n)``; ``P P^T`` projects onto the column space of the step. Randomized (``sketch``, when the
+    short side exceeds ``k + oversample``), Gram/eigh (thin CPU blocks) or SVD."""
+    short, long = sorted(x.shape[-2:])
+    if sketch is not None and k + sketch.oversample < short:
+        return _kyfan_randomized(x, k, sketch.oversample, sketch.power_iters, sketch.dtype, eps, rank, generator)
+    if k < short and long >= _KF_GRAM_ASPECT * short and x.device.type == "cpu":
+        return _kyfan_gram(x, k, eps, rank)
+    u, s, vh, scale, keep = _svd_parts(x, eps=eps, rank=rank)
+    kk = min(k, s.shape[-1])
+    left = u[..., :kk] * keep[..., :kk].unsqueeze(-2).to(u.dtype)
+    return left, vh[..., :kk, :], s[..., :kk].sum(dim=-1) * scale[..., 0, 0]
+
+
+def kyfan_factors(
+    h: torch.Tensor,
+    k: int,
+    polar: str | dict[str, Any] | PolarSpec = "svd",
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Ky Fan LMO ``U_k V_k^T`` of a torch tensor ``h`` (..., m, n) in factored form ``(P, R, dual)``, ``Z = P
+    R``: ``P`` (..., m, k') has orthonormal columns (those beyond the numerical rank are zero), ``R`` (..., k', n)
+    orthonormal rows, ``k' = min(k, m, n)``; ``dual`` is ``<H, Z>`` (``KF_k(H)`` for the exact solvers). ``P P^T H``
+    is the part of ``H`` the step uses (error feedback keeps the rest). ``polar`` as in :func:`resolve_polar`:
+    ``"randomized"`` uses the range finder, anything else the exact path. Computed in ``h``'s dtype (at least
+    float32); no numpy, no validation beyond the spec."""
+    spec = resolve_polar(polar)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    x = h.to(_promote(h.dtype))
+    p, r, d = _kyfan_factors(
+        x,
+        k,
+        sketch=spec if spec.method == "randomized" else None,
+        eps=torch.finfo(h.dtype).eps,
+        rank=None,
+        generator=generator,
+    )
+    return p, r, d
 
 
 def _lmo_tensor(
@@ -476,14 +532,8 @@ def _lmo_tensor(
         dual = None if nuc is None else alpha * nuc + (1.0 - alpha) * fro[..., 0, 0]
         return fmuon_mix(zp, x, fro, alpha), dual
     if nrm.name == "kyfan" and not symmetric:
-        k = int(nrm.k)  # type: ignore[arg-type]
-        short, long = sorted(x.shape[-2:])
-        if sketch is not None and k + sketch.oversample < short:
-            return _kyfan_randomized(
-                x, k, sketch.oversample, sketch.power_iters, sketch.dtype, eps, rank, generator
-            )  # fmt: skip
-        if k < short and long >= _KF_GRAM_ASPECT * short and x.device.type == "cpu":
-            return _kyfan_gram(x, k, eps, rank)
+        left, right, dual = _kyfan_factors(x, int(nrm.k), sketch=sketch, eps=eps, rank=rank, generator=generator)  # type: ignore[arg-type]
+        return left @ right, dual
     if nrm.name == "frobenius":
         scale = _max_abs(x)
         y = x / scale
