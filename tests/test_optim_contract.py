@@ -281,7 +281,7 @@ def test_decoupled_weight_decay_on_plain_and_pairs():
         b.grad, a.grad = gb.clone(), ga.clone()
         IMuon([b, a], lr=LR, momentum=0.0, polar="svd", pairs=[(b, a)], weight_decay=decay).step()
         products.append(b.detach() @ a.detach())
-    torch.testing.assert_close(products[1], (1 - LR * wd) * products[0])
+    torch.testing.assert_close(products[1], (1 - LR * wd) ** 2 * products[0])  # per factor, as AdamW
 
 
 def test_weight_decay_on_a_manifold_group_is_refused():

@@ -150,6 +150,19 @@ class FixedRank(MetricOperator):
         v_b, v_a = v
         return (v_b @ r_a.mT) @ r_a, r_b.mT @ (r_b @ v_a)
 
+    def captured(self, state, egrad, xi):
+        """The part of the factor gradients (or momenta) ``(E_B, E_A)`` that a low-rank step ``xi`` used, for error
+        feedback: with the whitened step ``(Z_B, Z_A) = (xi_B R_A^T, R_B xi_A)`` of a Ky Fan LMO (``Z = U_k V_k^T``
+        per block, so ``Z Z^T`` and ``Z^T Z`` are orthogonal projectors), the projections of ``H_B`` on the columns
+        of ``Z_B`` and of ``H_A`` on the rows of ``Z_A``, the sides the whitening does not act on, lowered back:
+        ``(Z_B (Z_B^T E_B), (E_A Z_A^T) Z_A)``. Shapes as ``egrad``; ``O((m + n) r^2)``."""
+        r_b, r_a = state
+        xi_b, xi_a = xi
+        e_b, e_a = egrad
+        z_b = xi_b @ r_a.mT
+        z_a = r_b @ xi_a
+        return z_b @ (z_b.mT @ e_b), (e_a @ z_a.mT) @ z_a
+
     def __repr__(self) -> str:
         return f"FixedRank(factorization={self.factorization!r})"
 

@@ -35,6 +35,7 @@ from ._stack import stack
 __all__ = [
     "KEY",
     "Stacked",
+    "accumulate",
     "buffers",
     "covector",
     "euclidean",
@@ -105,6 +106,13 @@ def euclidean_stacked(
     """:func:`euclidean` on stacked tensors: ``(e~, new buf)`` (two elementwise ops)."""
     new = torch.add(e, buf, alpha=beta)
     return (torch.add(e, new, alpha=beta) if use_nesterov else new), new
+
+
+def accumulate(e: list[torch.Tensor], bufs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Error feedback's momentum (Dion): ``M = buf + E``, a sum without decay; the group's step returns the new
+    buffer ``M - (1 - beta) P P^T M`` (what the low-rank step used decays, the rest stays;
+    :func:`~imuon_manopt.optim._steps.matrix_body`, :func:`~imuon_manopt.optim._pairs.pair_body`)."""
+    return torch._foreach_add(e, bufs)
 
 
 def _stack(ts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

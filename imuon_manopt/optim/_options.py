@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..lmo import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, PolarSpec, resolve_norm, resolve_polar
+from ..transforms import resolve_input_transform
 from . import _dispatch
 
 POLARS = ("svd", "newton_schulz", "randomized")
@@ -251,12 +252,8 @@ def prepare_pairs(
     return out, index
 
 
-INPUT_TRANSFORMS = ("muoneq_row", "muoneq_col", "muoneq_rowcol")
-INPUT_TRANSFORMS_WITH_PARAMETER = ("root_clip", "mimuon")
-
-
 def check_family_options(opts: dict[str, Any], nrm: Any, where: str = "") -> None:
-    """``error_feedback`` and ``input_transform``: their values, and where they are defined."""
+    """``error_feedback`` and ``input_transform``: their values, and the norms they need."""
     ef = opts.get("error_feedback", False)
     if not isinstance(ef, bool):
         raise ValueError(f"{where}error_feedback must be a bool, got {ef!r}")
@@ -267,28 +264,17 @@ def check_family_options(opts: dict[str, Any], nrm: Any, where: str = "") -> Non
         )
     if ef and opts["momentum"] == 0:
         raise ValueError(f"{where}error_feedback=True keeps the error in the momentum buffer: it needs momentum > 0")
-    t = opts.get("input_transform")
-    if t is None:
-        return
-    if isinstance(t, str):
-        if t not in INPUT_TRANSFORMS:
-            raise ValueError(
-                f"{where}unknown input_transform={t!r}; expected None, one of {INPUT_TRANSFORMS}, "
-                "('root_clip', percentile) or ('mimuon', threshold)"
-            )
-        return
-    if not (isinstance(t, tuple) and len(t) == 2 and t[0] in INPUT_TRANSFORMS_WITH_PARAMETER):
+    if ef and opts["pair_momentum"] == "ambient":
         raise ValueError(
-            f"{where}invalid input_transform={t!r}; expected None, one of {INPUT_TRANSFORMS}, "
-            "('root_clip', percentile) or ('mimuon', threshold)"
+            f"{where}error_feedback=True is defined for the invariant pair step (pair_momentum='factor'), not for the "
+            "ambient LoRA mode"
         )
-    v = t[1]
-    if t[0] == "root_clip" and (not _real(v) or not 0.0 < v < 1.0):
+    try:
+        transform = resolve_input_transform(opts.get("input_transform"))
+    except ValueError as err:
+        raise ValueError(f"{where}{err}") from err
+    if transform is not None and ef:
         raise ValueError(
-            f"{where}input_transform=('root_clip', percentile) needs the percentile as a fraction in (0, 1) (ROOT: "
-            f"0.9, the 90th percentile of |entries|), got {v!r}"
-        )
-    if t[0] == "mimuon" and (not _real(v) or not 0.0 <= v <= 1.0 or not math.isfinite(v)):
-        raise ValueError(
-            f"{where}input_transform=('mimuon', threshold) needs a relative gap threshold in [0, 1], got {v!r}"
+            f"{where}input_transform={opts['input_transform']!r} with error_feedback=True: error feedback needs the "
+            "LMO of the momentum itself; use one or the other"
         )

@@ -129,20 +129,26 @@ def _stepped(b, a, xi_b, xi_a, step_lr: float, lazy: bool) -> tuple[torch.Tensor
 
 def pair_body(group: dict[str, Any], shape2d: tuple[int, int], wdt: torch.dtype, out: torch.dtype, lazy: bool) -> Body:
     """The fixed-rank step of stacked pairs of one shape: ``(B, A, E~_B, E~_A) -> (B_new, A_new)``, ``(B - t xi_B,
-    A - t xi_A)`` scaled by ``sqrt(1 - lr wd)``, with ``t`` from :func:`step_lengths`, in the parameters' dtype
+    A - t xi_A)``, each factor scaled by ``1 - lr wd``, with ``t`` from :func:`step_lengths`, in the parameters' dtype
     ``out``."""
     lr = float(group["lr"])
     step_lr = adjusted_lr(lr, group["adjust_lr_fn"], shape2d)
     wd = group["weight_decay"]
     geometry = _FIXED_RANK if group["pair_momentum"] == "factor" else _AMBIENT
+    feedback = bool(group.get("error_feedback"))
+    decay = 1.0 - group["momentum"]
 
-    def body(b, a, e_b, e_a) -> tuple[torch.Tensor, torch.Tensor]:
+    def body(b, a, e_b, e_a) -> tuple[torch.Tensor, ...]:
         xi_b, xi_a = direction(geometry, (b, a), (e_b, e_a), group)
         new_b, new_a = _stepped(b, a, xi_b, xi_a, step_lr, lazy)
         if wd > 0:
-            scale = math.sqrt(max(0.0, 1.0 - lr * wd))
+            scale = max(0.0, 1.0 - lr * wd)  # per factor, as AdamW decays LoRA factors: the product by its square
             new_b, new_a = new_b * scale, new_a * scale
-        return new_b.to(out), new_a.to(out)
+        if not feedback:
+            return new_b.to(out), new_a.to(out)
+        # error feedback (inputs are the summed momenta M_B, M_A): the used part decays by beta, the rest stays
+        cap_b, cap_a = _FIXED_RANK.captured(_FIXED_RANK.at((b, a)), (e_b, e_a), (xi_b, xi_a))
+        return new_b.to(out), new_a.to(out), e_b - decay * cap_b, e_a - decay * cap_a
 
     return body
 

@@ -22,6 +22,8 @@ import torch
 
 from ..direction import intrinsic_direction
 from ..geometry import Euclidean, MetricOperator
+from ..lmo import kyfan_factors, resolve_norm
+from ..transforms import resolve_input_transform, transformed_lmo
 from . import _momentum
 from ._dispatch import ManifoldRule
 from ._lr import adjusted_lr
@@ -92,12 +94,43 @@ def matrix_body(group: dict[str, Any], shape2d: tuple[int, int], wdt: torch.dtyp
     lr = float(group["lr"])
     step_lr = adjusted_lr(lr, group["adjust_lr_fn"], shape2d)
     wd = group["weight_decay"]
+    if group.get("error_feedback"):
+        return _error_feedback_body(group, shape2d, out, lr, step_lr, wd)
+    transform = resolve_input_transform(group.get("input_transform"))
 
     def body(x: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor]:
         n = x.shape[0]
-        xi = direction(_EUCLIDEAN, x.reshape(n, *shape2d), e.reshape(n, *shape2d), group).reshape(x.shape)
+        x2, e2 = x.reshape(n, *shape2d), e.reshape(n, *shape2d)
+        if transform is None:
+            xi = direction(_EUCLIDEAN, x2, e2, group)
+        else:  # plain matrices: the whitened gradient is E~ itself and the un-whitening the identity
+            xi = transformed_lmo(e2, transform, lambda h: direction(_EUCLIDEAN, x2, h, group))[0]
         base = x * (1.0 - lr * wd) if wd > 0 else x
-        return (torch.add(base, xi, alpha=-step_lr).to(out),)
+        return (torch.add(base, xi.reshape(x.shape), alpha=-step_lr).to(out),)
+
+    return body
+
+
+def _error_feedback_body(
+    group: dict[str, Any], shape2d: tuple[int, int], out: torch.dtype, lr: float, step_lr: float, wd: float
+) -> Body:
+    """Dion's error feedback on plain matrices with a Ky Fan LMO: ``(x, M) -> (x_new, M_new)`` where ``M = buf + E``
+    is the momentum after this step's gradient (a sum, no decay), ``Z = P R`` its Ky Fan LMO (``P`` orthonormal
+    columns spanning the step), ``x_new = (1 - lr wd) x - lr' Z`` and ``M_new = M - (1 - beta) P P^T M``: the part
+    of the momentum the step used decays by ``beta``, what it left out stays whole."""
+    nrm = resolve_norm(group["norm"])
+    k = int(nrm.k) if nrm.k is not None else 1
+    spec = polar_spec(group)
+    decay = 1.0 - group["momentum"]
+
+    def body(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
+        m2 = m.reshape(n, *shape2d)
+        p, r, _ = kyfan_factors(m2, k, spec)
+        xi = (p @ r).to(x.dtype).reshape(x.shape)
+        new_m = m2 - decay * (p @ (p.mT @ m2.to(p.dtype))).to(m2.dtype)
+        base = x * (1.0 - lr * wd) if wd > 0 else x
+        return torch.add(base, xi, alpha=-step_lr).to(out), new_m.reshape(m.shape)
 
     return body
 

@@ -71,9 +71,17 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
         momentum: ``beta`` in ``[0, 1)`` (default 0.95); 0 disables the buffers.
         nesterov: Nesterov combination ``E~ = E + beta * buf`` (default) instead of ``E~ = buf``.
         weight_decay: decoupled decay ``p <- (1 - lr * wd) p`` (unadjusted ``lr``) for plain tensors (the iMuon
-            matrices and the fallback) and for pairs (applied to the product: both factors are scaled by ``sqrt(1 -
-            lr * wd)``, which keeps the rank and the gauge invariance). A group with ``weight_decay > 0`` may not
-            hold manifold parameters (decay leaves the manifold): ``ValueError``.
+            matrices and the fallback) and for pairs (each factor, as AdamW decays LoRA factors, so the product by
+            ``(1 - lr * wd)^2``; this keeps the rank and the gauge invariance). A group with ``weight_decay > 0`` may
+            not hold manifold parameters (decay leaves the manifold): ``ValueError``. **The constraint behind it**
+            (Lion-K, Chen-Li-Liu): since the step has norm ``a * lr`` and the decay is ``lr * wd``, IMuon with the
+            spectral norm converges to the solution of ``min f(X) s.t. ||X||_2 <= a / wd`` (plain matrices; for a
+            pair the product ``X = B A``, of rank at most r), reached exponentially fast in ``lr * wd * steps``, to
+            within the step size. The scale ``a`` comes from ``adjust_lr_fn``: ``None`` 1, ``"original"``
+            ``sqrt(max(1, a / b))``, ``"match_rms_adamw"`` ``0.2 sqrt(max(a, b))``, a callable ``fn(lr, shape) /
+            lr``. With another norm the set is that norm's ball of radius ``a / wd`` in the dual sense (Ky Fan k:
+            ``||X||_2 <= a / wd`` and ``||X||_* <= k a / wd``); Newton–Schulz's inexact polar factors (singular
+            values up to ~1.2) widen it by as much.
         norm: the LMO's norm (:func:`imuon_manopt.lmo.resolve_norm`): ``"spectral"`` (default), ``"frobenius"``,
             ``"nuclear"``, ``("schatten", p)``, ``("kyfan", k)`` (the step ``U_k V_k^T`` of the top ``k`` singular
             pairs of each whitened block: low-rank Muon / Fanion-k; ``k = 1`` is ``"nuclear"``) or ``("fmuon",
@@ -113,8 +121,15 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
 
     Param-group options besides these: ``use_imuon=False`` sends every plain tensor of the group to the fallback
     (e.g. embeddings and output heads, as is common with Muon); ``pair_momentum="ambient"`` selects the reference
-    LoRA mode for the group's pairs. Deprecated constructor keywords (``ns_steps``, ``ns_dtype``,
-    ``pair_momentum``, ``fallback_lr``, ``betas``, ``eps``, ``use_imuon``) still work with a ``DeprecationWarning``.
+    LoRA mode for the group's pairs; ``error_feedback=True`` (with ``norm=("kyfan", k)``, plain matrices and pairs
+    only) replaces the momentum by Dion's error feedback: ``M <- M + E``, the step is the Ky Fan LMO of ``M`` (of
+    its whitened blocks for pairs), then ``M <- M - (1 - momentum) P P^T M`` with ``P`` spanning the step, so what
+    the low-rank step leaves out stays in the buffer (``nesterov`` is not used); ``input_transform`` (plain matrices
+    only; see :mod:`imuon_manopt.transforms`: ``"muoneq_row"``, ``"muoneq_col"``, ``"muoneq_rowcol"``,
+    ``("root_clip", percentile)``, ``("mimuon", threshold)``) transforms the momentum before the LMO: these are
+    not LMOs of a norm, they break the invariances elsewhere and are refused there. Deprecated constructor keywords
+    (``ns_steps``, ``ns_dtype``, ``pair_momentum``, ``fallback_lr``, ``betas``, ``eps``, ``use_imuon``) still work
+    with a ``DeprecationWarning``.
 
     Notes:
         - Updates and optimizer state (momentum, AdamW moments) are kept in at least float32: half-precision
@@ -179,6 +194,13 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
                     f"pairs[{i}]: B is in param group {group_of[b]} and A in group {group_of[a]}; a pair's factors "
                     "must share one group (its options apply to the pair)"
                 )
+            transform = self.param_groups[group_of[b]]["input_transform"]
+            if transform is not None:
+                raise ValueError(
+                    f"pairs[{i}] is in param group {group_of[b]} with input_transform={transform!r}: the transform "
+                    "would break the pair step's gauge invariance (elementwise clipping, equilibration along the rank "
+                    "dimension); input transforms apply to plain matrices only. Put the pair in another param group."
+                )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (torch semantics), validating its options and its parameters' manifolds."""
@@ -212,6 +234,18 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
             if not opts["use_imuon"]:
                 raise ValueError(
                     f"{what} lies on {manifold!r}: use_imuon=False (the Euclidean fallback) would leave the manifold"
+                )
+            if opts["error_feedback"]:
+                raise ValueError(
+                    f"{what} lies on {manifold!r} and its group has error_feedback=True: the fed-back residual never "
+                    "decays, and no transport keeps such a buffer meaningful on a curved manifold. Error feedback is "
+                    "defined for plain matrices and pairs; put manifold parameters in another param group."
+                )
+            if opts["input_transform"] is not None:
+                raise ValueError(
+                    f"{what} lies on {manifold!r} and its group has input_transform={opts['input_transform']!r}: "
+                    "these transforms are not LMOs of a norm and break the manifold's tangency or invariances; they "
+                    "apply to plain matrices only. Put manifold parameters in another param group."
                 )
         param_group["params"] = params
         param_group.setdefault("lr_at_init", float(opts["lr"]))
@@ -327,12 +361,16 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
                 if beta > 0:
                     writes.append(((p, "momentum_buffer"), out[1]))
             return
-        if beta > 0:  # per shape (a pair group holds two), so that the tensors stack
+        feedback = bool(group["error_feedback"])
+        if feedback:  # the summed momentum M = buf + E; the group's function returns the new buffers
+            es = _momentum.accumulate(es, _momentum.buffers(self.state, params, es))
+        elif beta > 0:  # per shape (a pair group holds two), so that the tensors stack
             es = _momentum.plain(self.state, params, es, grp.parts, beta, group["nesterov"], writes)
         if grp.kind == "matrix":
             fn = _steps.matrix_fn(group, grp.shape2d, wdt, p0.dtype)
             outputs = apply_full(params, list(zip(xs, es)), fn, owner=True)
             news = [out[0] for out in outputs]
+            bufs = [out[1] for out in outputs] if feedback else []
         else:  # pairs: one item (B, A, E~_B, E~_A) per pair; small, so computed on every rank
             n = len(grp.pair_ids)
             fn = _pairs.pair_fn(group, grp.shape2d, wdt, p0.dtype, lazy)
@@ -340,8 +378,11 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
             inputs = [(xs[j], xs[n + j], es[j], es[n + j]) for j in range(n)]
             outputs = apply_full(items, inputs, fn, owner=False)
             news = [out[0] for out in outputs] + [out[1] for out in outputs]
+            bufs = [out[2] for out in outputs] + [out[3] for out in outputs] if feedback else []
         writes.extend(zip(params, news))
         checks.extend(news)
+        writes.extend(((p, _momentum.KEY), v) for p, v in zip(params, bufs))
+        checks.extend(bufs)
 
     def _update_stacked(self, grp: Group, lazy: bool, writes: list, checks: list) -> None:
         """:meth:`_update` for plain matrices and pairs that are not sharded: one gather (``torch.stack``) of the
@@ -355,7 +396,8 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
         beta = group["momentum"]
         if beta > 0 and len(grp.momentum) != len(grp.parts):
             grp.momentum = [_momentum.Stacked() for _ in grp.parts]
-        olds, es = [], []
+        feedback = bool(group["error_feedback"])
+        olds, es, summed = [], [], []
         for k, part in enumerate(grp.parts):
             ps = params[part]
             x = torch.stack([p.detach() if type(p) in _PLAIN else p.detach().as_subclass(torch.Tensor) for p in ps])
@@ -363,7 +405,12 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
             if any(g is None for g in grads):  # a pair factor without a gradient: zero
                 grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, ps)]
             e = torch.stack(grads).to(wdt)
-            if beta > 0:
+            if feedback:  # M = buf + E (a sum); the new buffer comes from the body (what the step left out)
+                stacked = grp.momentum[k]
+                old = stacked.current(self.state, ps, e)
+                e = e + old
+                summed.append((ps, stacked, old))
+            elif beta > 0:
                 stacked = grp.momentum[k]
                 old = stacked.current(self.state, ps, e)
                 e, new = _momentum.euclidean_stacked(e, old, beta, group["nesterov"])
@@ -372,16 +419,24 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
             es.append(e)
         if grp.kind == "matrix":
             body = _steps.matrix_body(group, grp.shape2d, wdt, p0.dtype)
-            (news,) = _steps.run_chunked(body, [olds[0].to(wdt), es[0]])
+            outs = _steps.run_chunked(body, [olds[0].to(wdt), es[0]])
+            news = outs[0]
             writes.append(StackedParams(params, news, olds[0]))
             checks.extend(news)
-            return
-        body = _pairs.pair_body(group, grp.shape2d, wdt, p0.dtype, lazy)
-        new_b, new_a = _steps.run_chunked(body, [olds[0].to(wdt), olds[1].to(wdt), es[0], es[1]])
-        n = len(grp.pair_ids)
-        writes.append(StackedParams(params[:n], new_b, olds[0]))
-        writes.append(StackedParams(params[n:], new_a, olds[1]))
-        checks.extend(new_b + new_a)
+            new_bufs = outs[1:]
+        else:
+            body = _pairs.pair_body(group, grp.shape2d, wdt, p0.dtype, lazy)
+            outs = _steps.run_chunked(body, [olds[0].to(wdt), olds[1].to(wdt), es[0], es[1]])
+            new_b, new_a = outs[0], outs[1]
+            n = len(grp.pair_ids)
+            writes.append(StackedParams(params[:n], new_b, olds[0]))
+            writes.append(StackedParams(params[n:], new_a, olds[1]))
+            checks.extend(new_b + new_a)
+            new_bufs = outs[2:]
+        for (ps, stacked, old), chunks in zip(summed, new_bufs):
+            new = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+            writes.append(StackedState(ps, stacked, new, old))
+            checks.append(new)
 
     # ------------------------------------------------------------------ step
 
