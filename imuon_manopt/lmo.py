@@ -590,15 +590,17 @@ def lmo(
             columns with ``power_iters`` power iterations, then the exact top-k LMO of ``Q^T H``, truncated to
             ``k``; the other norms, symmetric blocks and blocks whose short side is at most ``k + oversample``
             use the exact path).
-        steps, dtype, coefficients: Newton–Schulz controls, as in :func:`imuon_manopt.polar.polar`.
-            ``dtype`` also sets the exact path's working dtype (promoted to at least float32) and the randomized
-            solver's matmul dtype.
+        steps: Newton–Schulz iterations, as in :func:`imuon_manopt.polar.polar`.
+        dtype: Newton–Schulz working dtype, as in :func:`imuon_manopt.polar.polar`; it also sets the exact path's
+            working dtype (promoted to at least float32) and the randomized solver's matmul dtype.
+        coefficients: Newton–Schulz coefficients, as in :func:`imuon_manopt.polar.polar`.
         return_dual: also return the dual norm of each matrix.
-        rank, eps: a known upper bound on the rank of every matrix and the unit round-off the input
-            carries, for the exact paths' rank cut (see :func:`imuon_manopt.polar.polar`; default: no
-            bound, the input dtype's epsilon). The dual is always over all singular values.
-        oversample, power_iters, generator: the randomized solver's extra columns (default 8), power
-            iterations (default 2) and the generator of its Gaussian test matrix (default: seeded with 0 on the
+        rank: a known upper bound on the rank of every matrix, for the exact paths' rank cut (see
+            :func:`imuon_manopt.polar.polar`; default: no bound). The dual is always over all singular values.
+        eps: the unit round-off the input carries, for the same cut (default: the input dtype's epsilon).
+        oversample: the randomized solver's extra columns (default 8).
+        power_iters: the randomized solver's power iterations (default 2).
+        generator: the generator of the randomized solver's Gaussian test matrix (default: seeded with 0 on the
             input's device, so the result is deterministic).
 
     A vector-shaped ``h`` (``m == 1`` or ``n == 1``, or ``1 x 1`` when ``symmetric``) has one singular

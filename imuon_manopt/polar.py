@@ -519,9 +519,12 @@ def msign(
         method: ``"eigh"`` (exact, rank-aware: eigenvalues with ``|lambda|`` below ``eps * n *
             max|lambda|`` map to 0) or ``"newton_schulz"`` (the Newton–Schulz polar factor of
             ``sym(x)``).
-        steps, dtype, coefficients: as in :func:`polar`.
-        rank, eps: the rank bound and the input's round-off for the ``"eigh"`` path's cut, as in
-            :func:`polar` (``rank`` keeps the ``rank`` eigenvalues largest in magnitude).
+        steps: Newton–Schulz iterations, as in :func:`polar`.
+        dtype: Newton–Schulz working dtype, as in :func:`polar`.
+        coefficients: Newton–Schulz coefficients, as in :func:`polar`.
+        rank: the rank bound for the ``"eigh"`` path's cut, as in :func:`polar` (keeps the ``rank`` eigenvalues
+            largest in magnitude).
+        eps: the input's round-off for the ``"eigh"`` path's cut, as in :func:`polar`.
 
     Returns:
         ``(..., n, n)`` symmetric, same array type, device and dtype as ``x``.

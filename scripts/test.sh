@@ -8,6 +8,9 @@ bash scripts/setup.sh
 # The sdist and wheel build, pass twine's metadata check, and the wheel works in a clean venv (~1-2 min, mostly
 # installing torch there).
 bash scripts/check_package.sh
+# The docs site (mkdocs.yml: README, math, API reference from the docstrings, examples, results), warnings as
+# errors: a broken link, a missing include or a docstring parameter that is not in the signature fails CI (~5 s).
+.venv/bin/mkdocs build --strict --quiet
 # The whole pytest run is bounded (20 minutes by default, TEST_TIMEOUT=seconds to change it): timeout kills
 # pytest's whole process group, so a hung run fails CI instead of using up its budget. Each multi-process
 # test also has its own deadline (tests/_multiprocess.py).

@@ -94,11 +94,14 @@ class IMuon(Optimizer):
         geometry: a :class:`~imuon_manopt.geometry.MetricOperator` to use instead of the built-in
             one (required for manifolds without one). It receives Pymanopt's points and Euclidean
             gradients as they are.
-        max_time, max_iterations, min_gradient_norm, min_step_size, max_cost_evaluations,
-            verbosity, log_verbosity: Pymanopt's stopping criteria and output controls, with the
-            defaults of Pymanopt's solvers (``verbosity=2`` prints a table, as they do).
-            ``min_step_size`` applies to ``eta``; ``max_cost_evaluations`` counts real cost
-            evaluations (line-search trials included).
+        max_time: Pymanopt's stopping criterion (seconds), with the default of Pymanopt's solvers.
+        max_iterations: Pymanopt's stopping criterion, with the default of Pymanopt's solvers.
+        min_gradient_norm: Pymanopt's stopping criterion, with the default of Pymanopt's solvers.
+        min_step_size: Pymanopt's stopping criterion, applied to ``eta``.
+        max_cost_evaluations: Pymanopt's stopping criterion; counts real cost evaluations (line-search trials
+            included).
+        verbosity: Pymanopt's output control (``verbosity=2`` prints a table, as its solvers do).
+        log_verbosity: Pymanopt's logging control, as in its solvers.
 
     Table (``verbosity >= 2``) and log (``log_verbosity >= 1``): one row per iteration, counted from
     1 as in Pymanopt's solvers (at most ``max_iterations`` rows); row ``k`` is the point iteration
