@@ -15,7 +15,7 @@ import torch
 
 from imuon_manopt import geometry as geo
 from imuon_manopt.direction import intrinsic_direction
-from imuon_manopt.optim import IMuon, _dispatch, register_manifold
+from imuon_manopt.optim import IMuon, _dispatch, register_adjust_lr_fn, register_manifold
 
 DT = torch.float64
 LR = 0.05
@@ -249,11 +249,12 @@ def test_pair_ambient_mode_matches_the_reference_formula():
     [
         ("original", (8 / 3) ** 0.5),
         ("match_rms_adamw", 0.2 * 8**0.5),
-        (lambda lr, shape: 3 * lr, 3.0),
+        ("test_triple", 3.0),
     ],
-    ids=["original", "match_rms_adamw", "callable"],
+    ids=["original", "match_rms_adamw", "registered"],
 )
 def test_adjust_lr_fn_scales_the_step(fn, scale):
+    register_adjust_lr_fn("test_triple", lambda lr, shape: 3 * lr)
     g = torch.randn(8, 3, dtype=DT)
     deltas = []
     for adjust in (None, fn):
@@ -411,21 +412,21 @@ def test_ns_dtype_rounds_only_the_orthogonalization():
     assert float((gram - torch.eye(8, dtype=DT)).abs().max()) < 1e-5
 
 
-def test_ns_dtype_survives_state_dict_and_old_state_dicts_load():
+def test_polar_dict_survives_state_dict_and_earlier_layouts_are_refused():
     w = torch.nn.Parameter(torch.randn(6, 4))
     w.grad = torch.randn(6, 4)
-    opt = IMuon([w], lr=0.01, polar={"method": "newton_schulz", "dtype": torch.bfloat16})
+    polar = {"method": "newton_schulz", "dtype": torch.bfloat16}
+    opt = IMuon([w], lr=0.01, polar=polar)
     opt.step()
     sd = opt.state_dict()
     fresh = IMuon([w], lr=0.01)
     fresh.load_state_dict(sd)
-    assert fresh.param_groups[0]["ns_dtype"] is torch.bfloat16
-    for group in sd["param_groups"]:  # a state dict written before the option existed
-        del group["ns_dtype"]
-    old = IMuon([w], lr=0.01)
-    old.load_state_dict(sd)
-    old.step()
-    assert torch.isfinite(w).all()
+    assert fresh.param_groups[0]["polar"] == polar
+    for group in sd["param_groups"]:  # the flattened keys of an earlier layout
+        group["polar"] = "newton_schulz"
+        group["ns_dtype"] = torch.bfloat16
+    with pytest.raises(ValueError, match=r"\['ns_dtype'\] no longer exist: use ns_dtype -> polar="):
+        IMuon([w], lr=0.01).load_state_dict(sd)
 
 
 BAD_OPTIONS = [
@@ -439,15 +440,15 @@ BAD_OPTIONS = [
     (dict(norm=("kyfan", 0)), "norm=('kyfan', 0)"),
     (dict(polar={"method": "randomized", "oversample": -1}), "oversample"),
     (dict(polar="qr"), "polar='qr'"),
-    (dict(polar={"method": "newton_schulz", "steps": 0}), "ns_steps: 0"),
-    (dict(polar={"method": "newton_schulz", "dtype": torch.int32}), "ns_dtype: torch.int32"),
-    (dict(polar={"method": "newton_schulz", "dtype": "bf16"}), "ns_dtype: 'bf16'"),
+    (dict(polar={"method": "newton_schulz", "steps": 0}), "polar 'steps' must be a positive int"),
+    (dict(polar={"method": "newton_schulz", "dtype": torch.int32}), "got torch.int32"),
+    (dict(polar={"method": "newton_schulz", "dtype": "bf16"}), "bf16"),
     (dict(polar={"steps": 5}), "invalid polar"),
     (dict(adjust_lr_fn="sqrt"), "adjust_lr_fn='sqrt'"),
     (dict(fallback="adam"), "fallback='adam'"),
-    (dict(fallback={"name": "adamw", "lr": -1.0}), "fallback_lr: -1.0"),
+    (dict(fallback={"name": "adamw", "lr": -1.0}), "fallback 'lr': -1.0"),
     (dict(fallback={"name": "adamw", "betas": (1.0, 0.9)}), "betas"),
-    (dict(fallback={"name": "adamw", "eps": -1.0}), "eps: -1.0"),
+    (dict(fallback={"name": "adamw", "eps": -1.0}), "fallback 'eps': -1.0"),
     (dict(fallback={"name": "adamw", "beta": 0.9}), "invalid fallback"),
     (dict(nonfinite="ignore"), "'ignore'"),
     (dict(stabilize=0), "stabilize"),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 
 import geoopt
 import pytest
@@ -468,32 +467,24 @@ def test_stabilize_runs_when_no_parameter_has_a_gradient():
 # ------------------------------------------------------------------------------------ options and deprecations
 
 
-def test_deprecated_keywords_warn_and_act_like_the_new_forms():
-    torch.manual_seed(9)
-    w0 = torch.randn(6, 4, dtype=DT)
-    bias0 = torch.randn(4, dtype=DT)
-    g, gb = torch.randn(6, 4, dtype=DT), torch.randn(4, dtype=DT)
-    old_kw = dict(ns_steps=3, ns_dtype=torch.float32, fallback_lr=0.2, betas=(0.8, 0.9), eps=1e-6)
-    new_kw = dict(
-        polar={"method": "newton_schulz", "steps": 3, "dtype": torch.float32},
-        fallback={"name": "adamw", "lr": 0.2, "betas": (0.8, 0.9), "eps": 1e-6},
-    )
-    out = []
-    for kw in (old_kw, new_kw):
-        w, bias = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(bias0.clone())
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            opt = IMuon([w, bias], lr=0.1, **kw)
-        deprecations = [c for c in caught if issubclass(c.category, DeprecationWarning) and "IMuon(" in str(c.message)]
-        assert len(deprecations) == (len(old_kw) if kw is old_kw else 0)
-        w.grad, bias.grad = g.clone(), gb.clone()
-        opt.step()
-        out.append((w.detach(), bias.detach(), dict(opt.param_groups[0])))
-    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
-    for key in ("ns_steps", "ns_dtype", "fallback_lr", "betas", "eps"):
-        assert out[0][2][key] == out[1][2][key]
-    with pytest.raises(TypeError, match="unexpected keyword"):
-        IMuon([torch.nn.Parameter(w0.clone())], lr=0.1, momentun=0.9)
+def test_one_spelling_per_option():
+    """The constructor takes each option once (no deprecated keywords), param-group dicts take the same spellings and
+    refuse the keys of the earlier flattened layout with the spelling that replaces them, and groups store the
+    options as given."""
+    w = torch.nn.Parameter(torch.randn(6, 4, dtype=DT))
+    for old in ("ns_steps", "ns_dtype", "fallback_lr", "betas", "eps", "use_imuon", "pair_momentum", "p"):
+        with pytest.raises(TypeError, match=f"unexpected keyword argument '{old}'"):
+            IMuon([w], lr=0.1, **{old: 3})
+    for key, advice in (("ns_steps", "polar="), ("betas", "fallback="), ("fallback_lr", "fallback=")):
+        with pytest.raises(TypeError, match=f"{key} -> {advice}"):
+            IMuon([{"params": [w], key: 3}], lr=0.1)
+    polar = {"method": "newton_schulz", "steps": 3, "dtype": torch.float32}
+    fallback = {"name": "adamw", "lr": 0.2, "betas": [0.8, 0.9], "eps": 1e-6}
+    opt = IMuon([{"params": [w], "polar": polar, "use_imuon": True}], lr=0.1, fallback=fallback)
+    group = opt.param_groups[0]
+    assert group["polar"] == polar and group["polar"] is not polar  # a copy: later edits of the dict do nothing
+    assert group["fallback"] == {**fallback, "betas": (0.8, 0.9)}
+    assert not {"ns_steps", "ns_dtype", "fallback_lr", "betas", "eps", "oversample", "power_iters"} & set(group)
 
 
 def test_schatten_norm_as_a_pair_and_use_imuon_as_a_group_option():
@@ -503,8 +494,11 @@ def test_schatten_norm_as_a_pair_and_use_imuon_as_a_group_option():
     IMuon([w], lr=0.1, momentum=0.0, norm=("schatten", 3.0), polar="svd").step()
     xi = intrinsic_direction(geo.Euclidean(), x0, w.grad, ("schatten", 3.0), polar="svd").xi
     torch.testing.assert_close(w.detach(), x0 - 0.1 * xi)
-    with pytest.warns(DeprecationWarning, match="use_imuon"):
-        IMuon([w], lr=0.1, use_imuon=False)
+    w0 = w.detach().clone()
+    w.grad = torch.randn(5, 4, dtype=DT)
+    opt = IMuon([{"params": [w], "use_imuon": False}], lr=0.1, fallback="sgd", momentum=0.0)
+    opt.step()
+    torch.testing.assert_close(w.detach(), w0 - 0.1 * w.grad)  # plain SGD, no orthogonalization
 
 
 def test_joint_norms_keep_each_parameter_its_own_budget():

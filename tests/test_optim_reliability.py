@@ -13,7 +13,7 @@ import torch
 
 from imuon_manopt.direction import intrinsic_direction
 from imuon_manopt.geometry import SPD
-from imuon_manopt.optim import IMuon
+from imuon_manopt.optim import IMuon, register_adjust_lr_fn
 
 # ------------------------------------------------------------------------------------ half-precision resume
 
@@ -203,3 +203,111 @@ def test_a_raw_runtime_error_of_the_host_retraction_goes_through_the_nonfinite_p
         opt.step()
         assert opt.last_step_skipped
     assert torch.equal(x.detach(), x0) and not opt.state[x]
+
+
+# ------------------------------------------------------------------------------------ schedulers, pickling, repr
+
+
+def _matrix_and_bias():
+    return [torch.nn.Parameter(torch.randn(5, 4)), torch.nn.Parameter(torch.randn(4))]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=20),
+        lambda opt: torch.optim.lr_scheduler.CyclicLR(
+            opt, base_lr=0.01, max_lr=0.1, step_size_up=5, base_momentum=0.8, max_momentum=0.95
+        ),
+    ],
+    ids=["OneCycleLR", "CyclicLR"],
+)
+def test_schedulers_that_cycle_momentum_drive_imuons_momentum(make):
+    """torch's own schedule on SGD's ``momentum`` is the reference; the AdamW fallback's betas stay as set."""
+    params = _matrix_and_bias()
+    opt = IMuon(params, lr=0.1, momentum=0.9, fallback={"name": "adamw", "betas": (0.9, 0.999)})
+    ref = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+    sched, ref_sched = make(opt), make(ref)
+    seen = []
+    for _ in range(8):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        ref.step()
+        sched.step()
+        ref_sched.step()
+        seen.append(opt.param_groups[0]["momentum"])
+        assert opt.param_groups[0]["momentum"] == pytest.approx(ref.param_groups[0]["momentum"])
+        assert opt.param_groups[0]["lr"] == pytest.approx(ref.param_groups[0]["lr"])
+    assert len(set(seen)) > 4  # it cycles
+    assert opt.param_groups[0]["fallback"]["betas"] == (0.9, 0.999)
+    assert "betas" not in opt.defaults and "betas" not in opt.param_groups[0]
+
+
+def test_state_dict_pickles_with_every_option_form(tmp_path):
+    register_adjust_lr_fn("test_half", lambda lr, shape: 0.5 * lr)
+    params = _matrix_and_bias()
+    opt = IMuon(
+        params,
+        lr=0.1,
+        norm=("schatten", 3.0),
+        polar={"method": "newton_schulz", "steps": 4, "dtype": torch.bfloat16},
+        adjust_lr_fn="test_half",
+        fallback={"name": "adamw", "lr": 0.01, "betas": (0.8, 0.9), "eps": 1e-7},
+    )
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    sd = torch.load(tmp_path / "opt.pt", weights_only=False)
+    fresh = IMuon(_matrix_and_bias(), lr=0.1)
+    fresh.load_state_dict(sd)
+    for key in ("norm", "polar", "adjust_lr_fn", "fallback"):
+        assert fresh.param_groups[0][key] == opt.param_groups[0][key]
+
+
+def test_a_callable_adjust_lr_fn_is_refused_with_the_registry_as_the_fix():
+    with pytest.raises(TypeError, match=r"register_adjust_lr_fn\('my_rule', fn\)"):
+        IMuon(_matrix_and_bias(), lr=0.1, adjust_lr_fn=lambda lr, shape: lr)
+    with pytest.raises(ValueError, match="built-in"):
+        register_adjust_lr_fn("original", lambda lr, shape: lr)
+
+
+def test_repr_keeps_torchs_format_and_lists_only_what_matters():
+    opt = IMuon(_matrix_and_bias(), lr=0.1)
+    assert repr(opt) == "IMuon (\nParameter Group 0\n    lr: 0.1\n    momentum: 0.95\n)"
+    opt = IMuon([{"params": _matrix_and_bias(), "use_imuon": False}], lr=0.1, polar="svd", weight_decay=0.01)
+    lines = repr(opt).splitlines()
+    assert lines[:2] == ["IMuon (", "Parameter Group 0"] and lines[-1] == ")"
+    assert sorted(line.split(":")[0].strip() for line in lines[2:-1]) == [
+        "lr",
+        "momentum",
+        "polar",
+        "use_imuon",
+        "weight_decay",
+    ]
+
+
+# ------------------------------------------------------------------------------------ state dicts that do not fit
+
+
+def _two_groups(swap: bool = False):
+    w, b = torch.nn.Parameter(torch.randn(5, 4)), torch.nn.Parameter(torch.randn(4))
+    groups = [{"params": [w], "lr": 0.1}, {"params": [b], "lr": 0.01}]
+    return [w, b], IMuon(groups[::-1] if swap else groups, lr=0.1)
+
+
+def test_a_state_dict_with_param_groups_in_another_order_is_refused():
+    params, opt = _two_groups()
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    sd = opt.state_dict()
+    params2, swapped = _two_groups(swap=True)
+    before = [dict(g) for g in swapped.param_groups]
+    with pytest.raises(ValueError, match=r"param group 0, parameter 0: the saved .* another order"):
+        swapped.load_state_dict(sd)
+    assert [dict(g) for g in swapped.param_groups] == before and not swapped.state  # nothing loaded
+    one = IMuon([torch.nn.Parameter(torch.randn(5, 4))], lr=0.1)
+    with pytest.raises(ValueError, match="2 param groups, this optimizer 1"):
+        one.load_state_dict(sd)

@@ -19,6 +19,7 @@ LoRA::
 
 from ._dispatch import register_manifold, supported_manifolds
 from ._distributed import keep_manifolds, measure_comm
+from ._lr import register_adjust_lr_fn
 from .imuon import IMuon
 from .lora import full_rank_lora_init_, full_rank_lora_model_init_, lora_pairs, prepare_lora_
 
@@ -30,6 +31,7 @@ __all__ = [
     "lora_pairs",
     "measure_comm",
     "prepare_lora_",
+    "register_adjust_lr_fn",
     "register_manifold",
     "supported_manifolds",
 ]

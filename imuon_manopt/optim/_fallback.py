@@ -16,6 +16,7 @@ from torch.optim.sgd import sgd
 
 from ._distributed import local
 from ._lr import fallback_lr
+from ._options import fallback_spec
 from ._state import host_step, work_dtype
 
 
@@ -37,9 +38,10 @@ def fallback_outputs(
     """
     new_x = [x.to(work_dtype(x), copy=True) for x in xs]
     g = [gr.to(x.dtype) for gr, x in zip(grads, new_x)]
-    lr = fallback_lr(group)
+    spec = fallback_spec(group)
+    lr = fallback_lr(group, spec.lr)
     wd = group["weight_decay"]
-    if group["fallback"] == "sgd":
+    if spec.name == "sgd":
         beta = group["momentum"]
         if wd > 0:
             torch._foreach_mul_(new_x, 1.0 - lr * wd)
@@ -69,7 +71,7 @@ def fallback_outputs(
         ]
     else:
         steps = [torch.tensor(float(host_step(s.get("step", 0)))) for s in states]
-    beta1, beta2 = group["betas"]
+    beta1, beta2 = spec.betas
     adamw(
         new_x,
         g,
@@ -84,7 +86,7 @@ def fallback_outputs(
         beta2=beta2,
         lr=lr,
         weight_decay=wd,
-        eps=group["eps"],
+        eps=spec.eps,
         maximize=False,
     )
     return new_x, {"exp_avg": m, "exp_avg_sq": v}

@@ -1,34 +1,35 @@
-"""Options of :class:`~imuon_manopt.optim.IMuon`: defaults, folding of the compact forms, validation, pairs.
+"""Options of :class:`~imuon_manopt.optim.IMuon`: defaults, normalization, validation, pairs.
 
-A param group stores its options under fixed keys (the ``state_dict()`` layout): ``lr momentum nesterov
-weight_decay norm polar ns_steps ns_dtype oversample power_iters adjust_lr_fn pair_momentum fallback fallback_lr betas
-eps use_imuon error_feedback input_transform``. ``norm`` is stored as given, a name or a ``(name, parameter)`` pair
-(:func:`imuon_manopt.lmo.resolve_norm`). The constructor and param-group dicts also take the compact forms
+One spelling per option: the constructor's keywords and the param-group keys are the same, and a param group stores
+each option under its own name, as given (``state_dict()`` holds exactly what the user wrote):
 
-- ``polar={"method": "newton_schulz", "steps": 5, "dtype": torch.bfloat16}`` (and ``"oversample"``,
-  ``"power_iters"`` for ``"randomized"``) for ``polar``, ``ns_steps``, ``ns_dtype``, ``oversample``, ``power_iters``;
-- ``fallback={"name": "adamw", "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}`` for ``fallback``,
-  ``fallback_lr``, ``betas``, ``eps``;
-
-which :func:`fold` spreads onto the stored keys. The old constructor keywords (``ns_steps``, ``ns_dtype``,
-``pair_momentum``, ``fallback_lr``, ``betas``, ``eps``, ``use_imuon``) keep working with a ``DeprecationWarning``.
+- ``lr momentum nesterov weight_decay adjust_lr_fn use_imuon pair_momentum error_feedback input_transform flatten``;
+- ``norm``: a name or a ``(name, parameter)`` pair (:func:`imuon_manopt.lmo.resolve_norm`);
+- ``polar``: a name or a dict ``{"method": "newton_schulz", "steps": 5, "dtype": torch.bfloat16, "oversample": 8,
+  "power_iters": 2}`` (:func:`imuon_manopt.lmo.resolve_polar`; read through :func:`polar_spec`);
+- ``fallback``: ``"adamw"``, ``"sgd"`` or a dict ``{"name": "adamw", "lr": 1e-3, "betas": (0.9, 0.999), "eps":
+  1e-8}`` (read through :func:`fallback_spec`). The AdamW betas are nested there on purpose: torch's schedulers
+  that cycle momentum (``OneCycleLR``, ``CyclicLR``) cycle a group's ``betas[0]`` when the optimizer's defaults have
+  ``betas``, else its ``momentum`` — iMuon's.
+- ``adjust_lr_fn``: ``None``, a built-in name or a name registered with :func:`register_adjust_lr_fn` (a name, not
+  a callable, so that ``param_groups`` and ``state_dict()`` pickle).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from ..lmo import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, PolarSpec, resolve_norm, resolve_polar
+from ..lmo import PolarSpec, resolve_norm, resolve_polar
 from ..transforms import resolve_input_transform
 from . import _dispatch
+from ._lr import adjust_lr_names
 
 POLARS = ("svd", "newton_schulz", "randomized")
-ADJUST_NAMES = ("original", "match_rms_adamw")
 FALLBACKS = ("adamw", "sgd")
 PAIR_MOMENTUM = ("factor", "ambient")
 NONFINITE = ("raise", "skip")
@@ -40,83 +41,54 @@ GROUP_DEFAULTS: dict[str, Any] = dict(
     weight_decay=0.0,
     norm="spectral",
     polar="newton_schulz",
-    ns_steps=5,
-    ns_dtype=None,
-    oversample=DEFAULT_OVERSAMPLE,
-    power_iters=DEFAULT_POWER_ITERS,
     adjust_lr_fn=None,
     pair_momentum="factor",
     fallback="adamw",
-    fallback_lr=None,
-    betas=(0.9, 0.999),
-    eps=1e-8,
     use_imuon=True,
     error_feedback=False,
     input_transform=None,
 )
 
-#: Old constructor keywords -> what replaces them.
-DEPRECATED_KEYWORDS = {
+#: Keys of earlier layouts -> the one spelling that replaces them (refused with that advice).
+REMOVED_KEYS = {
+    "p": "norm=('schatten', p)",
     "ns_steps": "polar={'method': 'newton_schulz', 'steps': ...}",
     "ns_dtype": "polar={'method': 'newton_schulz', 'dtype': ...}",
-    "pair_momentum": "a param group option: {'params': ..., 'pair_momentum': 'ambient'}",
+    "oversample": "polar={'method': 'randomized', 'oversample': ...}",
+    "power_iters": "polar={'method': 'randomized', 'power_iters': ...}",
     "fallback_lr": "fallback={'name': ..., 'lr': ...}",
     "betas": "fallback={'name': 'adamw', 'betas': ...}",
     "eps": "fallback={'name': 'adamw', 'eps': ...}",
-    "use_imuon": "a param group option: {'params': ..., 'use_imuon': False}",
 }
 
+FALLBACK_KEYS = ("name", "lr", "betas", "eps")
+#: AdamW's betas and eps where ``fallback`` does not set them (torch's defaults).
+FALLBACK_DEFAULTS: dict[str, Any] = {"betas": (0.9, 0.999), "eps": 1e-8}
 
-def take_deprecated(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The old keywords among ``kwargs``, each with a ``DeprecationWarning``; a ``TypeError`` for unknown ones."""
-    unknown = sorted(set(kwargs) - set(DEPRECATED_KEYWORDS))
-    if unknown:
-        raise TypeError(f"IMuon got unexpected keyword argument(s) {unknown}")
-    for key in kwargs:
-        warnings.warn(
-            f"IMuon({key}=...) is deprecated; use {DEPRECATED_KEYWORDS[key]}", DeprecationWarning, stacklevel=3
-        )
-    return dict(kwargs)
+
+def check_removed(opts: dict[str, Any], where: str = "") -> None:
+    """``TypeError`` for a key of an earlier layout, naming the spelling that replaces it."""
+    old = sorted(set(opts) & set(REMOVED_KEYS))
+    if old:
+        advice = "; ".join(f"{k} -> {REMOVED_KEYS[k]}" for k in old)
+        raise TypeError(f"{where}IMuon option(s) {old} no longer exist: use {advice}")
 
 
 def fold(opts: dict[str, Any], where: str = "") -> dict[str, Any]:
-    """Spread the compact forms of ``norm``, ``polar`` and ``fallback`` onto the stored keys (in a copy)."""
+    """Normalize the options of a param group (in a copy): pairs and dicts as hashable, picklable copies."""
+    check_removed(opts, where)
     opts = dict(opts)
-    norm = opts.get("norm")
-    if isinstance(norm, list):
-        opts["norm"] = tuple(norm)  # hashable, as the grouping needs
-    transform = opts.get("input_transform")
-    if isinstance(transform, list):
-        opts["input_transform"] = tuple(transform)
-    polar = opts.get("polar")
-    if isinstance(polar, dict):
-        keys = {"method", "steps", "dtype", "oversample", "power_iters"}
-        extra = set(polar) - keys
-        if extra or "method" not in polar:
-            raise ValueError(
-                f"{where}invalid polar={polar!r}: expected a name or a dict with 'method' and optionally 'steps', "
-                "'dtype', 'oversample', 'power_iters'"
-            )
-        opts["polar"] = polar["method"]
-        for src, dst in (("steps", "ns_steps"), ("dtype", "ns_dtype"), ("oversample", "oversample")):
-            if src in polar:
-                opts[dst] = polar[src]
-        if "power_iters" in polar:
-            opts["power_iters"] = polar["power_iters"]
+    for key in ("norm", "input_transform"):
+        if isinstance(opts.get(key), list):
+            opts[key] = tuple(opts[key])  # hashable, as the grouping needs
+    if isinstance(opts.get("polar"), dict):
+        opts["polar"] = dict(opts["polar"])
     fallback = opts.get("fallback")
     if isinstance(fallback, dict):
-        extra = set(fallback) - {"name", "lr", "betas", "eps"}
-        if extra or "name" not in fallback:
-            raise ValueError(
-                f"{where}invalid fallback={fallback!r}: expected 'adamw', 'sgd' or a dict with 'name' and "
-                "optionally 'lr', 'betas', 'eps'"
-            )
-        opts["fallback"] = fallback["name"]
-        for src, dst in (("lr", "fallback_lr"), ("betas", "betas"), ("eps", "eps")):
-            if src in fallback:
-                opts[dst] = fallback[src]
-    if "betas" in opts and isinstance(opts["betas"], list):
-        opts["betas"] = tuple(opts["betas"])
+        fallback = dict(fallback)
+        if isinstance(fallback.get("betas"), list):
+            fallback["betas"] = tuple(fallback["betas"])
+        opts["fallback"] = fallback
     return opts
 
 
@@ -145,54 +117,78 @@ def check_options(opts: dict[str, Any], where: str = "") -> None:
         nrm = resolve_norm(opts["norm"])
     except (ValueError, TypeError) as err:
         raise ValueError(f"{where}invalid norm={opts['norm']!r}: {err}") from err
-    if opts["polar"] not in POLARS:
-        raise ValueError(f"{where}unknown polar={opts['polar']!r}; expected one of {POLARS}")
-    for key in ("oversample", "power_iters"):
-        v = opts[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{where}invalid polar {key!r}: {v!r} (must be an int >= 0)")
-    steps = opts["ns_steps"]
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100:
-        raise ValueError(f"{where}invalid ns_steps: {steps!r} (must be an int in [1, 100))")
-    nsd = opts["ns_dtype"]
-    if nsd is not None and not (isinstance(nsd, torch.dtype) and nsd.is_floating_point):
-        raise ValueError(
-            f"{where}invalid ns_dtype: {nsd!r} (must be None or a floating torch dtype such as torch.bfloat16)"
-        )
+    try:
+        spec = resolve_polar(opts["polar"])
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}invalid polar={opts['polar']!r}: {err}") from err
+    if spec.method not in POLARS:
+        raise ValueError(f"{where}unknown polar method {spec.method!r}; expected one of {POLARS}")
+    if spec.steps is not None and spec.steps >= 100:
+        raise ValueError(f"{where}invalid polar 'steps': {spec.steps!r} (must be an int in [1, 100))")
     fn = opts["adjust_lr_fn"]
-    if fn is not None and not callable(fn) and fn not in ADJUST_NAMES:
+    if callable(fn):
+        raise TypeError(
+            f"{where}adjust_lr_fn must be a name, not a callable (param_groups and state_dict() must pickle): "
+            "register the function once with imuon_manopt.optim.register_adjust_lr_fn('my_rule', fn) and pass "
+            "adjust_lr_fn='my_rule'"
+        )
+    if fn is not None and fn not in adjust_lr_names():
         raise ValueError(
-            f"{where}unknown adjust_lr_fn={fn!r}; expected None, one of {ADJUST_NAMES} or a callable (lr, (a, b)) -> lr"
+            f"{where}unknown adjust_lr_fn={fn!r}; expected None or one of {adjust_lr_names()} (more with "
+            "imuon_manopt.optim.register_adjust_lr_fn)"
         )
     if opts["pair_momentum"] not in PAIR_MOMENTUM:
         raise ValueError(f"{where}unknown pair_momentum={opts['pair_momentum']!r}; expected one of {PAIR_MOMENTUM}")
-    if opts["fallback"] not in FALLBACKS:
-        raise ValueError(f"{where}unknown fallback={opts['fallback']!r}; expected one of {FALLBACKS}")
-    flr = opts["fallback_lr"]
-    if flr is not None and (not _real(flr) or not flr >= 0.0 or not math.isfinite(flr)):
-        raise ValueError(f"{where}invalid fallback_lr: {flr!r} (must be None or finite and >= 0)")
-    betas = opts["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(_real(b) and 0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"{where}invalid betas: {betas!r} (must be two numbers in [0, 1))")
-    if not _real(opts["eps"]) or not opts["eps"] >= 0.0:
-        raise ValueError(f"{where}invalid eps: {opts['eps']!r} (must be >= 0)")
+    fallback_spec(opts, where)
     if not isinstance(opts["use_imuon"], bool):
         raise ValueError(f"{where}use_imuon must be a bool, got {opts['use_imuon']!r}")
     check_family_options(opts, nrm, where)
 
 
 def polar_spec(group: dict[str, Any]) -> PolarSpec:
-    """The group's LMO solver as the core's :class:`~imuon_manopt.lmo.PolarSpec`."""
-    ns = group["polar"] == "newton_schulz"
-    return resolve_polar(
-        {
-            "method": group["polar"],
-            "steps": group["ns_steps"] if ns else None,
-            "dtype": group["ns_dtype"] if group["polar"] != "svd" else None,
-            "oversample": group["oversample"],
-            "power_iters": group["power_iters"],
-        }
+    """The group's LMO solver as the core's :class:`~imuon_manopt.lmo.PolarSpec` (``steps`` only for Newton–Schulz,
+    ``dtype`` not for the exact SVD)."""
+    spec = resolve_polar(group["polar"])
+    return replace(
+        spec,
+        steps=spec.steps if spec.method == "newton_schulz" else None,
+        dtype=spec.dtype if spec.method != "svd" else None,
     )
+
+
+@dataclass(frozen=True)
+class FallbackSpec:
+    """A group's fallback: ``name`` (``"adamw"`` or ``"sgd"``), ``lr`` (``None``: the group's), AdamW's ``betas``
+    and ``eps``."""
+
+    name: str
+    lr: float | None
+    betas: tuple[float, float]
+    eps: float
+
+
+def fallback_spec(group: dict[str, Any], where: str = "") -> FallbackSpec:
+    """The group's ``fallback`` option resolved and checked (``ValueError`` naming a bad value)."""
+    fb = group["fallback"]
+    if isinstance(fb, str):
+        fb = {"name": fb}
+    if not isinstance(fb, dict) or "name" not in fb or set(fb) - set(FALLBACK_KEYS):
+        raise ValueError(
+            f"{where}invalid fallback={group['fallback']!r}: expected 'adamw', 'sgd' or a dict with 'name' and "
+            "optionally 'lr', 'betas', 'eps'"
+        )
+    if fb["name"] not in FALLBACKS:
+        raise ValueError(f"{where}unknown fallback={fb['name']!r}; expected one of {FALLBACKS}")
+    flr = fb.get("lr")
+    if flr is not None and (not _real(flr) or not flr >= 0.0 or not math.isfinite(flr)):
+        raise ValueError(f"{where}invalid fallback 'lr': {flr!r} (must be None or finite and >= 0)")
+    betas = fb.get("betas", FALLBACK_DEFAULTS["betas"])
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(_real(b) and 0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"{where}invalid fallback 'betas': {betas!r} (must be two numbers in [0, 1))")
+    eps = fb.get("eps", FALLBACK_DEFAULTS["eps"])
+    if not _real(eps) or not eps >= 0.0:
+        raise ValueError(f"{where}invalid fallback 'eps': {eps!r} (must be >= 0)")
+    return FallbackSpec(fb["name"], None if flr is None else float(flr), (float(betas[0]), float(betas[1])), float(eps))
 
 
 def check_optimizer_options(nonfinite: str, stabilize: int | None) -> None:

@@ -34,7 +34,7 @@ import torch
 from geoopt.optim.mixin import OptimMixin
 
 from ..geometry import FixedRank, MetricOperator
-from . import _dispatch, _groups, _lr, _momentum, _options, _pairs, _steps
+from . import _dispatch, _groups, _momentum, _options, _pairs, _steps
 from ._commit import CommitEngine, StackedParams, StackedState
 from ._distributed import apply_full, full, local
 from ._fallback import fallback_outputs
@@ -43,10 +43,10 @@ from ._state import work_dtype
 
 __all__ = ["IMuon"]
 
-AdjustLrFn = _lr.AdjustLrFn
 #: Parameter types whose ``detach()`` is a plain tensor (geoopt's ManifoldTensor would route every operation through
 #: ``__torch_function__``).
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_REPR_ALWAYS = object()
 #: Feasibility tolerances of the first-step manifold check, by parameter dtype.
 _CHECK_TOL = {torch.float64: 1e-5, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
@@ -99,7 +99,9 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
             the chosen norm (Newton–Schulz for Ky Fan, say: it cannot select singular values) uses the exact path.
         adjust_lr_fn: shape-based lr scaling, off by default: ``"original"`` (``lr * sqrt(max(1, a / b))``),
             ``"match_rms_adamw"`` (``lr * 0.2 * sqrt(max(a, b))``, which lets one lr serve iMuon and the AdamW
-            fallback), or a callable ``(lr, (a, b)) -> lr``. ``(a, b)`` is the matrix shape the step lives in: the
+            fallback), or the name of a rule registered with :func:`~imuon_manopt.optim.register_adjust_lr_fn`
+            (a callable ``(lr, (a, b)) -> lr``; param groups hold names, so ``state_dict()`` pickles; a callable
+            passed here is refused with that advice). ``(a, b)`` is the matrix shape the step lives in: the
             ``(shape[0], -1)`` view for plain tensors, the trailing two dims for manifold parameters (``(n, 1)`` for a
             sphere, whatever its batch), ``(m, n)`` of the product for a pair.
         pairs: fixed-rank factor pairs ``[(B, A), ...]`` with ``X = B @ A``, ``B`` (..., m, r), ``A`` (..., r, n),
@@ -109,7 +111,8 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
             (default), ``"sgd"`` (the group's ``momentum`` and ``nesterov``), or a dict ``{"name": "adamw", "lr":
             ..., "betas": (0.9, 0.999), "eps": 1e-8}``. ``lr`` is the fallback's learning rate at the group's initial
             ``lr`` (default: the group's ``lr``) and follows later changes of ``lr`` proportionally. Weight decay is
-            decoupled for both.
+            decoupled for both. AdamW's ``betas`` live only in this dict, so torch's schedulers that cycle momentum
+            (``OneCycleLR``, ``CyclicLR`` with ``cycle_momentum=True``) cycle iMuon's ``momentum``.
         nonfinite: what a non-finite gradient or update does: ``"raise"`` a ``FloatingPointError`` (default) or
             ``"skip"`` the step (``last_step_skipped`` tells). Either way no parameter or state entry changes: every
             update is computed into temporaries and committed only when all of them are finite. On a CPU this is
@@ -127,9 +130,10 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
     the low-rank step leaves out stays in the buffer (``nesterov`` is not used); ``input_transform`` (plain matrices
     only; see :mod:`imuon_manopt.transforms`: ``"muoneq_row"``, ``"muoneq_col"``, ``"muoneq_rowcol"``,
     ``("root_clip", percentile)``, ``("mimuon", threshold)``) transforms the momentum before the LMO: these are
-    not LMOs of a norm, they break the invariances elsewhere and are refused there. Deprecated constructor keywords
-    (``ns_steps``, ``ns_dtype``, ``pair_momentum``, ``fallback_lr``, ``betas``, ``eps``, ``use_imuon``) still work
-    with a ``DeprecationWarning``.
+    not LMOs of a norm, they break the invariances elsewhere and are refused there. Each option has one spelling,
+    the same in the constructor, in param-group dicts and in ``state_dict()["param_groups"]`` (stored as given); keys
+    of earlier layouts (``ns_steps``, ``fallback_lr``, ``betas``, ...) are refused with the spelling that replaces
+    them. ``repr(opt)`` lists per group ``lr``, ``momentum`` and the options that differ from their defaults.
 
     Notes:
         - Updates and optimizer state (momentum, AdamW moments) are kept in at least float32: half-precision
@@ -155,20 +159,25 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
         weight_decay: float = 0.0,
         norm: str | tuple[str, Any] = "spectral",
         polar: str | dict[str, Any] = "newton_schulz",
-        adjust_lr_fn: str | AdjustLrFn | None = None,
+        adjust_lr_fn: str | None = None,
         pairs: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
         fallback: str | dict[str, Any] = "adamw",
         nonfinite: str = "raise",
         stabilize: int | None = None,
-        **deprecated: Any,
     ) -> None:
         _options.check_optimizer_options(nonfinite, stabilize)
         defaults = dict(_options.GROUP_DEFAULTS)
         defaults.update(
-            lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            norm=norm,
+            polar=polar,
+            adjust_lr_fn=adjust_lr_fn,
+            fallback=fallback,
         )
-        defaults.update(_options.take_deprecated(deprecated))
-        defaults = _options.fold({**defaults, **_options.fold(dict(norm=norm, polar=polar, fallback=fallback))})
+        defaults = _options.fold(defaults)
         _options.check_options(defaults)
         self._init_commit(nonfinite)
         self._pairs, self._pair_index = _options.prepare_pairs(pairs)
@@ -177,6 +186,23 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
         self._groups: list[Group] = []
         super().__init__(params, defaults, stabilize=stabilize)
         self._check_pairs_membership()
+
+    def __repr__(self) -> str:
+        """torch's format (one block per param group), listing ``lr``, ``momentum`` and the options a group sets
+        to other than their defaults (not every stored key)."""
+        lines = [f"{type(self).__name__} ("]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            for key in sorted(group):
+                if key in ("params", "param_names", "lr_at_init", "step") or key.startswith("_"):
+                    continue
+                default = _options.GROUP_DEFAULTS.get(key, _REPR_ALWAYS)
+                if key in ("lr", "momentum") or default is _REPR_ALWAYS or group[key] != default:
+                    if key == "stabilize" and group[key] is None:
+                        continue
+                    lines.append(f"    {key}: {group[key]}")
+        lines.append(")")
+        return "\n".join(lines)
 
     # ------------------------------------------------------------------ construction
 
@@ -260,6 +286,7 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
         a float32 buffer of a bfloat16 parameter and turn a float16 parameter's AdamW second moment above 65504
         into ``inf``.
         """
+        self._check_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
@@ -281,6 +308,38 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
                     if isinstance(st.get(key), torch.Tensor) and st[key].dtype != work_dtype(p):
                         st[key] = st[key].to(work_dtype(p))
         self._structure_key = None
+
+    def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``ValueError`` before anything is loaded when the state dict does not fit this optimizer: a param group
+        of an earlier option layout, another number of groups or of parameters per group, or saved state whose
+        shape is not its parameter's (param groups, or the parameters in them, in another order)."""
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        fix = (
+            "build the optimizer with the same param groups, each with the same parameters in the same order, as "
+            "the one that saved the state dict"
+        )
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"the state dict has {len(saved_groups)} param groups, this optimizer {len(self.param_groups)}: {fix}"
+            )
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            try:
+                _options.check_removed(saved, where=f"state dict param group {gi}: ")
+            except TypeError as err:
+                raise ValueError(str(err)) from None
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param group {gi}: the state dict has {len(saved['params'])} parameters, this optimizer "
+                    f"{len(group['params'])}: {fix}"
+                )
+            for pi, (i, p) in enumerate(zip(saved["params"], group["params"])):
+                for key, value in saved_state.get(i, {}).items():
+                    if isinstance(value, torch.Tensor) and value.ndim and tuple(value.shape) != tuple(p.shape):
+                        raise ValueError(
+                            f"param group {gi}, parameter {pi}: the saved {key!r} has shape {tuple(value.shape)}, the "
+                            f"parameter {tuple(p.shape)}; the state dict's param groups or parameters come in "
+                            f"another order: {fix}"
+                        )
 
     # ------------------------------------------------------------------ structure
 
