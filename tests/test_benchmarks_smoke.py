@@ -218,3 +218,16 @@ def test_bench_pretrain_tiny(tmp_path):
     assert "torch.get_num_threads() = 1" in text and "load average" in text
     for name, why in out["missing"].items():
         assert f"- {name} (" in text and why in text
+
+
+def test_bench_family_quick():
+    """Randomized Ky Fan against Newton–Schulz (cost), against the exact LMO (accuracy), MiMuon's gap statistics."""
+    bench = _load("bench_family")
+    threads = torch.get_num_threads()
+    try:
+        out = bench.main(["--quick", "--shapes", "64x48", "--repeats", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert len(out["cost"]) == 3 and len(out["accuracy"]) == 3 and len(out["mimuon"]) == 4
+    gap = float(out["accuracy"][2].split("|")[6])
+    assert 0.0 <= gap <= 2e-3  # 256 x 256, spectrum i^-1, k = 32, defaults
