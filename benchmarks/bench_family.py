@@ -7,7 +7,8 @@
 2. **Accuracy** of the randomized solver against the exact Ky Fan LMO on power-law spectra ``s_i = i^-a``
    (gradient-like; float64): ``1 - <G, Z> / KF_k(G)`` (the objective gap; target <= 1e-3) and the direction error
    ``||Z - U_k V_k^T||_F / sqrt(k)``, for several ``a`` and (oversample, power_iters).
-3. **MiMuon's switch** at GPT-2-small shapes: the smallest relative singular gap ``min_i (s_i - s_{i+1}) / s_1`` of
+3. **The exact Ky Fan LMO** on thin float32 blocks: the Gram/eigh path against the thin SVD.
+4. **MiMuon's switch** at GPT-2-small shapes: the smallest relative singular gap ``min_i (s_i - s_{i+1}) / s_1`` of
    Gaussian and power-law matrices, and how often it reaches a threshold (the step orthogonalizes only then).
 
 Usage::
@@ -109,6 +110,38 @@ def part_cost(shapes: list[str], dtypes: list[str], repeats: int) -> list[str]:
     return rows
 
 
+def part_exact(shapes: list[str], repeats: int) -> list[str]:
+    """The exact Ky Fan LMO of a thin float32 block: the Gram/eigh path (what ``lmo`` picks on a CPU) against the
+    thin SVD's ``U_k V_k^T``, interleaved; and their difference."""
+    rows = [
+        "| shape | k | SVD U_k V_k^T (s) | Gram/eigh (s) | ratio | max abs difference |",
+        "|---|---|---|---|---|---|",
+    ]
+    for text in shapes:
+        m, n = _shape(text)
+        k = min(m, n) // 8
+        g = power_law(m, n, 1.0, 2, torch.float32)
+
+        def svd_topk(g: torch.Tensor = g, k: int = k) -> torch.Tensor:
+            u, _, vh = torch.linalg.svd(g, full_matrices=False)
+            return u[:, :k] @ vh[:k]
+
+        def gram(g: torch.Tensor = g, k: int = k) -> torch.Tensor:
+            return lmo(g, ("kyfan", k))
+
+        svd_topk(), gram()
+        t_svd: list[float] = []
+        t_gram: list[float] = []
+        for _ in range(repeats):
+            t_svd += _time(svd_topk, 1)
+            t_gram += _time(gram, 1)
+        a, b = statistics.median(t_svd), statistics.median(t_gram)
+        diff = float((svd_topk() - gram()).abs().max())
+        rows.append(f"| {text} | {k} | {a:.3g} | {b:.3g} | **{b / a:.3f}** | {diff:.1e} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def part_accuracy(shapes: list[str], exponents: list[float], settings: list[tuple[int, int]]) -> list[str]:
     rows = [
         "| shape | a (s_i = i^-a) | k | oversample | power_iters | 1 - <G,Z>/KF_k | direction error |",
@@ -161,7 +194,7 @@ def part_mimuon(shapes: list[str], draws: int, thresholds: list[float]) -> list[
 def main(argv: list[str] | None = None) -> dict[str, list[str]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes (seconds)")
-    ap.add_argument("--parts", nargs="+", default=["cost", "accuracy", "mimuon"])
+    ap.add_argument("--parts", nargs="+", default=["cost", "exact", "accuracy", "mimuon"])
     ap.add_argument("--shapes", nargs="+", default=None, help="cost shapes, e.g. 4096x4096 8192x2048")
     ap.add_argument("--dtypes", nargs="+", default=None, choices=sorted(DTYPES))
     ap.add_argument("--repeats", type=int, default=3)
@@ -183,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[str]]:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU {cpu.strip()}, load {load}")
     if "cost" in args.parts:
         out["cost"] = part_cost(cost_shapes, dtypes, args.repeats)
+    if "exact" in args.parts:
+        out["exact"] = part_exact(["512x64"] if args.quick else ["4096x256", "8192x512"], args.repeats)
     if "accuracy" in args.parts:
         shapes = ["256x256"] if args.quick else ["1024x1024", "2048x512"]
         settings = [(8, 2)] if args.quick else [(8, 1), (8, 2), (16, 2), (8, 3)]

@@ -228,6 +228,6 @@ def test_bench_family_quick():
         out = bench.main(["--quick", "--shapes", "64x48", "--repeats", "1"])
     finally:
         torch.set_num_threads(threads)
-    assert len(out["cost"]) == 3 and len(out["accuracy"]) == 3 and len(out["mimuon"]) == 4
+    assert len(out["cost"]) == 3 and len(out["exact"]) == 3 and len(out["accuracy"]) == 3 and len(out["mimuon"]) == 4
     gap = float(out["accuracy"][2].split("|")[6])
     assert 0.0 <= gap <= 2e-3  # 256 x 256, spectrum i^-1, k = 32, defaults

@@ -675,3 +675,21 @@ def test_nan_gradient_stops_with_a_finite_point():
     assert "non-finite" in result.stopping_criterion
     assert np.all(np.isfinite(result.point)) and math.isfinite(result.cost)
     assert result.iterations == 3
+
+
+@pytest.mark.parametrize("norm", [("kyfan", 2), ("fmuon", 0.5)])
+def test_min_lmo_gap_with_the_family_norms_is_the_dual_norm_of_the_projected_gradient(norm):
+    """Grassmann (orthonormal representative): H = (I - X X^T) E, so the logged gap at each point is the dual norm
+    written out: KF_2(H) = s_1 + s_2, or 0.5 ||H||_* + 0.5 ||H||_F; the run stops by the LMO-gap rule."""
+    problem, x0, _, cov = pca_problem()
+    result = IMuon(norm=norm, min_lmo_gap=1e-2, min_gradient_norm=0.0, log_verbosity=1, **QUIET).run(
+        problem, initial_point=x0
+    )
+    assert "min LMO gap" in result.stopping_criterion
+    log = result.log["iterations"]
+    assert log["lmo_gap"][-1] < 1e-2 <= log["lmo_gap"][-2]
+    for x, gap in zip(log["point"][::7], log["lmo_gap"][::7]):
+        e = -2.0 * (cov @ x)
+        s = np.linalg.svd(e - x @ (x.T @ e), compute_uv=False)
+        want = s[:2].sum() if norm[0] == "kyfan" else 0.5 * s.sum() + 0.5 * np.linalg.norm(s)
+        assert gap == pytest.approx(want, rel=1e-9)
