@@ -100,17 +100,19 @@ def _prescale(tree, host: bool | None = None):
     pair far from balance) are not pushed into the subnormal range. Above ``2^hi`` projections and whitening
     could overflow. A zero or non-finite tree is returned unchanged (``s = 1``), so NaN and inf propagate.
 
-    On the CPU (``host=None``: when every leaf is a numpy array or on the CPU) the largest entry is read on the host
-    (no device to wait for) and ``s`` is a float; elsewhere it is a 0-d tensor, computed without a host
-    synchronization.
+    On the CPU (``host=None``: when every leaf is a numpy array or on the CPU, outside ``torch.compile``) the largest
+    entry is read on the host (no device to wait for) and ``s`` is a float; elsewhere it is a 0-d tensor, computed
+    without a host synchronization.
     """
     leaves = [t for t in _leaves(tree) if numel(t)]
     if not leaves:
         return tree, 1.0
     max_exp = int(math.log2(finfo(leaves[0].dtype).max))
     hi, lo = max_exp - 24, -(max_exp // 2)
-    if host is None:
-        host = all(isinstance(t, np.ndarray) or t.device.type == "cpu" for t in leaves)
+    if host is None:  # under torch.compile the device computation (a host read would break the graph)
+        host = not torch.compiler.is_compiling() and all(
+            isinstance(t, np.ndarray) or t.device.type == "cpu" for t in leaves
+        )
     if host:
         amax = max(float(abs(t).max()) for t in leaves)
         if not (math.isfinite(amax) and amax > 0.0) or 2.0**lo <= amax <= 2.0**hi:

@@ -62,8 +62,12 @@ class CommitEngine:
     state: Any
     param_groups: list[dict[str, Any]]
 
-    def _init_commit(self, nonfinite: str) -> None:
+    def _init_commit(self, nonfinite: str, capturable: bool = False) -> None:
         self.nonfinite = nonfinite
+        #: keep the finiteness flag on the device, write state in place (a CUDA-graph-capturable step)
+        self.capturable = capturable
+        self._flag: torch.Tensor | None = None  # capturable: the last step's flag, on the device
+        self._flag_call = -1  # the call of step() that wrote it
         self._skipped = False
         self._pending: list[tuple[torch.Tensor, Any, int]] = []  # device mode: (flag on the host, event, step)
         self._calls = 0
@@ -163,7 +167,11 @@ class CommitEngine:
                     start += c.shape[0]
                 continue
             if isinstance(entry, StackedState):
-                entry.cache.set(self.state, entry.params, torch.where(ok.to(entry.new.device), entry.new, entry.old))
+                kept = torch.where(ok.to(entry.new.device), entry.new, entry.old)
+                if self.capturable and entry.old is entry.cache.tensor:
+                    entry.old.copy_(kept)  # in place: the address a captured graph writes to stays fixed
+                else:
+                    entry.cache.set(self.state, entry.params, kept)
                 continue
             target, value = entry
             if isinstance(target, torch.Tensor):
@@ -193,6 +201,13 @@ class CommitEngine:
             by_device.setdefault(step.device, []).append(step)
         for device, ts in by_device.items():
             torch._foreach_add_(ts, ok.to(device=device, dtype=torch.float32))
+        if self.capturable:  # no host copy, no event: the flag stays on the device (check_finite reads it)
+            if self._flag is None or self._flag.device != ok.device:
+                self._flag = ok.clone()
+            else:
+                self._flag.copy_(ok)
+            self._flag_call = self._calls  # (a graph replay runs no Python: the captured call stays the last)
+            return
         host = torch.empty((), dtype=torch.bool, pin_memory=ok.is_cuda)
         host.copy_(ok, non_blocking=True)
         event = None
@@ -216,16 +231,27 @@ class CommitEngine:
                 self._pending.clear()
                 self._reject(None, f"non-finite gradient or update in step {call} (that step was not applied)")
 
+    def _read_flag(self) -> None:
+        """Capturable mode: the last step's device flag decides ``last_step_skipped`` (a host synchronization)."""
+        if self.capturable and self._flag is not None and self._flag_call == self._calls:
+            self._skipped = not bool(self._flag)
+
     def check_finite(self) -> bool:
         """Wait for the device and apply the ``nonfinite`` policy to every step taken so far; ``True`` when the last
-        step was applied. Needed only off the CPU, where the check is otherwise deferred (see ``nonfinite``)."""
+        step was applied. Needed only off the CPU, where the check is otherwise deferred (see ``nonfinite``), and
+        with ``capturable=True`` (where it reads the last step's flag)."""
         self._poll(wait=True)
+        if self.capturable and self._flag is not None and self._flag_call == self._calls:
+            self._read_flag()
+            if self._skipped and self.nonfinite == "raise":
+                self._reject(None, "non-finite gradient or update in the last step (that step was not applied)")
         return not self._skipped
 
     @property
     def last_step_skipped(self) -> bool:
         """Whether the last ``step()`` was skipped (``nonfinite="skip"``); waits for the device off the CPU."""
         self._poll(wait=True)
+        self._read_flag()
         return self._skipped
 
     @last_step_skipped.setter

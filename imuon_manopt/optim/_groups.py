@@ -38,6 +38,9 @@ class Group:
     momentum: list[Stacked] = field(default_factory=list)
     #: every parameter passed the first-step checks (membership, full rank)
     checked: bool = False
+    #: the group's numerical step (stacked; compiled with ``compile=True``) and the options it was made for
+    step_fn: Any = None
+    step_key: Any = None
 
     @property
     def parts(self) -> list[slice]:

@@ -70,18 +70,21 @@ class Stacked:
     tensor: torch.Tensor | None = None
     views: list[torch.Tensor] = field(default_factory=list)
 
-    def current(self, state: Any, params: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        """The stacked buffers of ``params`` in ``like``'s dtype and shape (zeros where none exists yet)."""
+    def current(
+        self, state: Any, params: Sequence[torch.Tensor], like: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The stacked buffers of ``params`` with ``like``'s shape and device, in ``dtype`` (zeros where none exists
+        yet)."""
         t = self.tensor
         if (
             t is not None
-            and t.dtype == like.dtype
+            and t.dtype == dtype
             and t.shape == like.shape
             and len(self.views) == len(params)
             and all(state[p].get(KEY) is v for p, v in zip(params, self.views))
         ):
             return t
-        return stacked_buffer(state, params, like)
+        return stacked_buffer(state, params, like, dtype)
 
     def set(self, state: Any, params: Sequence[torch.Tensor], new: torch.Tensor) -> None:
         """Make ``new`` the buffers (no copy): the state entries become its rows."""
@@ -91,13 +94,13 @@ class Stacked:
         self.tensor, self.views = new, views
 
 
-def stacked_buffer(state: Any, params: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """The buffers of ``params`` stacked in ``like``'s dtype (one copy; zeros where none exists yet)."""
+def stacked_buffer(state: Any, params: Sequence[torch.Tensor], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The buffers of ``params`` stacked in ``dtype`` (one copy; zeros where none exists yet)."""
     bufs = [state[p].get(KEY) for p in params]
     if all(b is None for b in bufs):
-        return torch.zeros_like(like)
-    rows = [torch.zeros_like(like[0]) if b is None else local(b) for b in bufs]
-    return torch.stack(rows).to(like.dtype)
+        return torch.zeros_like(like, dtype=dtype)
+    rows = [torch.zeros_like(like[0], dtype=dtype) if b is None else local(b).to(dtype) for b in bufs]
+    return torch.stack(rows)
 
 
 def euclidean_stacked(

@@ -191,7 +191,23 @@ def fallback_spec(group: dict[str, Any], where: str = "") -> FallbackSpec:
     return FallbackSpec(fb["name"], None if flr is None else float(flr), (float(betas[0]), float(betas[1])), float(eps))
 
 
-def check_optimizer_options(nonfinite: str, stabilize: int | None) -> None:
+def check_optimizer_options(
+    nonfinite: str, stabilize: int | None, compile: bool | dict[str, Any] = False, capturable: bool = False
+) -> None:
+    if not isinstance(capturable, bool):
+        raise ValueError(f"capturable must be a bool, got {capturable!r}")
+    if isinstance(compile, dict):
+        if "fullgraph" in compile:
+            raise ValueError(
+                "compile={...}: 'fullgraph' is always True (the group step has no graph breaks); leave it out"
+            )
+        if not all(isinstance(k, str) for k in compile):
+            raise ValueError(f"compile must be a bool or a dict of torch.compile keyword arguments, got {compile!r}")
+    elif not isinstance(compile, bool):
+        raise ValueError(
+            f"compile must be a bool or a dict of torch.compile keyword arguments (e.g. {{'backend': 'aot_eager'}}), "
+            f"got {compile!r}"
+        )
     if nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
     if stabilize is not None and (isinstance(stabilize, bool) or not isinstance(stabilize, int) or stabilize < 1):

@@ -13,8 +13,7 @@ from typing import Any
 import torch
 
 from ..geometry import AmbientFixedRank, FixedRank
-from ._lr import adjusted_lr
-from ._steps import Body, direction, per_item
+from ._steps import Body, direction, per_item, step_scalars
 
 #: Halvings of a pair's step before the pair stays put for this step (2^-12 ~ 2.4e-4 of the step).
 MAX_BACKTRACKS = 12
@@ -79,7 +78,7 @@ def _ratios(rb: torch.Tensor, ra: torch.Tensor, t: torch.Tensor, r: int) -> torc
 
 
 def step_lengths(
-    b: torch.Tensor, a: torch.Tensor, xi_b: torch.Tensor, xi_a: torch.Tensor, step_lr: float
+    b: torch.Tensor, a: torch.Tensor, xi_b: torch.Tensor, xi_a: torch.Tensor, step_lr: float | torch.Tensor
 ) -> torch.Tensor:
     """Per-pair step lengths ``t`` (shape ``(*batch, 1, 1)``): the largest ``step_lr * 2^-k``, ``k = 0..12``, that
     keeps the product's ``s_min / s_max`` at least ``min(sqrt(eps), its current value)``; ``0`` if none does.
@@ -89,9 +88,12 @@ def step_lengths(
     matrices, with tensor ops only (no host synchronization off the CPU, see :func:`_ratio`).
     """
     batch = b.shape[:-2]
-    full = torch.full(batch, float(step_lr), dtype=b.dtype, device=b.device)
-    if step_lr == 0:
-        return full[..., None, None]
+    if isinstance(step_lr, torch.Tensor):  # read where it lives (a compiled or captured step)
+        full = (step_lr * torch.ones(batch, dtype=b.dtype, device=b.device)).to(b.dtype)
+    else:
+        full = torch.full(batch, float(step_lr), dtype=b.dtype, device=b.device)
+        if step_lr == 0:
+            return full[..., None, None]
     r = b.shape[-1]
     tol = math.sqrt(torch.finfo(b.dtype).eps)
     rb = torch.linalg.qr(torch.cat([b, xi_b], -1), mode="r")[1]
@@ -115,11 +117,11 @@ def _full_step_passes(b1: torch.Tensor, a1: torch.Tensor, tol: float) -> bool:
     return bool((_ratio(r_b, r_a, b1.shape[-1]) >= tol).all())
 
 
-def _stepped(b, a, xi_b, xi_a, step_lr: float, lazy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _stepped(b, a, xi_b, xi_a, step_lr: float | torch.Tensor, lazy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B - t xi_B, A - t xi_A)`` with ``t`` from :func:`step_lengths`. ``lazy`` (CPUs, where reading a flag costs
     nothing) first tries the full step alone, the common case, and returns it when every pair passes the guard;
     :func:`step_lengths` evaluates all candidates only otherwise. The result is the same either way."""
-    if lazy and step_lr != 0:
+    if lazy and not isinstance(step_lr, torch.Tensor) and step_lr != 0:
         b1, a1 = b - step_lr * xi_b, a - step_lr * xi_a
         if _full_step_passes(b1, a1, math.sqrt(torch.finfo(b.dtype).eps)):
             return b1, a1
@@ -127,32 +129,31 @@ def _stepped(b, a, xi_b, xi_a, step_lr: float, lazy: bool) -> tuple[torch.Tensor
     return b - t * xi_b, a - t * xi_a
 
 
-def pair_body(group: dict[str, Any], shape2d: tuple[int, int], wdt: torch.dtype, out: torch.dtype, lazy: bool) -> Body:
-    """The fixed-rank step of stacked pairs of one shape: ``(B, A, E~_B, E~_A) -> (B_new, A_new)``, ``(B - t xi_B,
-    A - t xi_A)``, each factor scaled by ``1 - lr wd``, with ``t`` from :func:`step_lengths`, in the parameters' dtype
-    ``out``."""
-    lr = float(group["lr"])
-    step_lr = adjusted_lr(lr, group["adjust_lr_fn"], shape2d)
+def pair_body(group: dict[str, Any], shape2d: tuple[int, int], out: torch.dtype, lazy: bool) -> Body:
+    """The fixed-rank step of stacked pairs of one shape: ``(B, A, E~_B, E~_A, lr', decay) -> (B_new, A_new)``,
+    ``(B - t xi_B, A - t xi_A)``, each factor scaled by ``decay = 1 - lr wd`` (:func:`~imuon_manopt.optim._steps.
+    step_scalars`), with ``t`` from :func:`step_lengths`, in the parameters' dtype ``out``; with error feedback
+    also the new summed momenta ``(M_B, M_A)``."""
     wd = group["weight_decay"]
     geometry = _FIXED_RANK if group["pair_momentum"] == "factor" else _AMBIENT
     feedback = bool(group.get("error_feedback"))
-    decay = 1.0 - group["momentum"]
+    fade = 1.0 - group["momentum"]
 
-    def body(b, a, e_b, e_a) -> tuple[torch.Tensor, ...]:
+    def body(b, a, e_b, e_a, step_lr, decay) -> tuple[torch.Tensor, ...]:
         xi_b, xi_a = direction(geometry, (b, a), (e_b, e_a), group)
         new_b, new_a = _stepped(b, a, xi_b, xi_a, step_lr, lazy)
-        if wd > 0:
-            scale = max(0.0, 1.0 - lr * wd)  # per factor, as AdamW decays LoRA factors: the product by its square
-            new_b, new_a = new_b * scale, new_a * scale
+        if wd > 0:  # per factor, as AdamW decays LoRA factors: the product by its square
+            new_b, new_a = new_b * decay, new_a * decay
         if not feedback:
             return new_b.to(out), new_a.to(out)
         # error feedback (inputs are the summed momenta M_B, M_A): the used part decays by beta, the rest stays
         cap_b, cap_a = _FIXED_RANK.captured(_FIXED_RANK.at((b, a)), (e_b, e_a), (xi_b, xi_a))
-        return new_b.to(out), new_a.to(out), e_b - decay * cap_b, e_a - decay * cap_a
+        return new_b.to(out), new_a.to(out), e_b - fade * cap_b, e_a - fade * cap_a
 
     return body
 
 
 def pair_fn(group: dict[str, Any], shape2d: tuple[int, int], wdt: torch.dtype, out: torch.dtype, lazy: bool):
-    """:func:`pair_body` per item: one input ``(B, A, E~_B, E~_A)`` and one output ``(B_new, A_new)`` per pair."""
-    return per_item(pair_body(group, shape2d, wdt, out, lazy), wdt)
+    """:func:`pair_body` per item: one input ``(B, A, E~_B, E~_A)`` and one output ``(B_new, A_new)`` per pair
+    (``(B_new, A_new, M_B, M_A)`` with error feedback)."""
+    return per_item(pair_body(group, shape2d, out, lazy), wdt, *step_scalars(group, shape2d, False))

@@ -50,17 +50,17 @@ CHUNK_ELEMENTS = 2**20
 Body = Callable[..., tuple[torch.Tensor, ...]]
 
 
-def run_chunked(body: Body, inputs: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+def run_chunked(body: Body, inputs: Sequence[torch.Tensor], *scalars: Any) -> list[list[torch.Tensor]]:
     """``body`` over consecutive slices (views) of the stacked ``inputs`` of at most :data:`CHUNK_ELEMENTS` elements
-    per input (at least one item); for each output, the list of its stacked chunks, in order (one chunk when the
-    whole group fits)."""
+    per input (at least one item), with the step's ``scalars`` (learning rate, decay) after them; for each output,
+    the list of its stacked chunks, in order (one chunk when the whole group fits)."""
     n = inputs[0].shape[0]
     k = max(1, CHUNK_ELEMENTS // max(1, inputs[0][0].numel()))
     if k >= n:
-        return [[t] for t in body(*inputs)]
+        return [[t] for t in body(*inputs, *scalars)]
     outs: list[list[torch.Tensor]] = []
     for i in range(0, n, k):
-        res = body(*(t[i : i + k] for t in inputs))
+        res = body(*(t[i : i + k] for t in inputs), *scalars)
         if not outs:
             outs = [[] for _ in res]
         for acc, t in zip(outs, res):
@@ -73,71 +73,133 @@ def rows(chunks: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t for c in chunks for t in c.unbind(0)]
 
 
-def per_item(body: Body, wdt: torch.dtype) -> GroupFn:
+def per_item(body: Body, wdt: torch.dtype, *scalars: Any) -> GroupFn:
     """``body`` as a function of one tuple of tensors per item (the interface of
     :func:`~imuon_manopt.optim._distributed.apply_full`): stacks each input (no copy for the rows of one tensor),
-    runs the chunked body and splits the outputs again."""
+    runs the chunked body with ``scalars`` and splits the outputs again."""
 
     def fn(inputs: Inputs) -> Outputs:
         if not inputs:
             return []
         stacked = [stack(inputs, i, wdt) for i in range(len(inputs[0]))]
-        return list(zip(*(rows(chunks) for chunks in run_chunked(body, stacked))))
+        return list(zip(*(rows(chunks) for chunks in run_chunked(body, stacked, *scalars))))
 
     return fn
 
 
-def matrix_body(group: dict[str, Any], shape2d: tuple[int, int], wdt: torch.dtype, out: torch.dtype) -> Body:
-    """Muon on stacked plain tensors of one shape: ``(x, E~) -> (x_new,)`` with ``x_new = (1 - lr wd) x - lr'
-    polar(E~)``, ``x`` of shape ``(k, *shape)`` viewed as ``(k, *shape2d)`` (``(shape[0], -1)`` for convolutions);
-    ``x_new`` in the parameters' dtype ``out``."""
-    lr = float(group["lr"])
-    step_lr = adjusted_lr(lr, group["adjust_lr_fn"], shape2d)
+Scalar = float | torch.Tensor
+
+
+def step_scalars(group: dict[str, Any], shape2d: tuple[int, int], tensor: bool) -> tuple[Scalar, Scalar]:
+    """The step's learning rate ``lr'`` (``adjust_lr_fn`` applied) and decay factor ``1 - lr wd`` (floored at 0;
+    a pair's factors each take it). Floats, or with ``tensor`` 0-d tensors (a compiled step takes them as inputs, so
+    a new ``lr`` needs no recompilation); a tensor ``lr`` in the group stays a tensor (read on its device, as a
+    captured step needs; ``adjust_lr_fn`` is then applied as ``lr * fn(1, shape)``, exact for the built-in rules,
+    which are linear in ``lr``)."""
+    lr = group["lr"]
+    wd = group["weight_decay"]
+    fn = group["adjust_lr_fn"]
+    if isinstance(lr, torch.Tensor):
+        lr_t = lr.reshape(())
+        step = adjusted_lr(1.0, fn, shape2d) * lr_t if fn is not None else lr_t
+        return step, (1.0 - lr_t * wd).clamp_min(0.0)
+    lr = float(lr)
+    step_f = adjusted_lr(lr, fn, shape2d)
+    decay_f = max(0.0, 1.0 - lr * wd)
+    if tensor:
+        return torch.tensor(step_f, dtype=torch.float64), torch.tensor(decay_f, dtype=torch.float64)
+    return step_f, decay_f
+
+
+def _descend(base: torch.Tensor, xi: torch.Tensor, step_lr: Scalar) -> torch.Tensor:
+    """``base - lr' xi`` (a float ``lr'`` as ``torch.add``'s alpha; a tensor one read where it lives)."""
+    if isinstance(step_lr, torch.Tensor):
+        return base - (step_lr * xi).to(xi.dtype)
+    return torch.add(base, xi, alpha=-step_lr)
+
+
+def matrix_body(group: dict[str, Any], shape2d: tuple[int, int], out: torch.dtype) -> Body:
+    """Muon on stacked plain tensors of one shape: ``(x, E~, lr', decay) -> (x_new,)`` with ``x_new = decay x - lr'
+    polar(E~)`` (``decay = 1 - lr wd``, :func:`step_scalars`), ``x`` of shape ``(k, *shape)`` viewed as ``(k,
+    *shape2d)`` (``(shape[0], -1)`` for convolutions); ``x_new`` in the parameters' dtype ``out``. ``lr'`` and
+    ``decay`` are floats or 0-d tensors."""
     wd = group["weight_decay"]
     if group.get("error_feedback"):
-        return _error_feedback_body(group, shape2d, out, lr, step_lr, wd)
+        return _error_feedback_body(group, shape2d, out, wd)
     transform = resolve_input_transform(group.get("input_transform"))
 
-    def body(x: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor]:
+    def body(x: torch.Tensor, e: torch.Tensor, step_lr: Scalar, decay: Scalar) -> tuple[torch.Tensor]:
         n = x.shape[0]
         x2, e2 = x.reshape(n, *shape2d), e.reshape(n, *shape2d)
         if transform is None:
             xi = direction(_EUCLIDEAN, x2, e2, group)
         else:  # plain matrices: the whitened gradient is E~ itself and the un-whitening the identity
             xi = transformed_lmo(e2, transform, lambda h: direction(_EUCLIDEAN, x2, h, group))[0]
-        base = x * (1.0 - lr * wd) if wd > 0 else x
-        return (torch.add(base, xi.reshape(x.shape), alpha=-step_lr).to(out),)
+        base = x * decay if wd > 0 else x
+        return (_descend(base, xi.reshape(x.shape), step_lr).to(out),)
 
     return body
 
 
-def _error_feedback_body(
-    group: dict[str, Any], shape2d: tuple[int, int], out: torch.dtype, lr: float, step_lr: float, wd: float
-) -> Body:
-    """Dion's error feedback on plain matrices with a Ky Fan LMO: ``(x, M) -> (x_new, M_new)`` where ``M = buf + E``
-    is the momentum after this step's gradient (a sum, no decay), ``Z = P R`` its Ky Fan LMO (``P`` orthonormal
-    columns spanning the step), ``x_new = (1 - lr wd) x - lr' Z`` and ``M_new = M - (1 - beta) P P^T M``: the part
-    of the momentum the step used decays by ``beta``, what it left out stays whole."""
+def _error_feedback_body(group: dict[str, Any], shape2d: tuple[int, int], out: torch.dtype, wd: float) -> Body:
+    """Dion's error feedback on plain matrices with a Ky Fan LMO: ``(x, M, lr', decay) -> (x_new, M_new)`` where ``M
+    = buf + E`` is the momentum after this step's gradient (a sum, no decay), ``Z = P R`` its Ky Fan LMO (``P``
+    orthonormal columns spanning the step), ``x_new = (1 - lr wd) x - lr' Z`` and ``M_new = M - (1 - beta) P P^T
+    M``: the part of the momentum the step used decays by ``beta``, what it left out stays whole."""
     nrm = resolve_norm(group["norm"])
     k = int(nrm.k) if nrm.k is not None else 1
     spec = polar_spec(group)
-    decay = 1.0 - group["momentum"]
+    fade = 1.0 - group["momentum"]
 
-    def body(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def body(x: torch.Tensor, m: torch.Tensor, step_lr: Scalar, decay: Scalar) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[0]
         m2 = m.reshape(n, *shape2d)
         p, r, _ = kyfan_factors(m2, k, spec)
         xi = (p @ r).to(x.dtype).reshape(x.shape)
-        new_m = m2 - decay * (p @ (p.mT @ m2.to(p.dtype))).to(m2.dtype)
-        base = x * (1.0 - lr * wd) if wd > 0 else x
-        return torch.add(base, xi, alpha=-step_lr).to(out), new_m.reshape(m.shape)
+        new_m = m2 - fade * (p @ (p.mT @ m2.to(p.dtype))).to(m2.dtype)
+        base = x * decay if wd > 0 else x
+        return _descend(base, xi, step_lr).to(out), new_m.reshape(m.shape)
 
     return body
 
 
+def group_step(
+    body: Body,
+    xs: list[torch.Tensor],
+    gs: list[torch.Tensor],
+    bufs: list[torch.Tensor] | None,
+    scalars: tuple[Scalar, Scalar],
+    *,
+    beta: float,
+    use_nesterov: bool,
+    feedback: bool,
+    wdt: torch.dtype,
+) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+    """One stacked group's whole numerical step (pure; no host synchronization besides what ``body`` needs): the
+    momentum on each run's stacked gradients ``gs`` and buffers ``bufs`` (``None`` without momentum;
+    :func:`imuon_manopt.optim._momentum.euclidean_stacked`, or with ``feedback`` the sum ``M = buf + E`` whose new
+    value the body returns after the new parameters), then ``body(*xs, *E~s, *scalars)`` in chunks. Returns the new
+    values (per run of parameters, stacked chunks) and the new buffers. This is what ``compile=`` compiles."""
+    es, new_bufs = [], []
+    for k, g in enumerate(gs):
+        e = g.to(wdt)
+        if bufs is not None and feedback:
+            e = e + bufs[k]
+        elif bufs is not None:
+            e, nb = _momentum.euclidean_stacked(e, bufs[k], beta, use_nesterov)
+            new_bufs.append(nb)
+        es.append(e)
+    outs = run_chunked(body, [x.to(wdt) for x in xs] + es, *scalars)
+    if feedback:
+        new_bufs = [chunks[0] if len(chunks) == 1 else torch.cat(chunks) for chunks in outs[len(xs) :]]
+        outs = outs[: len(xs)]
+    return outs, new_bufs
+
+
 def matrix_fn(group: dict[str, Any], shape2d: tuple[int, int], wdt: torch.dtype, out: torch.dtype) -> GroupFn:
-    """:func:`matrix_body` per item: inputs ``(x, E~)``, outputs ``(x_new,)``."""
-    return per_item(matrix_body(group, shape2d, wdt, out), wdt)
+    """:func:`matrix_body` per item: inputs ``(x, E~)``, outputs ``(x_new,)`` (and ``(M_new,)`` with error
+    feedback)."""
+    return per_item(matrix_body(group, shape2d, out), wdt, *step_scalars(group, shape2d, False))
 
 
 def manifold_body(

@@ -27,6 +27,7 @@ and the all-or-nothing commit: :mod:`~imuon_manopt.optim._commit`. Buffers are k
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -121,6 +122,23 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
             the bad one, or at :meth:`check_finite` (which waits), and ``last_step_skipped`` waits for the device.
         stabilize: geoopt's option: every ``stabilize`` steps (calls of ``step``), project manifold parameters back
             onto their manifold (``projx``) and momentum buffers onto the tangent space.
+        compile: compile each plain-matrix and pair group's numerical step (momentum, direction, LMO, rank guard,
+            update) with ``torch.compile(fullgraph=True)`` (:func:`~imuon_manopt.optim._steps.group_step`), or a dict
+            of further ``torch.compile`` arguments (e.g. ``{"backend": "aot_eager"}``, ``{"mode":
+            "max-autotune-no-cudagraphs"}``); the bookkeeping around it (grouping, gathers, finiteness, commit)
+            stays eager. The learning rate and decay enter as tensors, so schedulers cause no recompilation;
+            changing other options recompiles. The pair step then takes the sync-free path (all candidate step
+            lengths at once). First steps pay the compile time (seconds to minutes). Manifold parameters and the
+            fallback are not compiled.
+        capturable: make ``step()`` capturable in a CUDA graph (``torch.cuda.graph``): the finiteness decision
+            and the commit stay on the device (masked writes, as off the CPU), state is updated in place at fixed
+            addresses, step counts live on the device, and the pair step is the sync-free one. A non-finite step
+            is not applied, whatever ``nonfinite`` says; :meth:`check_finite` (outside the graph) reads the flag of
+            the last step and applies the policy. Give ``lr`` as a 0-d device tensor to change it between replays
+            (a float is baked into the graph at capture; ``adjust_lr_fn`` is then applied as ``lr * fn(1, shape)``,
+            exact for the built-in rules). Take one
+            eager step before capturing (it allocates the state and runs the first-step checks). Supported for
+            plain matrices, pairs and the AdamW fallback; manifold retractions may synchronize (geoopt's).
 
     Param-group options besides these: ``use_imuon=False`` sends every plain tensor of the group to the fallback
     (e.g. embeddings and output heads, as is common with Muon); ``pair_momentum="ambient"`` selects the reference
@@ -164,8 +182,10 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
         fallback: str | dict[str, Any] = "adamw",
         nonfinite: str = "raise",
         stabilize: int | None = None,
+        compile: bool | dict[str, Any] = False,
+        capturable: bool = False,
     ) -> None:
-        _options.check_optimizer_options(nonfinite, stabilize)
+        _options.check_optimizer_options(nonfinite, stabilize, compile, capturable)
         defaults = dict(_options.GROUP_DEFAULTS)
         defaults.update(
             lr=lr,
@@ -179,7 +199,8 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
         )
         defaults = _options.fold(defaults)
         _options.check_options(defaults)
-        self._init_commit(nonfinite)
+        self._init_commit(nonfinite, capturable)
+        self.compile = compile
         self._pairs, self._pair_index = _options.prepare_pairs(pairs)
         self._rules: dict[torch.Tensor, tuple[_dispatch.ManifoldRule, MetricOperator, Any]] = {}
         self._structure_key: Any = None
@@ -447,55 +468,51 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
         """:meth:`_update` for plain matrices and pairs that are not sharded: one gather (``torch.stack``) of the
         parameters and one of the gradients per run of equal shapes, the momentum on the group's stacked buffers
         (kept between steps, :class:`~imuon_manopt.optim._momentum.Stacked`), the group's body on the stacked
-        tensors, and one scatter of the new values at commit (``torch._foreach_copy_``); no per-parameter
-        arithmetic."""
+        tensors (:func:`~imuon_manopt.optim._steps.group_step`, compiled with ``compile=``), and one scatter of
+        the new values at commit (``torch._foreach_copy_``); no per-parameter arithmetic."""
         group, params = grp.group, grp.params
         p0 = params[0]
         wdt = work_dtype(p0)
         beta = group["momentum"]
-        if beta > 0 and len(grp.momentum) != len(grp.parts):
-            grp.momentum = [_momentum.Stacked() for _ in grp.parts]
         feedback = bool(group["error_feedback"])
-        olds, es, summed = [], [], []
+        keep = beta > 0 or feedback  # a buffer per parameter
+        if keep and len(grp.momentum) != len(grp.parts):
+            grp.momentum = [_momentum.Stacked() for _ in grp.parts]
+        xs, gs, bufs = [], [], []
         for k, part in enumerate(grp.parts):
             ps = params[part]
-            x = torch.stack([p.detach() if type(p) in _PLAIN else p.detach().as_subclass(torch.Tensor) for p in ps])
+            xs.append(
+                torch.stack([p.detach() if type(p) in _PLAIN else p.detach().as_subclass(torch.Tensor) for p in ps])
+            )
             grads = [p.grad for p in ps]
             if any(g is None for g in grads):  # a pair factor without a gradient: zero
                 grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, ps)]
-            e = torch.stack(grads).to(wdt)
-            if feedback:  # M = buf + E (a sum); the new buffer comes from the body (what the step left out)
-                stacked = grp.momentum[k]
-                old = stacked.current(self.state, ps, e)
-                e = e + old
-                summed.append((ps, stacked, old))
-            elif beta > 0:
-                stacked = grp.momentum[k]
-                old = stacked.current(self.state, ps, e)
-                e, new = _momentum.euclidean_stacked(e, old, beta, group["nesterov"])
-                writes.append(StackedState(ps, stacked, new, old))
-            olds.append(x)
-            es.append(e)
-        if grp.kind == "matrix":
-            body = _steps.matrix_body(group, grp.shape2d, wdt, p0.dtype)
-            outs = _steps.run_chunked(body, [olds[0].to(wdt), es[0]])
-            news = outs[0]
-            writes.append(StackedParams(params, news, olds[0]))
-            checks.extend(news)
-            new_bufs = outs[1:]
-        else:
-            body = _pairs.pair_body(group, grp.shape2d, wdt, p0.dtype, lazy)
-            outs = _steps.run_chunked(body, [olds[0].to(wdt), olds[1].to(wdt), es[0], es[1]])
-            new_b, new_a = outs[0], outs[1]
-            n = len(grp.pair_ids)
-            writes.append(StackedParams(params[:n], new_b, olds[0]))
-            writes.append(StackedParams(params[n:], new_a, olds[1]))
-            checks.extend(new_b + new_a)
-            new_bufs = outs[2:]
-        for (ps, stacked, old), chunks in zip(summed, new_bufs):
-            new = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-            writes.append(StackedState(ps, stacked, new, old))
-            checks.append(new)
+            gs.append(torch.stack(grads))
+            if keep:
+                bufs.append(grp.momentum[k].current(self.state, ps, gs[k], wdt))
+        compiled = bool(self.compile)
+        scalars = _steps.step_scalars(group, grp.shape2d, tensor=compiled)
+        key = (beta, group["nesterov"], feedback, group["weight_decay"] > 0, group["pair_momentum"], lazy, compiled)
+        if grp.step_fn is None or grp.step_key != key:
+            if grp.kind == "matrix":
+                body = _steps.matrix_body(group, grp.shape2d, p0.dtype)
+            else:
+                body = _pairs.pair_body(group, grp.shape2d, p0.dtype, lazy and not compiled)
+            fn = functools.partial(
+                _steps.group_step, body, beta=beta, use_nesterov=group["nesterov"], feedback=feedback, wdt=wdt
+            )
+            if compiled:
+                options = {"dynamic": False, **(self.compile if isinstance(self.compile, dict) else {})}
+                fn = torch.compile(fn, fullgraph=True, **options)
+            grp.step_fn, grp.step_key = fn, key
+        outs, new_bufs = grp.step_fn(xs, gs, bufs if keep else None, scalars)
+        for k, part in enumerate(grp.parts):
+            writes.append(StackedParams(params[part], outs[k], xs[k]))
+            checks.extend(outs[k])
+            if keep:
+                writes.append(StackedState(params[part], grp.momentum[k], new_bufs[k], bufs[k]))
+                if feedback:  # the fed-back residual is not implied by the parameters' finiteness
+                    checks.append(new_bufs[k])
 
     # ------------------------------------------------------------------ step
 
@@ -523,7 +540,7 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
         groups = self._structure()
         self._calls += 1
         if groups:
-            device_mode = self._defer_checks(groups)
+            device_mode = self.capturable or self._defer_checks(groups)
             for grp in groups:
                 if not grp.checked:
                     self._check_new(grp)
