@@ -311,3 +311,74 @@ def test_a_state_dict_with_param_groups_in_another_order_is_refused():
     one = IMuon([torch.nn.Parameter(torch.randn(5, 4))], lr=0.1)
     with pytest.raises(ValueError, match="2 param groups, this optimizer 1"):
         one.load_state_dict(sd)
+
+
+# ------------------------------------------------------------------------------------ tensors with ndim > 2
+
+
+def _svd_polar(g: torch.Tensor) -> torch.Tensor:
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    return u @ vh
+
+
+def test_flatten_false_takes_one_lmo_per_slice_against_svd():
+    """(E, m, n) with flatten=False: each (m, n) slice moves by -lr polar(E_slice) (float64 SVD); the default
+    (flatten=True) moves the (E, m*n) view by -lr polar(E viewed as (E, m*n))."""
+    g = torch.randn(3, 5, 4, dtype=torch.float64)
+    x0 = torch.randn(3, 5, 4, dtype=torch.float64)
+    per_slice = torch.nn.Parameter(x0.clone())
+    per_slice.grad = g.clone()
+    IMuon([{"params": [per_slice], "flatten": False}], lr=0.1, momentum=0.0, polar="svd").step()
+    want = torch.stack([x0[i] - 0.1 * _svd_polar(g[i]) for i in range(3)])
+    torch.testing.assert_close(per_slice.detach(), want, atol=1e-12, rtol=0)
+    flat = torch.nn.Parameter(x0.clone())
+    flat.grad = g.clone()
+    IMuon([flat], lr=0.1, momentum=0.0, polar="svd").step()
+    torch.testing.assert_close(
+        flat.detach(), x0 - 0.1 * _svd_polar(g.reshape(3, 20)).reshape(3, 5, 4), atol=1e-12, rtol=0
+    )
+
+
+@pytest.mark.parametrize("norm", ["spectral", "frobenius", ("kyfan", 2)])
+def test_flatten_false_equals_a_loop_of_the_two_dimensional_step(norm):
+    """Momentum, Nesterov, weight decay and adjust_lr_fn over several steps: a 4-D (2, 3, 6, 4) tensor with
+    flatten=False is exactly six 6 x 4 matrices stepped one by one (a joint norm too: each slice its own budget)."""
+    g = torch.Generator().manual_seed(7)
+    x0 = torch.randn(2, 3, 6, 4, generator=g, dtype=torch.float64)
+    grads = [torch.randn(2, 3, 6, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=0.1, polar="svd", norm=norm, adjust_lr_fn="original")
+    big = torch.nn.Parameter(x0.clone())
+    opt = IMuon([{"params": [big], "flatten": False}], **kw)
+    slices = [torch.nn.Parameter(x0[i, j].clone()) for i in range(2) for j in range(3)]
+    loops = [IMuon([s], **kw) for s in slices]
+    for e in grads:
+        big.grad = e.clone()
+        opt.step()
+        for k, (s, o) in enumerate(zip(slices, loops)):
+            s.grad = e[k // 3, k % 3].clone()
+            o.step()
+    want = torch.stack([s.detach() for s in slices]).reshape(2, 3, 6, 4)
+    torch.testing.assert_close(big.detach(), want, atol=1e-12, rtol=0)
+
+
+def test_flatten_false_is_one_batched_call(monkeypatch):
+    from imuon_manopt.optim import _steps
+
+    calls = []
+    real = _steps.direction
+
+    def counting(geometry, x, e, group):
+        calls.append(tuple(x.shape))
+        return real(geometry, x, e, group)
+
+    monkeypatch.setattr(_steps, "direction", counting)
+    ps = [torch.nn.Parameter(torch.randn(4, 3, 5, 2)) for _ in range(2)]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    IMuon([{"params": ps, "flatten": False}], lr=0.1).step()
+    assert calls == [(24, 5, 2)]  # both tensors, every slice: one stacked call
+
+
+def test_flatten_must_be_a_bool():
+    with pytest.raises(ValueError, match="flatten must be a bool"):
+        IMuon([{"params": [torch.nn.Parameter(torch.randn(2, 3, 4))], "flatten": "slices"}], lr=0.1)

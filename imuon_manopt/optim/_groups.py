@@ -51,6 +51,15 @@ class Group:
         return [slice(0, n), slice(n, None)]
 
 
+def matrix_shape(shape: torch.Size, flatten: bool) -> tuple[int, int]:
+    """The matrix shape a plain tensor's LMO acts on: ``(shape[0], prod(shape[1:]))`` (``flatten=True``: one
+    matrix per tensor, as Muon treats convolution kernels) or ``shape[-2:]`` (``flatten=False``: one LMO per
+    trailing ``(m, n)`` slice, batched over the leading dims, for per-expert and per-head weights)."""
+    if flatten or len(shape) == 2:
+        return (shape[0], math.prod(shape[1:]))
+    return (shape[-2], shape[-1])
+
+
 def scan(param_groups: Sequence[dict[str, Any]]) -> Any:
     """The structure key (which parameters have gradients, and the grouping options); checks every gradient."""
     key = []
@@ -69,7 +78,7 @@ def scan(param_groups: Sequence[dict[str, Any]]) -> Any:
                     f"shape {tuple(p.shape)}; the gradient must have the parameter's shape"
                 )
             flags.append(True)
-        key.append((id(group["params"]), tuple(flags), group["use_imuon"], group["norm"]))
+        key.append((id(group["params"]), tuple(flags), group["use_imuon"], group["norm"], group.get("flatten", True)))
     return tuple(key)
 
 
@@ -105,7 +114,7 @@ def build(
                 buckets.setdefault(key, Group("manifold", group, [], rule=rule, geometry=geometry)).params.append(p)
             elif p.ndim >= 2 and group["use_imuon"]:
                 key = ("matrix", p.shape, p.dtype, p.device) + ((id(p),) if joint else ())
-                shape2d = (p.shape[0], math.prod(p.shape[1:]))
+                shape2d = matrix_shape(p.shape, group.get("flatten", True))
                 buckets.setdefault(key, Group("matrix", group, [], shape2d)).params.append(p)
             else:
                 fallback.append(p)

@@ -47,6 +47,7 @@ GROUP_DEFAULTS: dict[str, Any] = dict(
     use_imuon=True,
     error_feedback=False,
     input_transform=None,
+    flatten=True,
 )
 
 #: Keys of earlier layouts -> the one spelling that replaces them (refused with that advice).
@@ -142,6 +143,11 @@ def check_options(opts: dict[str, Any], where: str = "") -> None:
     fallback_spec(opts, where)
     if not isinstance(opts["use_imuon"], bool):
         raise ValueError(f"{where}use_imuon must be a bool, got {opts['use_imuon']!r}")
+    if not isinstance(opts["flatten"], bool):
+        raise ValueError(
+            f"{where}flatten must be a bool (True: one LMO per tensor on its (shape[0], -1) view; False: one LMO per "
+            f"trailing (m, n) slice), got {opts['flatten']!r}"
+        )
     check_family_options(opts, nrm, where)
 
 

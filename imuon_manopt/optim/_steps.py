@@ -120,21 +120,29 @@ def _descend(base: torch.Tensor, xi: torch.Tensor, step_lr: Scalar) -> torch.Ten
 
 def matrix_body(group: dict[str, Any], shape2d: tuple[int, int], out: torch.dtype) -> Body:
     """Muon on stacked plain tensors of one shape: ``(x, E~, lr', decay) -> (x_new,)`` with ``x_new = decay x - lr'
-    polar(E~)`` (``decay = 1 - lr wd``, :func:`step_scalars`), ``x`` of shape ``(k, *shape)`` viewed as ``(k,
-    *shape2d)`` (``(shape[0], -1)`` for convolutions); ``x_new`` in the parameters' dtype ``out``. ``lr'`` and
-    ``decay`` are floats or 0-d tensors."""
+    polar(E~)`` (``decay = 1 - lr wd``, :func:`step_scalars`), ``x`` of shape ``(k, *shape)`` viewed as a batch of
+    ``shape2d`` matrices: ``(k, *shape2d)`` with ``shape2d = (shape[0], prod(shape[1:]))`` (``flatten=True``,
+    convolutions), or ``(k * prod(shape[:-2]), *shape[-2:])`` (``flatten=False``: one LMO per slice, in one batched
+    call; a joint norm, which would couple a batch, gets one call per slice); ``x_new`` in the parameters' dtype
+    ``out``. ``lr'`` and ``decay`` are floats or 0-d tensors."""
     wd = group["weight_decay"]
     if group.get("error_feedback"):
         return _error_feedback_body(group, shape2d, out, wd)
     transform = resolve_input_transform(group.get("input_transform"))
+    joint = resolve_norm(group["norm"]).joint
+
+    def lmo(x2: torch.Tensor, e2: torch.Tensor) -> torch.Tensor:
+        if transform is None:
+            return direction(_EUCLIDEAN, x2, e2, group)
+        # plain matrices: the whitened gradient is E~ itself and the un-whitening the identity
+        return transformed_lmo(e2, transform, lambda h: direction(_EUCLIDEAN, x2, h, group))[0]
 
     def body(x: torch.Tensor, e: torch.Tensor, step_lr: Scalar, decay: Scalar) -> tuple[torch.Tensor]:
-        n = x.shape[0]
-        x2, e2 = x.reshape(n, *shape2d), e.reshape(n, *shape2d)
-        if transform is None:
-            xi = direction(_EUCLIDEAN, x2, e2, group)
-        else:  # plain matrices: the whitened gradient is E~ itself and the un-whitening the identity
-            xi = transformed_lmo(e2, transform, lambda h: direction(_EUCLIDEAN, x2, h, group))[0]
+        x2, e2 = x.reshape(-1, *shape2d), e.reshape(-1, *shape2d)
+        if joint and x2.shape[0] > x.shape[0]:  # per-slice under a joint norm: each slice its own budget
+            xi = torch.stack([lmo(x2[i : i + 1], e2[i : i + 1])[0] for i in range(x2.shape[0])])
+        else:
+            xi = lmo(x2, e2)
         base = x * decay if wd > 0 else x
         return (_descend(base, xi.reshape(x.shape), step_lr).to(out),)
 
@@ -152,8 +160,7 @@ def _error_feedback_body(group: dict[str, Any], shape2d: tuple[int, int], out: t
     fade = 1.0 - group["momentum"]
 
     def body(x: torch.Tensor, m: torch.Tensor, step_lr: Scalar, decay: Scalar) -> tuple[torch.Tensor, torch.Tensor]:
-        n = x.shape[0]
-        m2 = m.reshape(n, *shape2d)
+        m2 = m.reshape(-1, *shape2d)
         p, r, _ = kyfan_factors(m2, k, spec)
         xi = (p @ r).to(x.dtype).reshape(x.shape)
         new_m = m2 - fade * (p @ (p.mT @ m2.to(p.dtype))).to(m2.dtype)

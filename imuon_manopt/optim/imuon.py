@@ -3,7 +3,8 @@
 :class:`IMuon` is a geoopt ``OptimMixin`` + ``torch.optim.Optimizer``. Each parameter is routed by what it is:
 
 - plain tensor (or geoopt ``Euclidean``) with ``ndim >= 2``: Muon, ``p - lr * lmo(E~)``; tensors with ``ndim > 2``
-  (convolutions) are viewed as ``(shape[0], -1)``;
+  are viewed as ``(shape[0], -1)`` (the group option ``flatten=True``, default: convolutions) or take one LMO per
+  trailing ``(m, n)`` slice (``flatten=False``: per-expert and per-head weights ``(E, m, n)``), batched;
 - plain tensor with ``ndim < 2`` (biases, norms, scalars): the group's ``fallback``, torch's own AdamW (default) or
   SGD (:mod:`imuon_manopt.optim._fallback`);
 - ``ManifoldParameter`` on a supported manifold: ``retr(p, -lr * xi)`` with ``xi`` the iMuon direction of the
@@ -140,18 +141,23 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
             eager step before capturing (it allocates the state and runs the first-step checks). Supported for
             plain matrices, pairs and the AdamW fallback; manifold retractions may synchronize (geoopt's).
 
-    Param-group options besides these: ``use_imuon=False`` sends every plain tensor of the group to the fallback
-    (e.g. embeddings and output heads, as is common with Muon); ``pair_momentum="ambient"`` selects the reference
-    LoRA mode for the group's pairs; ``error_feedback=True`` (with ``norm=("kyfan", k)``, plain matrices and pairs
-    only) replaces the momentum by Dion's error feedback: ``M <- M + E``, the step is the Ky Fan LMO of ``M`` (of
-    its whitened blocks for pairs), then ``M <- M - (1 - momentum) P P^T M`` with ``P`` spanning the step, so what
-    the low-rank step leaves out stays in the buffer (``nesterov`` is not used); ``input_transform`` (plain matrices
-    only; see :mod:`imuon_manopt.transforms`: ``"muoneq_row"``, ``"muoneq_col"``, ``"muoneq_rowcol"``,
-    ``("root_clip", percentile)``, ``("mimuon", threshold)``) transforms the momentum before the LMO: these are
-    not LMOs of a norm, they break the invariances elsewhere and are refused there. Each option has one spelling,
-    the same in the constructor, in param-group dicts and in ``state_dict()["param_groups"]`` (stored as given); keys
-    of earlier layouts (``ns_steps``, ``fallback_lr``, ``betas``, ...) are refused with the spelling that replaces
-    them. ``repr(opt)`` lists per group ``lr``, ``momentum`` and the options that differ from their defaults.
+    Param-group options besides these: ``use_imuon=False`` sends every plain tensor of the group to the fallback (e.g.
+    embeddings and output heads, as is common with Muon); ``flatten`` (default ``True``) says how a plain tensor with
+    ``ndim > 2`` is stepped: ``True`` orthogonalizes its ``(shape[0], prod(shape[1:]))`` view, one matrix per tensor,
+    which is what Muon does with convolution kernels ``(out, in, kh, kw)`` (the most common such parameters in torch
+    models, whose ``(kh, kw)`` slices are not matrices worth an LMO each); ``False`` takes one LMO per trailing ``(m,
+    n)`` slice, batched over the leading dims in one call (mixture-of-experts ``(E, m, n)``, per-head weights; Dion's
+    ``flatten=False``), with ``adjust_lr_fn`` seeing ``(m, n)``; ``pair_momentum="ambient"`` selects the reference LoRA
+    mode for the group's pairs; ``error_feedback=True`` (with ``norm=("kyfan", k)``, plain matrices and pairs only)
+    replaces the momentum by Dion's error feedback: ``M <- M + E``, the step is the Ky Fan LMO of ``M`` (of its whitened
+    blocks for pairs), then ``M <- M - (1 - momentum) P P^T M`` with ``P`` spanning the step, so what the low-rank step
+    leaves out stays in the buffer (``nesterov`` is not used); ``input_transform`` (plain matrices only; see
+    :mod:`imuon_manopt.transforms`: ``"muoneq_row"``, ``"muoneq_col"``, ``"muoneq_rowcol"``, ``("root_clip",
+    percentile)``, ``("mimuon", threshold)``) transforms the momentum before the LMO: these are not LMOs of a norm, they
+    break the invariances elsewhere and are refused there. Each option has one spelling, the same in the constructor, in
+    param-group dicts and in ``state_dict()["param_groups"]`` (stored as given); keys of earlier layouts (``ns_steps``,
+    ``fallback_lr``, ``betas``, ...) are refused with the spelling that replaces them. ``repr(opt)`` lists per group
+    ``lr``, ``momentum`` and the options that differ from their defaults.
 
     Notes:
         - Updates and optimizer state (momentum, AdamW moments) are kept in at least float32: half-precision
