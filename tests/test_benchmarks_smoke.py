@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -231,3 +232,27 @@ def test_bench_family_quick():
     assert len(out["cost"]) == 3 and len(out["exact"]) == 3 and len(out["accuracy"]) == 3 and len(out["mimuon"]) == 4
     gap = float(out["accuracy"][2].split("|")[6])
     assert 0.0 <= gap <= 2e-3  # 256 x 256, spectrum i^-1, k = 32, defaults
+
+
+def test_gpu_check_dry_run_writes_one_table(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run (CPU, tiny sizes): every part runs and lands in the one table."""
+    import subprocess
+
+    out = tmp_path / "gpu_check.md"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--dry-run", "--skip", "tests", "--steps", "3", "--out", str(out)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    text = out.read_text()
+    assert "| part | quantity | value | target | verdict |" in text
+    for part in ("bench_polar", "bench_optim", "fine-tune"):
+        assert f"| {part} |" in text, part
+    assert "FAILED" not in text
+    assert "iMuon whole step" in text and "pair step forms no m x n matrix" in text
