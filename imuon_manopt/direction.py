@@ -81,7 +81,7 @@ def _map(fn, tree):
     return _rebuild(tree, (_map(fn, t) for t in tree))
 
 
-def _leaves(tree) -> list[torch.Tensor]:
+def _leaves(tree) -> list[Any]:
     if isinstance(tree, (torch.Tensor, np.ndarray)):
         return [tree]
     return [leaf for t in tree for leaf in _leaves(t)]
@@ -120,14 +120,14 @@ def _prescale(tree, host: bool | None = None):
         e = math.frexp(amax)[1]  # amax = m 2^e, m in [1/2, 1)
         inv = math.ldexp(1.0, hi - e if e > hi else lo - e + 1)
         return _map(lambda t: t * inv, tree), inv
-    amax = leaves[0].abs().amax()
+    big = leaves[0].abs().amax()
     for t in leaves[1:]:
-        amax = torch.maximum(amax, t.abs().amax().to(amax.dtype))
-    e = torch.frexp(amax).exponent
-    shift = (e - hi).clamp_min(0) - (lo + 1 - e).clamp_min(0)  # 0 in range (and for zero / non-finite amax)
-    shift = torch.where(torch.isfinite(amax) & (amax > 0), shift, torch.zeros_like(shift))
-    inv = torch.ldexp(torch.ones_like(amax), -shift)
-    return _map(lambda t: t * inv.to(t.dtype), tree), inv
+        big = torch.maximum(big, t.abs().amax().to(big.dtype))
+    exp = torch.frexp(big).exponent
+    shift = (exp - hi).clamp_min(0) - (lo + 1 - exp).clamp_min(0)  # 0 in range (and for zero / non-finite big)
+    shift = torch.where(torch.isfinite(big) & (big > 0), shift, torch.zeros_like(shift))
+    inv_t = torch.ldexp(torch.ones_like(big), -shift)
+    return _map(lambda t: t * inv_t.to(t.dtype), tree), inv_t
 
 
 def _stays_numpy(geometry: MetricOperator, *trees) -> bool:
@@ -241,7 +241,13 @@ def intrinsic_direction(
         ranks = (None,) * len(blocks)
     # The rank cut follows the precision the inputs were rounded to, not the working dtype.
     eps = max(finfo(in_dtype).eps for in_dtype in dtypes)
-    zs, duals, kinds, hs = [], [], [], []
+    # Leaves are torch tensors or numpy arrays (small numpy inputs stay numpy: imuon_manopt._backend).
+    zs: list[Any] = []
+    duals: list[Any] = []
+    kinds: list[str] = []
+    hs: list[Any] = []
+    z: Any
+    d: Any
     fmuon = nrm.name == "fmuon"
     need_duals = gap or (nrm.joint and not fmuon)  # a joint norm splits its budget by the blocks' duals
     for h, kind, rank in zip(blocks, structure, ranks):
@@ -283,20 +289,22 @@ def intrinsic_direction(
 
     if fmuon:  # Z_b = alpha polar(H_b) + (1 - alpha) H_b / ||H||_F (joint), then the budget and skew parts
         alpha = float(nrm.alpha)  # type: ignore[arg-type]
-        fro = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(hb) for hb in hs])) if hs else None
+        fro: Any = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(hb) for hb in hs])) if hs else None
         it = iter(hs)
         zs = [z if z.numel() == 0 else fmuon_mix(z, next(it), fro, alpha) for z in zs]
     if tau != 1.0:
         zs = [z * tau for z in zs]
     zs = [skew(z) if kind == "skew" else z for z, kind in zip(zs, kinds)]
 
+    value: Any  # the LMO gap, or None
+    total: Any
     if fmuon:
         if gap:
             nuc = sum(d.sum() for d in duals)
             total = alpha * nuc + (1.0 - alpha) * (fro if fro is not None else 0.0)
-            gap = tau * total / inv_scale
+            value = tau * total / inv_scale
         else:
-            gap = None
+            value = None
     elif nrm.joint:
         q = nrm.q
         xp = namespace(zs[0])
@@ -308,16 +316,16 @@ def intrinsic_direction(
             total = torch.linalg.vector_norm(torch.cat([d.reshape(-1) for d in duals]), ord=q)
         safe = xp.where(total > 0, total, xp.ones_like(total))
         zs = [z * astype(((d / safe) ** (q - 1))[..., None, None], z.dtype) for z, d in zip(zs, duals)]
-        gap = tau * total / inv_scale if gap else None
+        value = tau * total / inv_scale if gap else None
     elif gap:
-        gap = tau * sum(d if d.ndim == 0 else d.sum() for d in duals) / inv_scale
+        value = tau * sum(d if d.ndim == 0 else d.sum() for d in duals) / inv_scale
     else:
-        gap = None
+        value = None
 
     xi = geometry.tangent(state, geometry.unwhiten(state, tuple(zs)))
     xi = _map(lambda t: astype(t, out_dtype), xi)
     if isinstance(_leaves(xi)[0], np.ndarray):
-        return Direction(xi, None if gap is None else float(gap))
+        return Direction(xi, None if value is None else float(value))
     if as_numpy:
-        return Direction(_map(lambda t: t.detach().cpu().numpy(), xi), None if gap is None else float(gap))
-    return Direction(xi, gap)
+        return Direction(_map(lambda t: t.detach().cpu().numpy(), xi), None if value is None else float(value))
+    return Direction(xi, value)

@@ -314,7 +314,7 @@ def _tau_tensor(tau: Any, batch: torch.Size, work: torch.dtype, device: torch.de
     return float(tau)
 
 
-def _singular_lmo(s: torch.Tensor, keep: torch.Tensor, nrm: Norm) -> tuple[torch.Tensor, torch.Tensor]:
+def _singular_lmo(s: Any, keep: Any, nrm: Norm) -> tuple[Any, Any]:
     """Vector LMO on scaled singular values ``s`` (..., k); ``keep`` masks the numerical rank.
 
     Returns ``(z, dual)`` with ``phi_vec(z) = 1`` (or ``z = 0``) and ``dual = phi_dual(s)`` (the
@@ -497,7 +497,7 @@ def _lmo_tensor(
     *,
     symmetric: bool,
     schedule: tuple | None,
-    ns_work: torch.dtype,
+    ns_work: torch.dtype | None,
     return_dual: bool,
     rank: int | None,
     eps: float | None,
@@ -540,7 +540,7 @@ def _lmo_tensor(
         f = xp.linalg.vector_norm(y, axis=(-2, -1), keepdims=True)
         return y / xp.where(f > 0, f, xp.ones_like(f)), (f * scale)[..., 0, 0]
     if schedule is not None:
-        z = _newton_schulz(x, schedule[0], schedule[1], ns_work).to(x.dtype)
+        z = _newton_schulz(x, schedule[0], schedule[1], x.dtype if ns_work is None else ns_work).to(x.dtype)
         if not return_dual:
             return z, None
         scale = _max_abs(x)  # the achieved <H, Z>, only when asked (it costs a pass over H)
@@ -642,6 +642,7 @@ def lmo(
     batch = t.shape[:-2]
     tau_t = _tau_tensor(tau, batch, work, t.device)
 
+    dual: torch.Tensor | None
     if t.numel() == 0:
         z = torch.zeros_like(t)
         dual = torch.zeros(batch, dtype=out_dtype, device=t.device)
@@ -665,6 +666,8 @@ def lmo(
         dual = None if dual is None else dual.to(out_dtype)
     z = from_torch(z, was_numpy)
     if return_dual:
+        if dual is None:  # _lmo_tensor computes it whenever return_dual is set
+            raise RuntimeError("internal error: the LMO kernel returned no dual norm")
         return z, from_torch(dual, was_numpy)
     return z
 

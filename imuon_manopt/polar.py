@@ -180,7 +180,7 @@ def _resolve_schedule(coefficients: Coefficients, steps: Any) -> tuple[list[tupl
                 f"coefficients must be one of {sorted(NS_COEFFICIENTS)} or a non-empty sequence "
                 f"of finite (a, b, c) tuples, got {coefficients!r}"
             )
-        seq, margin = tuple(tuple(float(v) for v in row) for row in arr), 1.0
+        seq, margin = tuple((float(a), float(b), float(c)) for a, b, c in arr), 1.0
     return [seq[min(i, len(seq) - 1)] for i in range(n_steps)], margin
 
 

@@ -7,6 +7,8 @@ bash scripts/setup.sh
 .venv/bin/ruff format --check imuon_manopt tests examples benchmarks
 # The sdist and wheel build, pass twine's metadata check, and the wheel works in a clean venv (~1-2 min, mostly
 # installing torch there).
+# Type check of the package (configuration: [tool.mypy] in pyproject.toml).
+.venv/bin/mypy
 bash scripts/check_package.sh
 # The docs site (mkdocs.yml: README, math, API reference from the docstrings, examples, results), warnings as
 # errors: a broken link, a missing include or a docstring parameter that is not in the signature fails CI (~5 s).

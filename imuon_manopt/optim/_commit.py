@@ -117,7 +117,8 @@ class CommitEngine:
         return flags[0] if len(flags) == 1 else torch.stack(flags).all()
 
     def _commit(self, groups: list[Group], writes: list) -> None:
-        dst, src = [], []
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
         for entry in writes:
             if isinstance(entry, StackedParams):
                 dst.extend(p.detach() for p in entry.params)
@@ -156,7 +157,8 @@ class CommitEngine:
 
     def _commit_masked(self, groups: list[Group], writes: list, ok: torch.Tensor) -> None:
         """Device mode: commit every write where the whole step is finite (``ok``), keep the old values elsewhere."""
-        dst, src = [], []
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
         for entry in writes:
             if isinstance(entry, StackedParams):
                 dst.extend(p.detach() for p in entry.params)

@@ -126,6 +126,7 @@ def register_manifold(
     """
     if not (isinstance(manifold_cls, type) and issubclass(manifold_cls, geoopt.Manifold)):
         raise TypeError(f"manifold_cls must be a geoopt.Manifold subclass, got {manifold_cls!r}")
+    factory: Callable[[geoopt.Manifold], MetricOperator]
     if isinstance(geometry, MetricOperator):
         op = geometry
 
@@ -154,6 +155,12 @@ def supported_manifolds() -> list[str]:
         + [r.label for r in _RULES.values()]
         + ["fixed-rank factor pairs (B, A) declared with pairs=[...]"]
     )
+
+
+def manifold_of(p: torch.Tensor) -> Any:
+    """The manifold ``p`` carries: geoopt's ``ManifoldParameter.manifold``, or one set by hand on a sharded
+    parameter (:func:`~imuon_manopt.optim.keep_manifolds`); ``None`` for a plain tensor."""
+    return getattr(p, "manifold", None)
 
 
 def is_euclidean(manifold: geoopt.Manifold | None) -> bool:

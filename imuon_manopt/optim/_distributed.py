@@ -50,13 +50,13 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Shard
 
 # ``torch.distributed.tensor`` costs ~0.4 s to import, so this module never imports it at load time: a single-process
 # user never pays for it. A ``DTensor`` cannot exist before its module has been imported (by ``fully_shard``, or by
@@ -78,7 +78,7 @@ __all__ = [
 ]
 
 Inputs = Sequence[Sequence[torch.Tensor]]
-Outputs = list[tuple[torch.Tensor, ...]]
+Outputs = Sequence[Sequence[torch.Tensor]]
 FullFn = Callable[[list[tuple[torch.Tensor, ...]]], Sequence[Sequence[torch.Tensor]]]
 
 #: Every segment of a packed byte buffer starts at a multiple of this (the largest element size),
@@ -173,7 +173,7 @@ def keep_manifolds(module: torch.nn.Module) -> Iterator[dict[str, Any]]:
     ``.contiguous()``).
     """
     manifolds = {
-        name: p.manifold
+        name: cast(Any, p).manifold  # geoopt's attribute (ManifoldParameter or set by hand)
         for name, p in module.named_parameters(remove_duplicate=False)
         if getattr(p, "manifold", None) is not None
     }
@@ -183,7 +183,7 @@ def keep_manifolds(module: torch.nn.Module) -> Iterator[dict[str, Any]]:
         if name in manifolds:
             found.add(name)
             if getattr(p, "manifold", None) is None:
-                p.manifold = manifolds[name]
+                cast(Any, p).manifold = manifolds[name]
     missing = sorted(set(manifolds) - found)
     if missing:
         raise ValueError(
@@ -308,7 +308,7 @@ def _layout(p: torch.Tensor | None) -> _Layout | _General | None:
 
     if len(shards) == 1 and type(shards[0][1]) is Shard:
         i, pl = shards[0]
-        dim = pl.dim % p.ndim
+        dim = cast("Shard", pl).dim % p.ndim
         return _Layout(tuple(p.shape), dim, mesh.get_group(i), mesh.size(i), mesh.get_local_rank(i))
     return _General(p)
 
@@ -567,16 +567,16 @@ def _owner_mode(
             off = end
             continue
         n_head = int(back[off : off + 8].view(torch.int64)[0])
-        head = back[off : off + 8 * (n_head + 1)].view(torch.int64)[1:].tolist()
+        header: list[int] = back[off : off + 8 * (n_head + 1)].view(torch.int64)[1:].tolist()
         pos = off + _aligned(8 * (n_head + 1))
         h = 0
         for i in (i for i in items if owners[i] == s):
-            n_out = head[h]
+            n_out = header[h]
             h += 1
             got_out = []
             for _ in range(n_out):
-                code, ndim = head[h], head[h + 1]
-                shape = tuple(head[h + 2 : h + 2 + ndim])
+                code, ndim = header[h], header[h + 1]
+                shape = tuple(header[h + 2 : h + 2 + ndim])
                 h += 2 + ndim
                 y, pos = _unpack(back, pos, shape, _DTYPES[code])
                 got_out.append(y)  # a view of its own bytes only: its _base is a typed view of that segment
@@ -735,25 +735,25 @@ def apply_full(params: Sequence[Any], inputs: Inputs, fn: FullFn, *, owner: bool
     if len(params) != len(inputs):
         raise ValueError(f"apply_full: {len(params)} params but {len(inputs)} input tuples; pass one per item")
     if not any(is_dtensor(p) or (not isinstance(p, torch.Tensor) and any(is_dtensor(q) for q in p)) for p in params):
-        return fn(inputs)
-    inputs = [tuple(local(x) for x in xs) for xs in inputs]
-    specs = _specs(params, inputs)
+        return fn(cast("list[tuple[torch.Tensor, ...]]", inputs))  # the very objects, no copy (callers pass lists)
+    local_inputs = [tuple(local(x) for x in xs) for xs in inputs]
+    specs = _specs(params, local_inputs)
     buckets: dict[Any, list[int]] = {}
     for i, spec in enumerate(specs):
         for j, lay in enumerate(spec):
             if isinstance(lay, _Layout):
-                _check_local(inputs[i][j], lay, i, j)
+                _check_local(local_inputs[i][j], lay, i, j)
         buckets.setdefault(_group_key(spec), []).append(i)
     results: dict[int, tuple[torch.Tensor, ...]] = {}
     for key, items in buckets.items():
         if key is None:
-            results.update(zip(items, _call(fn, [inputs[i] for i in items], items)))
+            results.update(zip(items, _call(fn, [local_inputs[i] for i in items], items)))
         elif key == "general":
-            results.update(_general_mode(items, params, inputs, fn))
+            results.update(_general_mode(items, params, local_inputs, fn))
         elif owner:
-            results.update(_owner_mode(key, items, specs, inputs, fn))
+            results.update(_owner_mode(key, items, specs, local_inputs, fn))
         else:
-            results.update(_gather_mode(items, specs, inputs, fn))
+            results.update(_gather_mode(items, specs, local_inputs, fn))
     return [results[i] for i in range(len(params))]
 
 

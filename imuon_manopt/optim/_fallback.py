@@ -8,6 +8,7 @@ p``, as AdamW's), so that one ``weight_decay`` means the same for every kind of 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ def _copy(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 def fallback_outputs(
     group: dict[str, Any],
     xs: list[torch.Tensor],
-    grads: list[torch.Tensor],
+    grads: Sequence[torch.Tensor | None],
     states: list[dict[str, Any]],
     capturable: bool,
 ) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
@@ -37,7 +38,7 @@ def fallback_outputs(
     ``capturable`` keeps AdamW's step counters on the parameters' device (no host synchronization).
     """
     new_x = [x.to(work_dtype(x), copy=True) for x in xs]
-    g = [gr.to(x.dtype) for gr, x in zip(grads, new_x)]
+    g = [torch.zeros_like(x) if gr is None else gr.to(x.dtype) for gr, x in zip(grads, new_x)]
     spec = fallback_spec(group)
     lr = fallback_lr(group, spec.lr)
     wd = group["weight_decay"]
@@ -45,7 +46,7 @@ def fallback_outputs(
         beta = group["momentum"]
         if wd > 0:
             torch._foreach_mul_(new_x, 1.0 - lr * wd)
-        bufs = [
+        bufs: list[Any] = [  # torch's sgd fills the None entries with new buffers
             None if beta == 0 or "momentum_buffer" not in s else _copy(s["momentum_buffer"], x)
             for s, x in zip(states, new_x)
         ]

@@ -115,7 +115,7 @@ def accumulate(e: list[torch.Tensor], bufs: list[torch.Tensor]) -> list[torch.Te
     """Error feedback's momentum (Dion): ``M = buf + E``, a sum without decay; the group's step returns the new
     buffer ``M - (1 - beta) P P^T M`` (what the low-rank step used decays, the rest stays;
     :func:`~imuon_manopt.optim._steps.matrix_body`, :func:`~imuon_manopt.optim._pairs.pair_body`)."""
-    return torch._foreach_add(e, bufs)
+    return list(torch._foreach_add(e, bufs))
 
 
 def _stack(ts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -133,8 +133,8 @@ def euclidean(
         new = torch.add(es, bs, alpha=beta)
         out = torch.add(es, new, alpha=beta) if use_nesterov else new
         return list(out.unbind(0)), list(new.unbind(0))
-    new = torch._foreach_add(e, torch._foreach_mul(bufs, beta))
-    return (torch._foreach_add(e, new, alpha=beta) if use_nesterov else new), new
+    new_bufs = list(torch._foreach_add(e, torch._foreach_mul(bufs, beta)))
+    return (list(torch._foreach_add(e, new_bufs, alpha=beta)) if use_nesterov else new_bufs), new_bufs
 
 
 def plain(

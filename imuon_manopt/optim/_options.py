@@ -259,9 +259,10 @@ def prepare_pairs(
         for name, t in (("B", b), ("A", a)):
             if not t.is_floating_point():
                 raise ValueError(f"pairs[{i}]: {name} must be floating point, got {t.dtype}")
-            if not _dispatch.is_euclidean(getattr(t, "manifold", None)):
+            manifold = getattr(t, "manifold", None)
+            if not _dispatch.is_euclidean(manifold):
                 raise ValueError(
-                    f"pairs[{i}]: {name} is a ManifoldParameter on {t.manifold!r}; pair factors must be plain tensors"
+                    f"pairs[{i}]: {name} is a ManifoldParameter on {manifold!r}; pair factors must be plain tensors"
                 )
             if t in index:
                 raise ValueError(f"pairs[{i}]: {name} already belongs to pairs[{index[t]}]")

@@ -242,6 +242,8 @@ def manifold_body(
 
     def step(x: torch.Tensor, e: torch.Tensor, buf: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if beta > 0:
+            if buf is None:  # the caller passes a buffer whenever beta > 0
+                raise RuntimeError("internal error: momentum > 0 without a momentum buffer")
             if carried:
                 e, buf = _momentum.tangent(manifold, x, e, buf, beta, use_nesterov, lower)
             else:

@@ -211,7 +211,7 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
         self._rules: dict[torch.Tensor, tuple[_dispatch.ManifoldRule, MetricOperator, Any]] = {}
         self._structure_key: Any = None
         self._groups: list[Group] = []
-        super().__init__(params, defaults, stabilize=stabilize)
+        super().__init__(params, defaults, stabilize=stabilize)  # type: ignore[call-arg]  # geoopt's OptimMixin
         self._check_pairs_membership()
 
     def __repr__(self) -> str:
@@ -389,10 +389,11 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
                     continue
                 x = full(p).detach().to(work_dtype(p))  # whole (collective) if sharded
                 tol = _CHECK_TOL.get(p.dtype, 1e-5)
-                ok, reason = p.manifold.check_point_on_manifold(x, explain=True, atol=tol, rtol=tol)
+                manifold = _dispatch.manifold_of(p)
+                ok, reason = manifold.check_point_on_manifold(x, explain=True, atol=tol, rtol=tol)
                 if not ok:
                     raise ValueError(
-                        f"parameter of shape {tuple(p.shape)} is not on its manifold {p.manifold!r}: {reason}. "
+                        f"parameter of shape {tuple(p.shape)} is not on its manifold {manifold!r}: {reason}. "
                         "Initialize it on the manifold (e.g. manifold.random(...) or manifold.projx(...))"
                     )
         elif grp.kind == "pair":
@@ -438,7 +439,10 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
         es = [torch.zeros_like(x, dtype=wdt) if g is None else g.to(wdt) for g, x in zip(grads, xs)]
         beta = group["momentum"]
         if grp.kind == "manifold":
-            fn = _steps.manifold_fn(group, p0.manifold, grp.rule, grp.geometry, p0.shape, wdt, p0.dtype)
+            if grp.rule is None or grp.geometry is None:  # set for every manifold group (_groups.build)
+                raise RuntimeError("internal error: a manifold group without its rule and geometry")
+            manifold = _dispatch.manifold_of(p0)
+            fn = _steps.manifold_fn(group, manifold, grp.rule, grp.geometry, p0.shape, wdt, p0.dtype)
             inputs = list(zip(xs, es, _momentum.buffers(self.state, params, es))) if beta > 0 else list(zip(xs, es))
             outputs = apply_full(params, inputs, fn, owner=True)
             for p, out in zip(params, outputs):
@@ -461,8 +465,8 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
             n = len(grp.pair_ids)
             fn = _pairs.pair_fn(group, grp.shape2d, wdt, p0.dtype, lazy)
             items = [(params[j], params[n + j], params[j], params[n + j]) for j in range(n)]
-            inputs = [(xs[j], xs[n + j], es[j], es[n + j]) for j in range(n)]
-            outputs = apply_full(items, inputs, fn, owner=False)
+            pair_inputs = [(xs[j], xs[n + j], es[j], es[n + j]) for j in range(n)]
+            outputs = apply_full(items, pair_inputs, fn, owner=False)
             news = [out[0] for out in outputs] + [out[1] for out in outputs]
             bufs = [out[2] for out in outputs] + [out[3] for out in outputs] if feedback else []
         writes.extend(zip(params, news))
@@ -490,9 +494,7 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
             xs.append(
                 torch.stack([p.detach() if type(p) in _PLAIN else p.detach().as_subclass(torch.Tensor) for p in ps])
             )
-            grads = [p.grad for p in ps]
-            if any(g is None for g in grads):  # a pair factor without a gradient: zero
-                grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, ps)]
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in ps]  # a factor without one: zero
             gs.append(torch.stack(grads))
             if keep:
                 bufs.append(grp.momentum[k].current(self.state, ps, gs[k], wdt))
@@ -504,7 +506,7 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
                 body = _steps.matrix_body(group, grp.shape2d, p0.dtype)
             else:
                 body = _pairs.pair_body(group, grp.shape2d, p0.dtype, lazy and not compiled)
-            fn = functools.partial(
+            fn: Callable[..., Any] = functools.partial(
                 _steps.group_step, body, beta=beta, use_nesterov=group["nesterov"], feedback=feedback, wdt=wdt
             )
             if compiled:

@@ -139,9 +139,9 @@ def lora_pairs(
         head, _, rest = dotted.rpartition(".lora_A.")
         if adapter is not None and rest.split(".")[0] != adapter:
             continue
-        b = named.get((head + ".lora_B." + rest)[1:])
-        if b is not None:
-            add(b, a)
+        partner = named.get((head + ".lora_B." + rest)[1:])
+        if partner is not None:
+            add(partner, a)
     return found
 
 
