@@ -45,6 +45,7 @@ from .polar import (
     _eigh_parts,
     _exact_dtype,
     _finite_or_zero,
+    _fro,
     _is_vector,
     _max_abs,
     _newton_schulz,
@@ -537,7 +538,7 @@ def _lmo_tensor(
     if nrm.name == "frobenius":
         scale = _max_abs(x)
         y = x / scale
-        f = xp.linalg.vector_norm(y, axis=(-2, -1), keepdims=True)
+        f = _fro(y)
         return y / xp.where(f > 0, f, xp.ones_like(f)), (f * scale)[..., 0, 0]
     if schedule is not None:
         z = _newton_schulz(x, schedule[0], schedule[1], x.dtype if ns_work is None else ns_work).to(x.dtype)

@@ -13,7 +13,12 @@
   ``(xi_B M, M^{-1} xi_A)``, so the step ``(B - t xi_B)(A - t xi_A)`` is the same matrix for every M.
 
 ``factorization="qr"`` (default) takes the triangular factors from thin QR of ``B`` and ``A^T`` (stable);
-``factorization="gram"`` from Cholesky of the ``r x r`` Grams (cheaper, squares the condition number).
+``factorization="gram"`` from Cholesky of the ``r x r`` Grams (cheaper, squares the condition number);
+``factorization="balanced"`` is for points already in balanced SVD form, ``B = U diag(s)^{1/2}`` and
+``A = diag(s)^{1/2} V^T`` with orthonormal ``U``, ``V`` (Pymanopt's ``FixedRankEmbedded`` points ``(u, s, vt)``): then
+``B^T B = A A^T = diag(s)``, the triangular factors are ``diag(s)^{1/2}`` (the column norms of ``B``, row norms of
+``A``), and whitening and un-whitening are divisions by them (spec §2: ``H_B = Gamma V``, ``H_A = U^T Gamma``). The
+caller guarantees the form; nothing checks the orthogonality.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 
 from .base import Blocks, MetricOperator
 
-_FACTORIZATIONS = ("qr", "gram")
+_FACTORIZATIONS = ("qr", "gram", "balanced")
 
 RANK_HINT = (
     "both factors must have full rank r. A LoRA adapter started with B = 0 is not a fixed-rank point: "
@@ -102,6 +107,26 @@ def _check_chain(b: torch.Tensor, a: torch.Tensor) -> None:
         raise ValueError(f"rank r = {r} exceeds a dimension: B {tuple(b.shape)}, A {tuple(a.shape)}; {RANK_HINT}")
 
 
+def _balanced_roots(b: torch.Tensor, a: torch.Tensor, *, check: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r_B, r_A)``: the column norms of ``B`` and the row norms of ``A`` (..., r), the diagonal triangular factors
+    of balanced factors; with ``check`` a numerically rank-deficient pair raises a ``ValueError``."""
+    if isinstance(b, np.ndarray):
+        r_b, r_a = np.sqrt((b * b).sum(axis=-2)), np.sqrt((a * a).sum(axis=-1))
+    else:
+        r_b, r_a = torch.linalg.vector_norm(b, dim=-2), torch.linalg.vector_norm(a, dim=-1)
+    if check:
+        tol = float(_finfo_eps(b)) * max(b.shape[-2], a.shape[-1]) * 10
+        for name, r in (("B", r_b), ("A", r_a)):
+            r_min, r_max = float(r.min()), float(r.max())
+            if not (r_max < float("inf") and r_min > tol * r_max):
+                raise ValueError(f"fixed-rank factor {name} is rank-deficient; {RANK_HINT}")
+    return r_b, r_a
+
+
+def _finfo_eps(t: torch.Tensor) -> float:
+    return np.finfo(t.dtype).eps if isinstance(t, np.ndarray) else torch.finfo(t.dtype).eps
+
+
 class FixedRank(MetricOperator):
     """Invariant geometry of factor pairs ``(B, A)`` representing rank-r matrices ``B A``."""
 
@@ -111,7 +136,7 @@ class FixedRank(MetricOperator):
         if factorization not in _FACTORIZATIONS:
             raise ValueError(f"unknown factorization {factorization!r}; expected one of {_FACTORIZATIONS}")
         self.factorization = factorization
-        self.supports_numpy = factorization == "qr"
+        self.supports_numpy = factorization in ("qr", "balanced")
         #: raise on a rank-deficient factor in ``at`` (one host synchronization); ``False`` leaves the
         #: detection (non-finite directions) to the caller, e.g. an optimizer that avoids host syncs.
         self.check = check
@@ -119,6 +144,8 @@ class FixedRank(MetricOperator):
     def at(self, x):
         b, a = x
         _check_chain(b, a)
+        if self.factorization == "balanced":
+            return _balanced_roots(b, a, check=self.check)
         _, r_b = _upper_factor(b, self.factorization, "B", check=self.check)
         _, r_a = _upper_factor(a.mT, self.factorization, "A", check=self.check)
         return r_b, r_a
@@ -130,6 +157,8 @@ class FixedRank(MetricOperator):
     def whiten(self, state, blocks: Blocks) -> Blocks:
         r_b, r_a = state
         e_b, e_a = blocks
+        if self.factorization == "balanced":  # R_A = R_B = diag(r): E_B R_A^{-1}, R_B^{-T} E_A
+            return e_b / r_a[..., None, :], e_a / r_b[..., :, None]
         h_b = _solve_triangular(r_a, e_b, upper=True, left=False)  # E_B R_A^{-1}
         h_a = _solve_triangular(r_b.mT, e_a, upper=False)  # R_B^{-T} E_A
         return h_b, h_a
@@ -137,6 +166,8 @@ class FixedRank(MetricOperator):
     def unwhiten(self, state, blocks: Blocks) -> Blocks:
         r_b, r_a = state
         z_b, z_a = blocks
+        if self.factorization == "balanced":
+            return z_b / r_a[..., None, :], z_a / r_b[..., :, None]
         xi_b = _solve_triangular(r_a.mT, z_b, upper=False, left=False)  # Z_B R_A^{-T}
         xi_a = _solve_triangular(r_b, z_a, upper=True)  # R_B^{-1} Z_A
         return xi_b, xi_a
@@ -148,6 +179,8 @@ class FixedRank(MetricOperator):
         """``(v_B S_A, S_B v_A)`` with ``S_A = R_A^T R_A = A A^T`` and ``S_B = R_B^T R_B = B^T B``."""
         r_b, r_a = state
         v_b, v_a = v
+        if self.factorization == "balanced":
+            return v_b * (r_a * r_a)[..., None, :], (r_b * r_b)[..., :, None] * v_a
         return (v_b @ r_a.mT) @ r_a, r_b.mT @ (r_b @ v_a)
 
     def captured(self, state, egrad, xi):

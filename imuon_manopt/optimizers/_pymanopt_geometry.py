@@ -97,6 +97,14 @@ def _identity_flat(self, x: Any, v: Any) -> Any:
     return v
 
 
+def _finite_tree(tree: Any) -> bool:
+    if isinstance(tree, np.ndarray):
+        return bool(np.isfinite(tree).all())
+    if isinstance(tree, (list, tuple)):
+        return all(_finite_tree(t) for t in tree)
+    return bool(np.isfinite(np.asarray(tree)).all())
+
+
 class HostGeometry:
     """Maps between one Pymanopt manifold's representations and a core :class:`MetricOperator`."""
 
@@ -116,6 +124,14 @@ class HostGeometry:
 
     def check_point(self, x: Any) -> None:
         """Raise ``ValueError`` if ``x`` is not a point of the manifold."""
+
+    def feasible(self, x: Any) -> bool:
+        """Whether ``x`` (a step's result) is a finite point of the manifold, by :meth:`check_point`."""
+        try:
+            self.check_point(x)
+        except ValueError:
+            return False
+        return _finite_tree(x)
 
     def core_point(self, x: Any) -> Any:
         return x
@@ -269,7 +285,7 @@ class _FixedRank(HostGeometry):
     no ``m x n`` matrix.
     """
 
-    geometry = FixedRank("qr")
+    geometry = FixedRank("balanced")  # (u s^{1/2}, s^{1/2} vt): the Grams are diag(s)
 
     def check_point(self, x):
         m = self.manifold

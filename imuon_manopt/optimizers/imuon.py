@@ -39,9 +39,30 @@ from ..direction import intrinsic_direction
 from ..geometry import MetricOperator
 from ..lmo import Norm, PolarSpec, resolve_norm, resolve_polar
 from ._pymanopt_geometry import host_geometry
-from .step_size import StepSizeRule, resolve_step_size
+from .step_size import StepResult, StepSizeRule, resolve_step_size
 
 __all__ = ["IMuon"]
+
+# The stall rule (min_cost_change) looks at the cost change over this many iterations.
+_STALL_WINDOW = 5
+# A trial point off the manifold is retried at eta * 2^-(2^k - 1), k = 1.._SHORTEN_TRIES: 1/2, 1/8, 1/128, ...,
+# down to eta * 2^-2047, below any finite step that can overflow a retraction.
+_SHORTEN_TRIES = 11
+
+
+def _shorten(manifold: Any, host: Any, x: Any, xi: Any, eta: float) -> StepResult:
+    """The step ``R_x(-eta' xi)`` for the longest ``eta' = eta 2^-(2^k - 1)`` whose point is on the manifold (finite
+    and passing the manifold's point check), or a refusal (``step_size`` 0, ``x`` itself) when none is. A huge
+    constant step overflows a retraction (a sphere point becomes the zero vector; fixed-rank factors lose
+    orthonormality): such a trial is never taken."""
+    for k in range(1, _SHORTEN_TRIES + 1):
+        trial_eta = eta * 2.0 ** -(2**k - 1)
+        if not trial_eta > 0.0:
+            break
+        point = manifold.retraction(x, -trial_eta * xi)
+        if host.feasible(point):
+            return StepResult(trial_eta, point, None, 0)
+    return StepResult(0.0, x, None, 0)
 
 
 def _finite(tree: Any) -> bool:
@@ -91,6 +112,10 @@ class IMuon(Optimizer):
             "power_iters": 2}``).
         min_lmo_gap: stop when the LMO gap ``<E, xi>`` (the dual norm of the whitened gradient)
             drops below it; ``None`` (default) disables the criterion.
+        min_cost_change: stop when the steps of the last 5 iterations together changed the cost by at
+            most this fraction of ``|cost|`` (default ``1e-14``: the steps change nothing but rounding);
+            ``None`` or 0 disables it. It ends the stretch of tiny steps that would otherwise run until
+            ``min_step_size`` or ``max_iterations``.
         geometry: a :class:`~imuon_manopt.geometry.MetricOperator` to use instead of the built-in
             one (required for manifolds without one). It receives Pymanopt's points and Euclidean
             gradients as they are.
@@ -119,6 +144,7 @@ class IMuon(Optimizer):
         polar: str | dict[str, Any] = "svd",
         min_lmo_gap: float | None = None,
         geometry: MetricOperator | None = None,
+        min_cost_change: float | None = 1e-14,
         *,
         max_time: float = 1000,
         max_iterations: int = 1000,
@@ -170,6 +196,14 @@ class IMuon(Optimizer):
         ):
             raise ValueError(f"min_lmo_gap must be None or a float in [0, inf), got {min_lmo_gap!r}")
         self._min_lmo_gap = min_lmo_gap
+
+        if min_cost_change is not None and (
+            isinstance(min_cost_change, bool)
+            or not isinstance(min_cost_change, (int, float))
+            or not 0.0 <= min_cost_change < 1.0
+        ):
+            raise ValueError(f"min_cost_change must be None or a float in [0, 1), got {min_cost_change!r}")
+        self._min_cost_change = float(min_cost_change or 0.0)
 
         if geometry is not None and not isinstance(geometry, MetricOperator):
             raise TypeError(f"geometry must be an imuon_manopt.geometry.MetricOperator, got {type(geometry).__name__}")
@@ -257,6 +291,8 @@ class IMuon(Optimizer):
             }
         )
         self._log["stopping_criteria"]["min_lmo_gap"] = self._min_lmo_gap
+        self._log["stopping_criteria"]["min_cost_change"] = self._min_cost_change
+        recent_costs: list[float] = []  # the costs of the last _STALL_WINDOW + 1 points
 
         beta = self._momentum
         start_time = time.time()
@@ -345,23 +381,62 @@ class IMuon(Optimizer):
 
             step = rule.search(objective, manifold, x, xi, cost, slope)
             cost_evaluations += step.cost_evaluations
+            if step.point is not x and not host.feasible(step.point):
+                tried = float(step.step_size)
+                step = _shorten(manifold, host, x, xi, tried)
+                if step.point is x:
+                    stopping_criterion = (
+                        f"Terminated - the step left the manifold at every length tried (from step size "
+                        f"{tried:g}) after {iteration} iterations; returned the last point on it."
+                    )
             step_size = float(step.step_size)
             iteration += 1
-            if step_size == 0.0 and step.point is x:
-                continue  # rejected step: x, cost and gradients unchanged; min_step_size decides
-
-            previous = (x, cost, gradient_norm, gap)
-            new_x = step.point
-            if step.cost is None:
-                cost = float(objective(new_x))
-                cost_evaluations += 1
-            else:
-                cost = float(step.cost)
-            if candidate is not None:
-                buffer = manifold.transport(x, new_x, candidate)
-            x = new_x
-            if math.isfinite(cost) and _finite(x):
-                rgrad, e_core = gradients(x)
+            if step.point is x and stopping_criterion:
+                if self._verbosity >= 1:
+                    print(stopping_criterion)
+                    print("")
+                break
+            if not (step_size == 0.0 and step.point is x):  # (a rejected step leaves x, cost and gradients)
+                previous = (x, cost, gradient_norm, gap)
+                new_x = step.point
+                if step.cost is None:
+                    cost = float(objective(new_x))
+                    cost_evaluations += 1
+                else:
+                    cost = float(step.cost)
+                if candidate is not None:
+                    buffer = manifold.transport(x, new_x, candidate)
+                x = new_x
+                if math.isfinite(cost) and _finite(x):
+                    rgrad, e_core = gradients(x)
+            if self._min_cost_change > 0.0 and math.isfinite(cost):
+                recent_costs.append(cost)
+                if len(recent_costs) > _STALL_WINDOW + 1:
+                    del recent_costs[0]
+                if (
+                    len(recent_costs) == _STALL_WINDOW + 1
+                    and max(recent_costs) - min(recent_costs) <= self._min_cost_change * abs(cost)
+                    and iteration < self._max_iterations
+                ):
+                    stalled = (
+                        f"Terminated - the last {_STALL_WINDOW} steps changed the cost by at most "
+                        f"{self._min_cost_change:g} of its value (rounding level) after {iteration} iterations."
+                    )
+                    gradient_norm = float(manifold.norm(x, rgrad)) if _finite(rgrad) else math.nan
+                    self._add_log_entry(
+                        iteration=iteration + 1,
+                        point=x,
+                        cost=cost,
+                        gradient_norm=gradient_norm,
+                        lmo_gap=math.nan,
+                        step_size=step_size,
+                    )
+                    column_printer.print_row([iteration + 1, cost, gradient_norm, math.nan])
+                    stopping_criterion = stalled
+                    if self._verbosity >= 1:
+                        print(stopping_criterion)
+                        print("")
+                    break
 
         return self._return_result(
             start_time=start_time,

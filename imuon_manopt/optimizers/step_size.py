@@ -29,9 +29,15 @@ Rules:
   ``O(eta_t)`` oscillation) and a constant one does not converge to the optimum, since ``xi`` does
   not shrink near a critical point.
 
+- :class:`LineSearcher`: one of Pymanopt's line searchers (``BackTrackingLineSearcher``,
+  ``AdaptiveLineSearcher``, or any object with their ``search(objective, manifold, x, d, f0, df0) ->
+  (step_norm, new_x)`` method) along ``d = -xi`` with ``df0 = -slope``. Pymanopt's searchers measure
+  steps in the Riemannian norm and return ``x`` itself when no trial decreased the cost, so the
+  iterates' costs never increase.
+
 Names accepted by the solver's ``step_size`` argument: ``"armijo"``, ``"inverse_sqrt"``,
 ``"cosine"``, ``"exponential"`` (the schedules with base step ``0.1``); a positive float means
-:class:`Constant`.
+:class:`Constant`; a Pymanopt line searcher is wrapped in :class:`LineSearcher`.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ __all__ = [
     "Cosine",
     "Exponential",
     "InverseSqrt",
+    "LineSearcher",
     "Schedule",
     "StepResult",
     "StepSizeRule",
@@ -283,6 +290,50 @@ class Armijo(StepSizeRule):
         )
 
 
+class LineSearcher(StepSizeRule):
+    """A Pymanopt line searcher as the step rule: ``searcher.search(objective, manifold, x, -xi, f0, -slope)``.
+
+    Args:
+        searcher: e.g. ``pymanopt.optimizers.line_search.BackTrackingLineSearcher()`` or
+            ``AdaptiveLineSearcher()``; any object with that ``search`` method. Its state (the
+            previous step it starts from) lives on the object, which the solver copies per run as it
+            does for every rule.
+
+    The reported ``step_size`` is ``eta``, the step along ``-xi`` in the LMO norm (the searcher's
+    returned Riemannian step length divided by ``||xi||_x``). The cost at the accepted point is
+    reused when it was the searcher's last evaluation.
+    """
+
+    def __init__(self, searcher: Any) -> None:
+        if not callable(getattr(searcher, "search", None)):
+            raise TypeError(
+                "LineSearcher needs a Pymanopt line searcher (an object with search(objective, manifold, x, d, f0, "
+                f"df0)), got {type(searcher).__name__}"
+            )
+        self.searcher = searcher
+
+    def search(self, objective, manifold, x, xi, f0, slope) -> StepResult:
+        if not (slope > 0 and math.isfinite(slope)):
+            return StepResult(0.0, x, f0, 0)  # no decrease available along -xi
+        seen: list[Any] = [None, None, 0]  # the last evaluated point, its cost, the number of evaluations
+
+        def counted(point):
+            value = float(objective(point))
+            seen[0], seen[1], seen[2] = point, value, seen[2] + 1
+            return value
+
+        step_norm, new_x = self.searcher.search(counted, manifold, x, -xi, f0, -slope)
+        evaluations = seen[2]
+        if new_x is x or not step_norm:
+            return StepResult(0.0, x, f0, evaluations)
+        eta = float(step_norm) / float(manifold.norm(x, xi))
+        cost = seen[1] if seen[0] is new_x else None
+        return StepResult(eta, new_x, cost, evaluations)
+
+    def __repr__(self) -> str:
+        return f"LineSearcher({type(self.searcher).__name__})"
+
+
 # A trial cost within this many units in the last place of f0 shows no change (rounding noise).
 _ROUNDING_ULPS = 4
 
@@ -301,6 +352,8 @@ def resolve_step_size(step_size: Any) -> StepSizeRule:
     """
     if isinstance(step_size, StepSizeRule):
         return step_size
+    if not callable(step_size) and callable(getattr(step_size, "search", None)):
+        return LineSearcher(step_size)  # a Pymanopt line searcher
     if isinstance(step_size, str):
         try:
             return _NAMES[step_size]()
