@@ -51,6 +51,7 @@ import abc
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 Blocks = tuple[torch.Tensor, ...]
@@ -131,6 +132,24 @@ def check_same_shape(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> N
     if any(s != shapes[0] for s in shapes[1:]):
         pairs = ", ".join(f"{n} {s}" for n, s in zip(names, shapes))
         raise ValueError(f"shape mismatch: {pairs}; the gradient must have the point's shape")
+
+
+def drop_rounding(block: torch.Tensor, source: torch.Tensor, terms: int) -> torch.Tensor:
+    """``block``, or zero for each matrix of it whose entries are all within the rounding error of the products that
+    formed it from ``source`` (``terms`` products summed per entry: ``|entry| <= terms * eps * max|source|``).
+
+    A projected block that is zero in exact arithmetic (Stiefel's ``skew(X^T E)`` when ``X^T E`` is symmetric, as
+    for any cost ``f(X X^T)``) comes out as rounding noise, and a unitarily invariant LMO would turn that noise into
+    a unit direction; here it stays zero. Torch tensors (no host synchronization) or numpy arrays, batched over the
+    leading dimensions.
+    """
+    if isinstance(block, np.ndarray):
+        floor = np.abs(source).max(axis=(-2, -1), keepdims=True) * (terms * np.finfo(block.dtype).eps)
+        noise = np.abs(block).max(axis=(-2, -1), keepdims=True) <= floor
+        return np.where(noise, 0.0, block) if noise.any() else block
+    floor = source.abs().amax(dim=(-2, -1), keepdim=True) * (terms * torch.finfo(block.dtype).eps)
+    noise = block.abs().amax(dim=(-2, -1), keepdim=True) <= floor
+    return torch.where(noise, torch.zeros_like(block), block)
 
 
 def sym(a: torch.Tensor) -> torch.Tensor:

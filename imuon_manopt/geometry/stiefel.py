@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .base import Blocks, MetricOperator, skew
+from .base import Blocks, MetricOperator, drop_rounding, skew
 
 _METRICS = ("embedded", "canonical")
 
@@ -40,7 +40,8 @@ class Stiefel(MetricOperator):
     def project(self, state: torch.Tensor, egrad: torch.Tensor) -> Blocks:
         x = state
         xte = x.mT @ egrad
-        return skew(xte), egrad - x @ xte
+        # skew(X^T E) is exactly zero for costs of X X^T (X^T E symmetric): its rounding noise is not a direction
+        return drop_rounding(skew(xte), xte, x.shape[-2]), egrad - x @ xte
 
     def whiten(self, state: torch.Tensor, blocks: Blocks) -> Blocks:
         omega, k = blocks

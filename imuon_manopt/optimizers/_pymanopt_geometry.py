@@ -114,6 +114,16 @@ class HostGeometry:
         self.manifold = manifold
         self.name = type(manifold).__name__
         self._vector_type: Any = None
+        self._shape: Any = None
+
+    def point_shape(self, x: Any) -> Any:
+        """The manifold's point shape, from the public ``manifold.zero_vector`` (a tangent vector of an embedded
+        matrix manifold has the point's shape; Pymanopt 2.2 keeps the dimensions themselves private). For
+        ``FixedRankEmbedded`` the shapes of the tangent triple ``(Up, M, Vp)``."""
+        if self._shape is None:
+            zero = self.manifold.zero_vector(x if isinstance(x, np.ndarray) else np.empty(0))
+            self._shape = tuple(np.shape(part) for part in zero) if isinstance(zero, tuple) else np.shape(zero)
+        return self._shape
 
     def vector_type(self, x: Any) -> Any:
         """The class of the manifold's tangent vectors (``FixedRankEmbedded``'s triple, ``Product``'s list),
@@ -173,7 +183,7 @@ class _Euclidean(HostGeometry):
     flat = _identity_flat
 
     def check_point(self, x):
-        _as_float_array(self.name, x, tuple(self.manifold._shape))
+        _as_float_array(self.name, x, self.point_shape(x))
 
 
 class _Sphere(HostGeometry):
@@ -182,7 +192,7 @@ class _Sphere(HostGeometry):
     geometry = Sphere()
 
     def check_point(self, x):
-        _as_float_array(self.name, x, tuple(self.manifold._shape))
+        _as_float_array(self.name, x, self.point_shape(x))
         err = abs(float(np.linalg.norm(x)) - 1.0)
         if err > _tol(x.dtype):
             raise ValueError(
@@ -217,9 +227,7 @@ class _Frames(HostGeometry):
         return xi
 
     def check_point(self, x):
-        m = self.manifold
-        shape = (m._n, m._p) if m._k == 1 else (m._k, m._n, m._p)
-        _as_float_array(self.name, x, shape)
+        _as_float_array(self.name, x, self.point_shape(x))
         _check_orthonormal(self.name, x, "X")
 
 
@@ -230,9 +238,7 @@ class _SPD(HostGeometry):
     geometry = SPD()
 
     def check_point(self, x):
-        m = self.manifold
-        shape = (m._n, m._n) if m._k == 1 else (m._k, m._n, m._n)
-        _as_float_array(self.name, x, shape)
+        _as_float_array(self.name, x, self.point_shape(x))
         asym = float(np.max(np.abs(x - np.swapaxes(x, -1, -2))))
         scale = max(float(np.max(np.abs(x))), 1e-300)
         if asym > _tol(x.dtype) * scale:
@@ -287,22 +293,26 @@ class _FixedRank(HostGeometry):
 
     geometry = FixedRank("balanced")  # (u s^{1/2}, s^{1/2} vt): the Grams are diag(s)
 
+    def dims(self, x: Any) -> tuple[int, int, int]:
+        """``(m, n, k)``, from the shapes of the zero tangent vector ``(Up (m, k), M, Vp (n, k))``."""
+        (m, k), _, (n, _) = self.point_shape(x)
+        return m, n, k
+
     def check_point(self, x):
-        m = self.manifold
+        m, n, k = self.dims(x)
         if not isinstance(x, (tuple, list)) or len(x) != 3:
             raise ValueError(
-                f"{self.name}: a point is a triple (u, s, vt) of shapes ({m._m}, {m._k}), "
-                f"({m._k},), "
-                f"({m._k}, {m._n}); got {type(x).__name__}"
+                f"{self.name}: a point is a triple (u, s, vt) of shapes ({m}, {k}), ({k},), ({k}, {n}); "
+                f"got {type(x).__name__}"
             )
         u, s, vt = x
-        _as_float_array(f"{self.name} factor u", u, (m._m, m._k))
-        _as_float_array(f"{self.name} factor s", s, (m._k,))
-        _as_float_array(f"{self.name} factor vt", vt, (m._k, m._n))
+        _as_float_array(f"{self.name} factor u", u, (m, k))
+        _as_float_array(f"{self.name} factor s", s, (k,))
+        _as_float_array(f"{self.name} factor vt", vt, (k, n))
         if np.any(s <= 0):
             raise ValueError(
                 f"{self.name}: the singular values s must be positive (the point has rank "
-                f"{m._k}), got min(s) = {float(np.min(s)):.3g}"
+                f"{k}), got min(s) = {float(np.min(s)):.3g}"
             )
         _check_orthonormal(self.name, u, "u")
         _check_orthonormal(self.name, vt.T, "vt.T")
@@ -310,7 +320,7 @@ class _FixedRank(HostGeometry):
     def _gamma_products(self, x, egrad) -> tuple[np.ndarray, np.ndarray]:
         """``(Gamma V, Gamma^T U)`` (``m x k``, ``n x k``) from any accepted gradient form."""
         u, s, vt = x
-        m, n = self.manifold._m, self.manifold._n
+        m, n, k = self.dims(x)
         if isinstance(egrad, (tuple, list)) and len(egrad) == 3:
             first, middle, last = egrad
             if np.ndim(middle) == 1:  # (du, ds, dvt)
@@ -322,7 +332,7 @@ class _FixedRank(HostGeometry):
             return np.asarray(egrad @ vt.T), np.asarray(egrad.T @ u)
         raise ValueError(
             f"{self.name}: a Euclidean gradient must be the factor gradients (du, ds, dvt) with "
-            f"ds of shape ({self.manifold._k},), the {m} x {n} gradient with respect to the matrix "
+            f"ds of shape ({k},), the {m} x {n} gradient with respect to the matrix "
             "(a numpy array or scipy.sparse matrix), or its factored form (U, S, V) with "
             f"U @ S @ V.T of shape ({m}, {n}); got {type(egrad).__name__}"
         )
