@@ -53,6 +53,8 @@ from imuon_manopt.optim import IMuon  # noqa: E402
 from imuon_manopt.optim import _distributed as D  # noqa: E402
 
 WORLD = 2
+#: The low-rank sketch cases, by power iterations of the randomized Ky Fan solver.
+SKETCH_CASES = ("kyfan-sketch-q0", "kyfan-sketch-q1", "kyfan-sketch-q2")
 
 
 def _free_port() -> int:
@@ -144,6 +146,32 @@ def _case_gpt2_blocks(mesh, rank: int, steps: int, blocks: int) -> tuple[list[di
     return rows, sum(p.numel() * p.element_size() for p in params), dict(gather_sent=s.bytes_sent)
 
 
+#: Plain matrices of the low-rank sketch case: square, wide and tall (rows split over the ranks either way).
+SKETCH_SHAPES = ((1024, 1024), (1024, 1024), (512, 2048), (2048, 512))
+
+
+def _case_kyfan_sketch(mesh, rank: int, steps: int, power_iters: int) -> tuple[list[dict], int, dict]:
+    """Ky Fan k = d/8 (d the short side) with the randomized solver: the sketch mode. For comparison, what the
+    full-matrix (owner) mode moves for the same matrices: ``apply_full`` with ``owner=True`` on the same ``(x,
+    E~)`` inputs and one output per matrix (no compute), exactly the traffic of the owner-mode step."""
+    gen = torch.Generator().manual_seed(0)
+    rows, full_sent = [], 0
+    params_bytes = 0
+    for m, n in SKETCH_SHAPES:  # one group per shape: k differs only by shape here, so one optimizer each
+        p = _sharded(torch.randn(m, n, generator=gen) / n**0.5, mesh)
+        params_bytes += p.numel() * p.element_size()
+        k = min(m, n) // 8
+        polar = {"method": "randomized", "oversample": 8, "power_iters": power_iters}
+        opt = IMuon([p], lr=0.02, momentum=0.95, norm=("kyfan", k), polar=polar)
+        shape_rows = _steps(opt, lambda p=p: _grads([p], mesh, gen), steps)
+        rows = shape_rows if not rows else [{key: a[key] + b[key] for key in a} for a, b in zip(rows, shape_rows)]
+        inputs = [(D.local(p).detach(), D.local(p.grad))]
+        with D.measure_comm() as s:
+            D.apply_full([p], inputs, lambda full: [(x,) for x, _ in full], owner=True)
+        full_sent += s.bytes_sent
+    return rows, params_bytes, dict(owner_sent=full_sent)
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str, cases: list[str], args: dict) -> None:
     torch.set_num_threads(args["threads"])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -155,6 +183,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, cases: list[str], ar
         for case in cases:
             if case == "test-model":
                 results[case] = _case_test_model(mesh, rank, args["steps"])
+            elif case.startswith("kyfan-sketch"):
+                results[case] = _case_kyfan_sketch(mesh, rank, args["steps"], int(case[-1]))
             elif case == "gpt2-lora":
                 results[case] = _case_gpt2_lora(mesh, rank, args["steps"], args["rank"])
             else:
@@ -173,7 +203,7 @@ def main() -> None:
     parser.add_argument(
         "--case",
         action="append",
-        choices=("test-model", "gpt2-lora", "gpt2-blocks"),
+        choices=("test-model", "gpt2-lora", "gpt2-blocks", *SKETCH_CASES),
         help="run only this case (repeatable; default: all)",
     )
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per case (default 3)")
@@ -181,7 +211,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=1, help="GPT-2 small blocks of gpt2-blocks (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank (default 1)")
     args = parser.parse_args()
-    cases = args.case or ["test-model", "gpt2-lora", "gpt2-blocks"]
+    cases = args.case or ["test-model", "gpt2-lora", "gpt2-blocks", *SKETCH_CASES]
     opts = dict(steps=args.steps, rank=args.rank, blocks=args.blocks, threads=args.threads)
 
     import tempfile
@@ -220,6 +250,14 @@ def main() -> None:
             f"{last[0]['collectives']} | {stepped} | {seconds:.3f} |"
         )
         extra = res[0][case][2]
+        if "owner_sent" in extra:
+            owner_world = sum(res[r][case][2]["owner_sent"] for r in range(WORLD))
+            print(
+                f"| {case}, full-matrix (owner) mode instead | {_size(params)} | "
+                f"{_size(res[0][case][2]['owner_sent'])} / {_size(res[1][case][2]['owner_sent'])} | "
+                f"{_size(owner_world)} | {owner_world / params:.2f} | - | - | - |"
+            )
+            print(f"| {case}: sketch / full-matrix bytes | | | **{world / owner_world:.2f}x** | | | | |")
         if "gather_sent" in extra:
             gather_world = sum(res[r][case][2]["gather_sent"] for r in range(WORLD))
             print(

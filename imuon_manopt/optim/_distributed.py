@@ -759,3 +759,120 @@ def apply_full(params: Sequence[Any], inputs: Inputs, fn: FullFn, *, owner: bool
 
 def _params_of(p: Any, n: int) -> tuple[Any, ...]:
     return (p,) * n if isinstance(p, torch.Tensor) else tuple(p)
+
+
+# ---------------------------------------------------------------------------------------- low-rank sketch mode
+
+
+def row_shards(params: Sequence[torch.Tensor]) -> _Layout | None:
+    """The common layout of ``params`` if every one is a 2-D ``DTensor`` of one shape split by rows (``Shard(0)``)
+    over the same process group, else ``None``."""
+    lays = [_layout(p) for p in params]
+    if not lays or not all(isinstance(lay, _Layout) and lay.dim == 0 and len(lay.shape) == 2 for lay in lays):
+        return None
+    first = lays[0]
+    if any(lay.group is not first.group or lay.shape != first.shape for lay in lays):  # type: ignore[union-attr]
+        return None
+    return first  # type: ignore[return-value]
+
+
+def _sketch_all_reduce(t: torch.Tensor, group: Any, op: Any = None) -> torch.Tensor:
+    """``all_reduce`` (sum, or ``op``) of ``t`` in place over ``group``, recorded as ``sketch`` traffic (each rank
+    sends its ``t`` to the ``world - 1`` others, the convention of :func:`agree`)."""
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op, group=group)
+    n = dist.get_world_size(group)
+    size = t.numel() * t.element_size() * (n - 1)
+    _record("sketch", size, size, 1)
+    return t
+
+
+def _tsqr(y: torch.Tensor, group: Any, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin QR of a row-sharded stack ``Y`` (..., M, l), each rank holding a block of rows ``y`` (..., m_r, l), by
+    TSQR: a local QR, one ``all_gather`` of the l x l triangles, the QR of their stack (on every rank alike).
+    Returns the rank's rows of ``Q`` (..., m_r, l) and ``R`` (..., l, l) (replicated). ``Q`` spans the column
+    space of ``Y`` whatever the rows per rank (a rank with fewer than l rows, or none, pads with zeros)."""
+    lead, mr, ell = y.shape[:-2], y.shape[-2], y.shape[-1]
+    qa, ra = torch.linalg.qr(y)  # (..., m_r, c), (..., c, l), c = min(m_r, l)
+    c = ra.shape[-2]
+    if c < ell:
+        ra = torch.cat([ra, ra.new_zeros(*lead, ell - c, ell)], dim=-2)
+        qa = torch.cat([qa, qa.new_zeros(*lead, mr, ell - c)], dim=-1)
+    ra = ra.contiguous()
+    gathered = ra.new_empty(world * ra.numel())
+    dist.all_gather_into_tensor(gathered, ra.reshape(-1), group=group)
+    size = ra.numel() * ra.element_size() * (world - 1)
+    _record("sketch", size, size, 1)
+    stacked = gathered.reshape(world, *ra.shape).movedim(0, -3).reshape(*lead, world * ell, ell)
+    q2, r = torch.linalg.qr(stacked)  # (..., world * l, l), (..., l, l)
+    return qa @ q2[..., rank * ell : (rank + 1) * ell, :], r
+
+
+def sketch_kyfan_lmo(
+    h: torch.Tensor,
+    rows: int,
+    start: int,
+    k: int,
+    oversample: int,
+    power_iters: int,
+    *,
+    group: Any,
+    rank: int,
+    world: int,
+    mm_dtype: torch.dtype | None = None,
+    eps: float | None = None,
+) -> torch.Tensor:
+    """The randomized Ky Fan LMO (:func:`imuon_manopt.lmo.lmo` with ``method="randomized"``) of matrices whose rows
+    are split over ``group``, communicating only sketches, never the matrices.
+
+    ``h`` (B, m_r, n) holds rows ``start .. start + m_r`` of ``B`` matrices ``H`` (``rows`` x n) on this rank (rank
+    ``rank`` of ``world``). The result is this rank's rows of ``Z = Q U_k V_k^T`` (Q a range finder with ``l = k +
+    oversample`` columns and ``power_iters`` power iterations on the short side of ``H``, ``Q^T H = U S V^T``
+    truncated to ``k``), the single-process solver's output: the same Gaussian test matrix (a generator seeded
+    with 0), the same subspaces, equal up to rounding (the bases of ``Q`` differ, ``Z`` does not depend on them).
+
+    Rows sharded, so ``H Omega`` is row-local and ``H^T W`` is a sum over ranks:
+
+    - ``rows <= n`` (the short side is split): ``Y = H Omega`` local, ``Q`` by TSQR; each power iteration reduces
+      ``H^T Q`` (n x l) and takes a TSQR; ``B = Q^T H`` (l x n) is reduced and its SVD taken on every rank;
+    - ``rows > n`` (the long side is split): ``Y = H^T Omega_rows`` (n x l) is reduced, its QR taken on every
+      rank; each power iteration takes a TSQR of ``H Q`` and reduces ``H^T W``; ``B^T = H Q`` (rows local) goes
+      through TSQR, ``B^T = Q_c R`` and the SVD of the l x l ``R``.
+
+    Traffic per call: ``power_iters + 1`` reductions of ``n x l`` (short side split) or ``power_iters + 1`` of
+    ``n x l`` (long side split), plus the l x l triangles of the TSQRs and a max per matrix; the full-matrix mode
+    moves every ``H`` to its owner and the update back. Requires ``k + oversample < min(rows, n)`` (else the core
+    takes its exact path, which needs the whole matrix).
+    """
+    mr, n = h.shape[-2:]
+    short = min(rows, n)
+    ell = k + oversample
+    if k < 1 or ell >= short:
+        raise ValueError(f"sketch_kyfan_lmo: needs 1 <= k and k + oversample < min(m, n), got k={k}, l={ell}, {short}")
+    dtype = h.dtype
+    mm = dtype if mm_dtype is None else mm_dtype
+    amax = h.abs().amax(dim=(-2, -1), keepdim=True) if mr else h.new_zeros(*h.shape[:-2], 1, 1)
+    scale = _sketch_all_reduce(amax.contiguous(), group, dist.ReduceOp.MAX).clamp_min(torch.finfo(dtype).tiny)
+    y = (h / scale).to(mm)
+    gen = torch.Generator(device=h.device).manual_seed(0)
+    kk = min(k, ell)
+    tol_rel = torch.finfo(dtype).eps * max(rows, n)
+    tol_rel = tol_rel if eps is None else max(tol_rel, float(eps))
+    if rows <= n:
+        omega = torch.randn(n, ell, generator=gen, device=h.device, dtype=dtype).to(mm)
+        q, _ = _tsqr((y @ omega).to(dtype), group, rank, world)
+        for _ in range(power_iters):
+            w = torch.linalg.qr(_sketch_all_reduce((y.mT @ q.to(mm)).to(dtype).contiguous(), group)).Q
+            q, _ = _tsqr((y @ w.to(mm)).to(dtype), group, rank, world)
+        b = _sketch_all_reduce((q.mT.to(mm) @ y).to(dtype).contiguous(), group)  # (B, l, n)
+        u, sv, vh = torch.linalg.svd(b, full_matrices=False)
+        keep = sv[..., :kk] > tol_rel * sv[..., :1]
+        return (q @ (u[..., :kk] * keep.unsqueeze(-2).to(u.dtype))) @ vh[..., :kk, :]
+    omega = torch.randn(rows, ell, generator=gen, device=h.device, dtype=dtype)[start : start + mr].to(mm)
+    q = torch.linalg.qr(_sketch_all_reduce((y.mT @ omega).to(dtype).contiguous(), group)).Q  # (B, n, l)
+    for _ in range(power_iters):
+        w, _ = _tsqr((y @ q.to(mm)).to(dtype), group, rank, world)  # rows of H Q
+        q = torch.linalg.qr(_sketch_all_reduce((y.mT @ w.to(mm)).to(dtype).contiguous(), group)).Q
+    qc, rc = _tsqr((y @ q.to(mm)).to(dtype), group, rank, world)  # B^T = H Q = Q_c R
+    u2, sv, v2h = torch.linalg.svd(rc)  # B = V' S (Q_c U')^T: left vectors V', right Q_c U'
+    keep = sv[..., :kk] > tol_rel * sv[..., :1]
+    return (qc @ (u2[..., :kk] * keep.unsqueeze(-2).to(u2.dtype))) @ (v2h[..., :kk, :] @ q.mT)

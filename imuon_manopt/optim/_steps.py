@@ -24,7 +24,7 @@ from ..direction import intrinsic_direction
 from ..geometry import Euclidean, MetricOperator
 from ..lmo import kyfan_factors, resolve_norm
 from ..transforms import resolve_input_transform, transformed_lmo
-from . import _momentum
+from . import _distributed, _momentum
 from ._dispatch import ManifoldRule
 from ._lr import adjusted_lr
 from ._options import polar_spec
@@ -118,13 +118,20 @@ def _descend(base: torch.Tensor, xi: torch.Tensor, step_lr: Scalar) -> torch.Ten
     return torch.add(base, xi, alpha=-step_lr)
 
 
-def matrix_body(group: dict[str, Any], shape2d: tuple[int, int], out: torch.dtype) -> Body:
+def matrix_body(
+    group: dict[str, Any],
+    shape2d: tuple[int, int],
+    out: torch.dtype,
+    local_lmo: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Body:
     """Muon on stacked plain tensors of one shape: ``(x, E~, lr', decay) -> (x_new,)`` with ``x_new = decay x - lr'
     polar(E~)`` (``decay = 1 - lr wd``, :func:`step_scalars`), ``x`` of shape ``(k, *shape)`` viewed as a batch of
     ``shape2d`` matrices: ``(k, *shape2d)`` with ``shape2d = (shape[0], prod(shape[1:]))`` (``flatten=True``,
     convolutions), or ``(k * prod(shape[:-2]), *shape[-2:])`` (``flatten=False``: one LMO per slice, in one batched
     call; a joint norm, which would couple a batch, gets one call per slice); ``x_new`` in the parameters' dtype
-    ``out``. ``lr'`` and ``decay`` are floats or 0-d tensors."""
+    ``out``. ``lr'`` and ``decay`` are floats or 0-d tensors. With ``local_lmo`` (the sketch mode of
+    :func:`sketched_lmo`) the inputs are the rank's rows ``(k, m_r, n)`` of the matrices and ``local_lmo`` gives the
+    same rows of the direction."""
     wd = group["weight_decay"]
     if group.get("error_feedback"):
         return _error_feedback_body(group, shape2d, out, wd)
@@ -138,11 +145,14 @@ def matrix_body(group: dict[str, Any], shape2d: tuple[int, int], out: torch.dtyp
         return transformed_lmo(e2, transform, lambda h: direction(_EUCLIDEAN, x2, h, group))[0]
 
     def body(x: torch.Tensor, e: torch.Tensor, step_lr: Scalar, decay: Scalar) -> tuple[torch.Tensor]:
-        x2, e2 = x.reshape(-1, *shape2d), e.reshape(-1, *shape2d)
-        if joint and x2.shape[0] > x.shape[0]:  # per-slice under a joint norm: each slice its own budget
-            xi = torch.stack([lmo(x2[i : i + 1], e2[i : i + 1])[0] for i in range(x2.shape[0])])
+        if local_lmo is not None:  # the sketch mode: local rows in, the same rows of the direction out
+            xi = local_lmo(e)
         else:
-            xi = lmo(x2, e2)
+            x2, e2 = x.reshape(-1, *shape2d), e.reshape(-1, *shape2d)
+            if joint and x2.shape[0] > x.shape[0]:  # per-slice under a joint norm: each slice its own budget
+                xi = torch.stack([lmo(x2[i : i + 1], e2[i : i + 1])[0] for i in range(x2.shape[0])])
+            else:
+                xi = lmo(x2, e2)
         base = x * decay if wd > 0 else x
         return (_descend(base, xi.reshape(x.shape), step_lr).to(out),)
 
@@ -168,6 +178,40 @@ def _error_feedback_body(group: dict[str, Any], shape2d: tuple[int, int], out: t
         return _descend(base, xi, step_lr).to(out), new_m.reshape(m.shape)
 
     return body
+
+
+def sketched_lmo(
+    group: dict[str, Any], shape2d: tuple[int, int], params: Sequence[torch.Tensor], eps: float
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The low-rank sketch mode of a plain-matrix group under FSDP2, or ``None`` where the group takes the
+    full-matrix path (:func:`~imuon_manopt.optim._distributed.apply_full`).
+
+    It applies to 2-D parameters whose rows are split over one process group (FSDP2's ``Shard(0)``) with
+    ``norm=("kyfan", k)``, ``polar={"method": "randomized", ...}``, ``k + oversample < min(m, n)``, no
+    ``input_transform`` and no ``error_feedback``: the randomized Ky Fan LMO is computed from each rank's rows,
+    communicating only ``n x (k + oversample)`` sketches instead of the matrices
+    (:func:`~imuon_manopt.optim._distributed.sketch_kyfan_lmo`, equal to the single-process solver up to rounding).
+    Returns ``lmo(e)`` for stacked local rows ``e`` (B, m_r, n); ``eps`` is the rounding of the inputs (the rank
+    cut of the core's solver)."""
+    if group["polar"] != "randomized" or group.get("input_transform") is not None or group.get("error_feedback"):
+        return None
+    nrm = resolve_norm(group["norm"])
+    spec = polar_spec(group)
+    if nrm.name != "kyfan" or nrm.k is None or nrm.k + spec.oversample >= min(shape2d):
+        return None
+    where = _distributed.row_shards(params)
+    if where is None or where.shape != shape2d:
+        return None
+    start, _ = where.span(where.rank)
+    k = int(nrm.k)
+
+    def lmo(e: torch.Tensor) -> torch.Tensor:
+        return _distributed.sketch_kyfan_lmo(
+            e, shape2d[0], start, k, spec.oversample, spec.power_iters,
+            group=where.group, rank=where.rank, world=where.world, mm_dtype=spec.dtype, eps=eps,
+        )  # fmt: skip
+
+    return lmo
 
 
 def group_step(

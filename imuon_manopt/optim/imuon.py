@@ -456,7 +456,17 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
             es = _momentum.accumulate(es, _momentum.buffers(self.state, params, es))
         elif beta > 0:  # per shape (a pair group holds two), so that the tensors stack
             es = _momentum.plain(self.state, params, es, grp.parts, beta, group["nesterov"], writes)
+        sketch = None
         if grp.kind == "matrix":
+            eps = max(torch.finfo(p0.dtype).eps, torch.finfo(wdt).eps)
+            sketch = _steps.sketched_lmo(group, grp.shape2d, params, eps)
+        if sketch is not None:  # FSDP2 rows, randomized Ky Fan LMO: every rank steps its rows, sketches travel
+            body = _steps.matrix_body(group, grp.shape2d, p0.dtype, local_lmo=sketch)
+            scalars = _steps.step_scalars(group, grp.shape2d, False)
+            (new,) = body(torch.stack([x.to(wdt) for x in xs]), torch.stack(es), *scalars)
+            news = list(new.unbind(0))
+            bufs = []  # no error feedback in the sketch mode
+        elif grp.kind == "matrix":
             fn = _steps.matrix_fn(group, grp.shape2d, wdt, p0.dtype)
             outputs = apply_full(params, list(zip(xs, es)), fn, owner=True)
             news = [out[0] for out in outputs]
