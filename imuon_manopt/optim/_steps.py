@@ -193,10 +193,10 @@ def sketched_lmo(
     (:func:`~imuon_manopt.optim._distributed.sketch_kyfan_lmo`, equal to the single-process solver up to rounding).
     Returns ``lmo(e)`` for stacked local rows ``e`` (B, m_r, n); ``eps`` is the rounding of the inputs (the rank
     cut of the core's solver)."""
-    if group["polar"] != "randomized" or group.get("input_transform") is not None or group.get("error_feedback"):
+    spec = polar_spec(group)
+    if spec.method != "randomized" or group.get("input_transform") is not None or group.get("error_feedback"):
         return None
     nrm = resolve_norm(group["norm"])
-    spec = polar_spec(group)
     if nrm.name != "kyfan" or nrm.k is None or nrm.k + spec.oversample >= min(shape2d):
         return None
     where = _distributed.row_shards(params)
