@@ -463,9 +463,9 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
         if sketch is not None:  # FSDP2 rows, randomized Ky Fan LMO: every rank steps its rows, sketches travel
             body = _steps.matrix_body(group, grp.shape2d, p0.dtype, local_lmo=sketch)
             scalars = _steps.step_scalars(group, grp.shape2d, False)
-            (new,) = body(torch.stack([x.to(wdt) for x in xs]), torch.stack(es), *scalars)
-            news = list(new.unbind(0))
-            bufs = []  # no error feedback in the sketch mode
+            (stepped,) = body(torch.stack([x.to(wdt) for x in xs]), torch.stack(es), *scalars)
+            news = list(stepped.unbind(0))
+            bufs: list[torch.Tensor] = []  # no error feedback in the sketch mode
         elif grp.kind == "matrix":
             fn = _steps.matrix_fn(group, grp.shape2d, wdt, p0.dtype)
             outputs = apply_full(params, list(zip(xs, es)), fn, owner=True)
