@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -245,3 +247,44 @@ def test_full_rank_lora_init_single_layer_and_errors():
         full_rank_lora_init_(torch.zeros(6, 5), torch.zeros(5, 2), torch.zeros(2, 6))
     with pytest.raises(ValueError, match="B must have shape"):
         full_rank_lora_init_(torch.zeros(5, 6), torch.zeros(5, 2), torch.zeros(3, 6))
+
+
+# ----------------------------------------------------------------------- fast paths of the pair step
+
+
+def test_full_step_screen_answers_as_the_exact_check():
+    """The Gram screen of ``_full_step_passes`` gives the exact QR-based answer: on well-conditioned products, on
+    products whose ratio sits just above and below the tolerance, and on non-finite factors."""
+    from imuon_manopt.optim._pairs import _full_step_passes, _full_step_passes_exact
+
+    g = torch.Generator().manual_seed(0)
+    tol = math.sqrt(torch.finfo(torch.float32).eps)
+    for ratio in (1.0, 0.1, 30 * tol, 17 * tol, 2 * tol, 1.01 * tol, 0.99 * tol, 0.5 * tol, 0.0):
+        qb = torch.linalg.qr(torch.randn(5, 40, 4, generator=g, dtype=torch.float64))[0]
+        qa = torch.linalg.qr(torch.randn(5, 30, 4, generator=g, dtype=torch.float64))[0]
+        s = torch.tensor([1.0, 0.5, 0.3, ratio], dtype=torch.float64)
+        b = (qb * s).float()  # the product's singular values are s (A has orthonormal rows)
+        a = qa.mT.float()
+        assert _full_step_passes(b, a, tol) == _full_step_passes_exact(b, a, tol), ratio
+    b[2, 0, 0] = float("nan")  # the screen defers to the exact check, whose factorization reports it
+    for check in (_full_step_passes, _full_step_passes_exact):
+        with pytest.raises(torch.linalg.LinAlgError):
+            check(b, a, tol)
+
+
+@pytest.mark.parametrize("dtype, cond", [(torch.float64, 1e6), (torch.float32, 1e3)])
+def test_thin_triangular_solves_match_the_solver(dtype, cond):
+    """FixedRank's whitening multiplies long blocks by the inverse of the r x r triangle instead of a triangular
+    solve; both agree to the solve's own accuracy, also for an ill-conditioned triangle."""
+    from imuon_manopt.geometry.fixed_rank import _solve_triangular
+
+    g = torch.Generator().manual_seed(1)
+    u = torch.linalg.qr(torch.randn(3, 8, 8, generator=g, dtype=torch.float64))[0]
+    r = torch.linalg.qr(u * torch.logspace(0, -math.log10(cond), 8, dtype=torch.float64), mode="r")[1]
+    long = torch.randn(3, 200, 8, generator=g, dtype=torch.float64)
+    for upper, mat in ((True, r), (False, r.mT)):
+        for left, rhs in ((True, long.mT), (False, long)):
+            ref = torch.linalg.solve_triangular(mat, rhs, upper=upper, left=left)
+            got = _solve_triangular(mat.to(dtype), rhs.to(dtype), upper=upper, left=left).double()
+            err = (got - ref).abs().max() / ref.abs().max()
+            assert err <= 50 * cond * torch.finfo(dtype).eps, (upper, left, float(err))

@@ -110,8 +110,33 @@ def step_lengths(
     return torch.where(ok.any(0), t, torch.zeros_like(t))[..., None, None]
 
 
+#: The Gram screen of :func:`_full_step_passes` accepts ratios above this multiple of the tolerance only.
+_SCREEN_MARGIN = 16.0
+
+
 def _full_step_passes(b1: torch.Tensor, a1: torch.Tensor, tol: float) -> bool:
-    """Does every stepped pair ``(b1, a1)`` keep ``s_min / s_max >= tol``? From the r x r cores (one host read)."""
+    """Does every stepped pair ``(b1, a1)`` keep ``s_min / s_max >= tol``? From the r x r cores (host reads).
+
+    First a cheap screen on the Gram matrices ``b1^T b1`` and ``a1 a1^T`` (two batched products, no copies of the
+    factors): the product's squared singular values are the eigenvalues of ``L^T (a1 a1^T) L`` with ``L L^T = b1^T
+    b1``. Rounding in the Grams moves a squared ratio by about ``eps / ratio^2`` relative, negligible where the screen
+    accepts (ratio >= 16 tol, i.e. >= 16 sqrt(eps)); anything else (a smaller ratio, a failed factorization,
+    non-finite values) is decided exactly, from thin QR factors. So the answer is the exact check's."""
+    g_b = (b1.mT @ b1).to(torch.float64)
+    g_a = (a1 @ a1.mT).to(torch.float64)
+    chol, info = torch.linalg.cholesky_ex(g_b)
+    if not bool((info == 0).all() & torch.isfinite(g_a).all()):
+        return _full_step_passes_exact(b1, a1, tol)
+    lam = torch.linalg.eigvalsh(chol.mT @ g_a @ chol)
+    top = lam[..., -1]
+    ok = torch.isfinite(lam).all(-1) & (top > 0) & (lam[..., 0] >= (_SCREEN_MARGIN * tol) ** 2 * top)
+    if bool(ok.all()):
+        return True
+    return _full_step_passes_exact(b1, a1, tol)
+
+
+def _full_step_passes_exact(b1: torch.Tensor, a1: torch.Tensor, tol: float) -> bool:
+    """:func:`_full_step_passes` from thin QR factors of both factors."""
     r_b = torch.linalg.qr(b1, mode="r")[1]
     r_a = torch.linalg.qr(a1.mT, mode="r")[1]
     return bool((_ratio(r_b, r_a, b1.shape[-1]) >= tol).all())
