@@ -382,3 +382,38 @@ def test_flatten_false_is_one_batched_call(monkeypatch):
 def test_flatten_must_be_a_bool():
     with pytest.raises(ValueError, match="flatten must be a bool"):
         IMuon([{"params": [torch.nn.Parameter(torch.randn(2, 3, 4))], "flatten": "slices"}], lr=0.1)
+
+
+# ------------------------------------------------------------------------------------ malformed input, meta device
+
+
+@pytest.mark.parametrize("bad", [3.0, "w", None, [torch.randn(2, 2)]])
+def test_a_non_tensor_in_params_is_a_type_error(bad):
+    with pytest.raises(TypeError, match="parameter 1: IMuon optimizes tensors"):
+        IMuon([torch.nn.Parameter(torch.randn(3, 3)), bad], lr=0.1)
+    with pytest.raises(TypeError, match="param group 1, parameter 0: IMuon optimizes tensors"):
+        IMuon([{"params": [torch.nn.Parameter(torch.randn(3, 3))]}, {"params": [bad]}], lr=0.1)
+
+
+def test_meta_device_parameters_step_like_torchs_adamw():
+    """Shapes only (as torch's own AdamW does on the meta device): every kind of parameter steps, the state has the
+    shapes and the working dtypes a real step gives, and the AdamW fallback does not take the capturable path."""
+    with torch.device("meta"):
+        w = torch.nn.Parameter(torch.randn(4, 3))
+        bias = torch.nn.Parameter(torch.randn(4))
+        half = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.bfloat16))
+        b, a = torch.nn.Parameter(torch.randn(5, 2)), torch.nn.Parameter(torch.randn(2, 3))
+        frame = geoopt.ManifoldParameter(torch.empty(5, 3), manifold=geoopt.EuclideanStiefel())
+    params = [w, bias, half, b, a, frame]
+    opt = IMuon(params, lr=0.1, pairs=[(b, a)])
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    for p in params:
+        assert p.is_meta
+        st = opt.state[p]
+        assert st["step"] == 2
+        keys = ("exp_avg", "exp_avg_sq") if p.ndim == 1 else ("momentum_buffer",)
+        for key in keys:
+            assert st[key].is_meta and st[key].shape == p.shape and st[key].dtype == torch.float32

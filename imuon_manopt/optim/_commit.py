@@ -76,6 +76,9 @@ class CommitEngine:
         """Commit the step's ``writes`` if it is finite; otherwise change nothing and return why (for
         :meth:`_reject`). ``failed``: a factorization met non-finite values. In device mode the decision is made on
         the device (masked commit) and the policy applied later (:meth:`_poll`)."""
+        if groups and groups[0].params[0].device.type == "meta" and not failed:
+            self._commit(groups, writes)  # shapes only: no values, no finiteness to decide
+            return None
         if device_mode and not failed:
             # sharded parameters: all ranks commit or reject together (each sees only its shards)
             self._commit_masked(groups, writes, agree(self._finite(checks), self._all_params(groups)))

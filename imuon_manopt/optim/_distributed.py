@@ -46,7 +46,9 @@ the shard groups (one small ``all_reduce``), since each rank only sees its shard
 from __future__ import annotations
 
 import math
+import struct
 import sys
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -67,9 +69,11 @@ _DTENSOR_MODULE = "torch.distributed.tensor"
 __all__ = [
     "CommStats",
     "agree",
+    "agree_structure",
     "apply_full",
     "comm_stats",
     "full",
+    "is_dtensor_loaded",
     "is_sharded",
     "keep_manifolds",
     "like",
@@ -105,6 +109,11 @@ _FAILED_LINALG, _FAILED_OTHER = -1, -2
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+
+def is_dtensor_loaded() -> bool:
+    """Has anyone imported ``torch.distributed.tensor`` (else no ``DTensor`` can exist)?"""
+    return _DTENSOR_MODULE in sys.modules
 
 
 def is_dtensor(t: object) -> TypeGuard[DTensor]:
@@ -686,6 +695,69 @@ def agree(flag: torch.Tensor, params: Iterable[torch.Tensor]) -> torch.Tensor:
         n = dist.get_world_size(g)
         _record("agree", 4 * (n - 1), 4 * (n - 1), 1)
     return v[0].to(torch.bool)
+
+
+def _shard_groups(params: Iterable[torch.Tensor]) -> dict[int, Any]:
+    groups: dict[int, Any] = {}
+    for p in params:
+        if not is_dtensor(p):
+            continue
+        mesh = p.device_mesh
+        for i, pl in enumerate(p.placements):
+            if pl.is_shard() and mesh.size(i) > 1:
+                g = mesh.get_group(i)
+                groups.setdefault(id(g), g)
+    return groups
+
+
+def agree_structure(
+    codes: Sequence[tuple[int, ...]], params: Sequence[torch.Tensor], describe: Callable[[int], str]
+) -> None:
+    """Check that every rank holding a shard of ``params`` steps the same sharded parameters, before any collective
+    of the step: a rank whose optimizer lacks a parameter, or has no gradient where the others have one, would
+    otherwise pair mismatched shards (a misleading error) or abort the process group.
+
+    ``codes``: per sharded parameter of this rank's optimizer (``params``), in order, a tuple of ints (param group,
+    index, global shape, has a gradient) compared across ranks; ``describe(i)`` names parameter ``i`` in an error. One
+    ``all_reduce`` of two ``int64`` per process group the parameters are split over; on a mismatch, every rank raises
+    the same ``ValueError`` (after one ``all_gather_object`` that finds the first difference).
+    """
+    groups = _shard_groups(params)
+    if not groups:
+        return
+    flat = [len(codes)] + [v for code in codes for v in (len(code), *code)]
+    digest = zlib.crc32(struct.pack(f"<{len(flat)}q", *flat))
+    v = torch.tensor([digest, -digest], dtype=torch.int64, device=local(params[0]).device)
+    for g in groups.values():
+        dist.all_reduce(v, op=dist.ReduceOp.MIN, group=g)
+        n = dist.get_world_size(g)
+        _record("agree", 16 * (n - 1), 16 * (n - 1), 1)
+    if int(v[0]) == -int(v[1]):
+        return
+    # the ranks differ (all of them saw it): gather every rank's list over every group, then name the first difference
+    gathered_all = []
+    for g in groups.values():
+        gathered: list[Any] = [None] * dist.get_world_size(g)
+        dist.all_gather_object(gathered, [(c, describe(i)) for i, c in enumerate(codes)], group=g)
+        gathered_all.append((dist.get_process_group_ranks(g), gathered))
+    for ranks, gathered in gathered_all:
+        codes = [[c for c, _ in lst] for lst in gathered]
+        for j in range(1, len(gathered)):
+            if codes[j] == codes[0]:
+                continue
+            k = next(
+                (i for i, (a, b) in enumerate(zip(codes[0], codes[j])) if a != b), min(len(codes[0]), len(codes[j]))
+            )
+            none = "no parameter there (its optimizer holds fewer sharded parameters)"
+            first = gathered[0][k][1] if k < len(gathered[0]) else none
+            other = gathered[j][k][1] if k < len(gathered[j]) else none
+            raise ValueError(
+                f"IMuon: the ranks do not step the same sharded parameters: at sharded parameter {k}, rank {ranks[0]} "
+                f"has {first} and rank {ranks[j]} has {other}. Under FSDP2 every rank must build the optimizer over "
+                "the same parameters, in the same order, and have a gradient for a parameter on every rank or on "
+                "none (call backward on every rank; set grads to None on all ranks or on none)"
+            )
+    raise ValueError("IMuon: the ranks do not step the same sharded parameters")
 
 
 def _call(fn: FullFn, full_inputs: list[tuple[torch.Tensor, ...]], items: list[int]) -> list[tuple[torch.Tensor, ...]]:

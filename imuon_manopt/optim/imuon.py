@@ -38,7 +38,7 @@ from geoopt.optim.mixin import OptimMixin
 from ..geometry import FixedRank, MetricOperator
 from . import _dispatch, _groups, _momentum, _options, _pairs, _steps
 from ._commit import CommitEngine, StackedParams, StackedState
-from ._distributed import apply_full, full, local
+from ._distributed import agree_structure, apply_full, full, is_dtensor_loaded, is_sharded, local
 from ._fallback import fallback_outputs
 from ._groups import Group
 from ._state import work_dtype
@@ -267,8 +267,13 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
         opts = {**self.defaults, **param_group}
         _options.check_options(opts, where=where)
         for pi, p in enumerate(params):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(
+                    f"param group {gi}, parameter {pi}: IMuon optimizes tensors, got {type(p).__name__} ({p!r:.60}); "
+                    "pass torch.nn.Parameter objects (e.g. model.parameters())"
+                )
             what = f"param group {gi}, parameter {pi} (shape {tuple(p.shape)})"
-            if not isinstance(p, torch.Tensor) or not p.is_floating_point() or p.is_complex():
+            if not p.is_floating_point() or p.is_complex():
                 raise TypeError(
                     f"{what}: IMuon needs real floating-point tensors, got {getattr(p, 'dtype', type(p).__name__)}"
                 )
@@ -378,11 +383,38 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
             self._structure_key = key
         return self._groups
 
+    def _agree_structure(self) -> None:
+        """Sharded (FSDP2) parameters: every rank steps the same ones, each with a gradient on every rank or on none
+        (:func:`~imuon_manopt.optim._distributed.agree_structure`: one small ``all_reduce`` per step, a clear error
+        on every rank otherwise). Nothing without sharded parameters."""
+        if not is_dtensor_loaded():
+            return
+        sharded, codes = [], []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if is_sharded(p):
+                    sharded.append((gi, pi, p))
+                    codes.append((gi, pi, *p.shape, int(p.grad is not None)))
+        if not sharded:
+            return
+
+        def describe(i: int) -> str:
+            gi, pi, p = sharded[i]
+            names = self.param_groups[gi].get("param_names")
+            name = f" {names[pi]!r}" if names else ""
+            grad = "with" if p.grad is not None else "without"
+            return f"param group {gi} parameter {pi}{name} (shape {tuple(p.shape)}, {grad} a gradient)"
+
+        agree_structure(codes, [p for _, _, p in sharded], describe)
+
     # ------------------------------------------------------------------ first-step checks
 
     def _check_new(self, grp: Group) -> None:
-        """Manifold membership and full-rank pairs, once per parameter (before anything is written)."""
+        """Manifold membership and full-rank pairs, once per parameter (before anything is written); not on the
+        meta device, whose tensors have no values."""
         state = self.state
+        if grp.params[0].device.type == "meta":
+            return
         if grp.kind == "manifold":
             for p in grp.params:
                 if "step" in state[p]:
@@ -428,7 +460,9 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
         # plain tensors: geoopt's ManifoldTensor would route every operation through __torch_function__
         xs = [local(p).detach().as_subclass(torch.Tensor) for p in params]
         if grp.kind == "fallback":
-            capturable = not lazy and p0.device.type != "cpu"  # AdamW's step counts stay on the device
+            # AdamW's step counts stay on the device (torch's capturable path; not on the CPU, nor on the meta device,
+            # where there is nothing to capture and torch's AdamW refuses it)
+            capturable = not lazy and p0.device.type not in ("cpu", "meta")
             new, entries = fallback_outputs(group, xs, grads, [self.state[p] for p in params], capturable)
             writes.extend(zip(params, new))
             checks.extend(new)
@@ -557,6 +591,7 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
         self._poll(wait=False)
         groups = self._structure()
         self._calls += 1
+        self._agree_structure()
         if groups:
             device_mode = self.capturable or self._defer_checks(groups)
             for grp in groups:
