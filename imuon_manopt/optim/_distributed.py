@@ -741,13 +741,11 @@ def agree_structure(
         dist.all_gather_object(gathered, [(c, describe(i)) for i, c in enumerate(codes)], group=g)
         gathered_all.append((dist.get_process_group_ranks(g), gathered))
     for ranks, gathered in gathered_all:
-        codes = [[c for c, _ in lst] for lst in gathered]
+        seen = [[c for c, _ in lst] for lst in gathered]
         for j in range(1, len(gathered)):
-            if codes[j] == codes[0]:
+            if seen[j] == seen[0]:
                 continue
-            k = next(
-                (i for i, (a, b) in enumerate(zip(codes[0], codes[j])) if a != b), min(len(codes[0]), len(codes[j]))
-            )
+            k = next((i for i, (a, b) in enumerate(zip(seen[0], seen[j])) if a != b), min(len(seen[0]), len(seen[j])))
             none = "no parameter there (its optimizer holds fewer sharded parameters)"
             first = gathered[0][k][1] if k < len(gathered[0]) else none
             other = gathered[j][k][1] if k < len(gathered[j]) else none
