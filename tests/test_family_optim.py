@@ -114,26 +114,29 @@ def test_error_feedback_on_pairs_in_whitened_coordinates():
     torch.testing.assert_close(opt.state[a]["momentum_buffer"], ma, atol=1e-10, rtol=0)
 
 
-def test_error_feedback_per_item_functions_match_the_stacked_bodies():
-    """The per-parameter functions (the sharded path) compute what the stacked bodies compute."""
-    group = dict(
-        lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.0, norm=("kyfan", 2), polar="svd", ns_steps=5,
-        ns_dtype=None, oversample=8, power_iters=2, adjust_lr_fn=None, pair_momentum="factor",
-        error_feedback=True, input_transform=None,
-    )  # fmt: skip
+def test_error_feedback_per_item_functions_follow_the_rule_too():
+    """The per-parameter functions (the sharded path) apply the same rule as the stacked step."""
+    k, lr, beta = 2, 0.05, 0.9
+    w = torch.nn.Parameter(torch.zeros(7, 5, dtype=DT))
+    opts = dict(lr=lr, momentum=beta, norm=("kyfan", k), polar="svd")
+    group = IMuon([{"params": [w], "error_feedback": True}], **opts).param_groups[0]
     xs, ms = _grads((7, 5), 2, 40), _grads((7, 5), 2, 41)
     per = _steps.matrix_fn(group, (7, 5), DT, DT)([(x, m) for x, m in zip(xs, ms)])
-    stacked = _steps.matrix_body(group, (7, 5), DT, DT)(torch.stack(xs), torch.stack(ms))
-    for i, out in enumerate(per):
-        torch.testing.assert_close(out[0], stacked[0][i], atol=1e-12, rtol=0)
-        torch.testing.assert_close(out[1], stacked[1][i], atol=1e-12, rtol=0)
-    b, a = torch.randn(6, 3, dtype=DT), torch.randn(3, 5, dtype=DT)
-    eb, ea = torch.randn(6, 3, dtype=DT), torch.randn(3, 5, dtype=DT)
-    (per_pair,) = _pairs.pair_fn(group, (6, 5), DT, DT, True)([(b, a, eb, ea)])
-    body = _pairs.pair_body(group, (6, 5), DT, DT, True)(b[None], a[None], eb[None], ea[None])
-    assert len(per_pair) == 4
-    for got, want in zip(per_pair, body):
-        torch.testing.assert_close(got, want[0], atol=1e-12, rtol=0)
+    for (x_new, m_new), x, m in zip(per, xs, ms):
+        z, u = topk(m, k)
+        torch.testing.assert_close(x_new, x - lr * z, atol=1e-12, rtol=0)
+        torch.testing.assert_close(m_new, m - (1 - beta) * u @ (u.T @ m), atol=1e-12, rtol=0)
+    b, a = torch.nn.Parameter(torch.randn(6, 3, dtype=DT)), torch.nn.Parameter(torch.randn(3, 5, dtype=DT))
+    group = IMuon([{"params": [b, a], "error_feedback": True}], pairs=[(b, a)], **opts).param_groups[0]
+    mb, ma = torch.randn(6, 3, dtype=DT), torch.randn(3, 5, dtype=DT)
+    (out,) = _pairs.pair_fn(group, (6, 5), DT, DT, True)([(b.detach(), a.detach(), mb, ma)])
+    rb, ra = torch.linalg.qr(b.detach()).R, torch.linalg.qr(a.detach().T).R
+    zb = topk(torch.linalg.solve(ra.T, mb.T).T, k)[0]
+    za = topk(torch.linalg.solve(rb.T, ma), k)[0]
+    torch.testing.assert_close(out[0], b.detach() - lr * torch.linalg.solve(ra, zb.T).T, atol=1e-10, rtol=0)
+    torch.testing.assert_close(out[1], a.detach() - lr * torch.linalg.solve(rb, za), atol=1e-10, rtol=0)
+    torch.testing.assert_close(out[2], mb - (1 - beta) * zb @ (zb.T @ mb), atol=1e-10, rtol=0)
+    torch.testing.assert_close(out[3], ma - (1 - beta) * (ma @ za.T) @ za, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize(
