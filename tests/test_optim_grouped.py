@@ -531,16 +531,16 @@ def test_lazy_and_batched_rank_guards_agree():
     assert torch.equal(t[:3].flatten(), torch.full((3,), 1.0 / 6.0, dtype=DT))  # halved once
 
 
-def test_register_manifold_flat_is_deprecated_and_defaults_to_the_geometry():
+def test_register_manifold_takes_the_lowering_map_from_the_geometry_only():
     from imuon_manopt.optim import _dispatch, register_manifold
 
     saved = dict(_dispatch._RULES)
     try:
-        with pytest.warns(DeprecationWarning, match="MetricOperator.flat"):
+        with pytest.raises(TypeError, match="flat"):
             register_manifold(geoopt.PoincareBall, geo.Euclidean(), flat=lambda x, v: v)
         register_manifold(geoopt.PoincareBall, geo.Euclidean())
         rule, geometry = _dispatch.lookup(geoopt.PoincareBall())
-        assert rule.flat is None and isinstance(geometry, geo.Euclidean)
+        assert not hasattr(rule, "flat") and isinstance(geometry, geo.Euclidean)
     finally:
         _dispatch._RULES.clear()
         _dispatch._RULES.update(saved)

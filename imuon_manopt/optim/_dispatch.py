@@ -27,7 +27,6 @@ metric's lowering map (tangent vector -> covector) is the geometry's own :meth:`
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +36,6 @@ import torch
 
 from ..geometry import SPD, Grassmann, MetricOperator, Sphere, Stiefel
 
-FlatMap = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GeometryFactory = Callable[[geoopt.Manifold], MetricOperator]
 
 
@@ -59,7 +57,6 @@ class ManifoldRule:
     matrix_shape: Callable[[torch.Size], tuple[int, int]] = _trailing_shape
     polish: Callable[[torch.Tensor], torch.Tensor] | None = None
     verify: bool = False
-    flat: FlatMap | None = None  # deprecated override of the geometry's flat (register_manifold(flat=...))
 
 
 def _stiefel_polish(x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +108,6 @@ _register_builtin_grassmann()
 def register_manifold(
     manifold_cls: type,
     geometry: MetricOperator | GeometryFactory,
-    flat: FlatMap | None = None,
 ) -> None:
     """Teach :class:`~imuon_manopt.optim.IMuon` a new geoopt manifold class (or override a built-in rule).
 
@@ -121,8 +117,6 @@ def register_manifold(
             manifold's point representation), or a callable ``manifold -> MetricOperator``. Its ``flat`` (the metric's
             lowering map) turns transported momentum back into a covector, and its ``at`` / ``project`` /
             ``tangent`` must accept a leading batch dimension (parameters of one shape are stepped together).
-        flat: deprecated: a lowering map ``(x, v) -> covector`` overriding ``geometry.flat``; implement
-            ``MetricOperator.flat`` instead.
     """
     if not (isinstance(manifold_cls, type) and issubclass(manifold_cls, geoopt.Manifold)):
         raise TypeError(f"manifold_cls must be a geoopt.Manifold subclass, got {manifold_cls!r}")
@@ -139,13 +133,7 @@ def register_manifold(
             "geometry must be an imuon_manopt.geometry.MetricOperator or a callable manifold -> MetricOperator, "
             f"got {type(geometry).__name__}"
         )
-    if flat is not None:
-        warnings.warn(
-            "register_manifold(flat=...) is deprecated: implement MetricOperator.flat on the geometry",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-    _RULES[manifold_cls] = ManifoldRule(factory, manifold_cls.__name__, flat=flat)
+    _RULES[manifold_cls] = ManifoldRule(factory, manifold_cls.__name__)
 
 
 def supported_manifolds() -> list[str]:

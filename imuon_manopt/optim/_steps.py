@@ -277,10 +277,9 @@ def manifold_body(
     """
     step_lr = adjusted_lr(float(group["lr"]), group["adjust_lr_fn"], rule.matrix_shape(shape))
     beta, use_nesterov = group["momentum"], group["nesterov"]
-    flat = rule.flat
 
     def lower(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return flat(x, v) if flat is not None else geometry.flat(geometry.at(x), v)
+        return geometry.flat(geometry.at(x), v)
 
     carried = not geometry.open_in_ambient  # a tangent buffer, transported by the retraction
 
