@@ -32,6 +32,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import socket
@@ -190,6 +191,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, cases: list[str], ar
             else:
                 results[case] = _case_gpt2_blocks(mesh, rank, args["steps"], args["blocks"])
         torch.save(results, os.path.join(out_dir, f"bench{rank}.pt"))
+        gc.collect()  # the cases' modules and optimizers are freed before their process group
     finally:
         dist.destroy_process_group()
 
@@ -210,6 +212,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of gpt2-lora (default 8)")
     parser.add_argument("--blocks", type=int, default=1, help="GPT-2 small blocks of gpt2-blocks (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank (default 1)")
+    parser.add_argument(
+        "--timeout", type=float, default=900.0, help="seconds before the ranks are killed (default 900)"
+    )
     args = parser.parse_args()
     cases = args.case or ["test-model", "gpt2-lora", "gpt2-blocks", *SKETCH_CASES]
     opts = dict(steps=args.steps, rank=args.rank, blocks=args.blocks, threads=args.threads)
@@ -218,9 +223,19 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as out:
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        mp.start_processes(
-            _worker, args=(WORLD, _free_port(), out, cases, opts), nprocs=WORLD, join=True, start_method=method
+        ctx = mp.start_processes(
+            _worker, args=(WORLD, _free_port(), out, cases, opts), nprocs=WORLD, join=False, start_method=method
         )
+        deadline = time.monotonic() + args.timeout
+        try:
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    sys.exit(f"bench_fsdp: the ranks had not finished after {args.timeout:g} s; killed them")
+        finally:
+            for p in ctx.processes:  # a hung or orphaned rank never outlives the benchmark
+                if p.is_alive():
+                    p.kill()
+                    p.join(10)
         res = [torch.load(Path(out) / f"bench{r}.pt", weights_only=False) for r in range(WORLD)]
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
