@@ -16,6 +16,7 @@ import ctypes
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -89,3 +90,27 @@ def run_ranks(fn: Callable[..., None], world: int, *args: Any, timeout: float = 
             _kill_groups(alive)
             for p in ctx.processes:
                 p.join(10)
+
+
+def run_command(args: list[str], timeout: float, **kwargs: Any) -> subprocess.CompletedProcess:
+    """``subprocess.run(args, capture_output=True, text=True, **kwargs)`` in a new session; after ``timeout`` seconds
+    its whole process group (a shell script's children too, which ``subprocess.run``'s own timeout leaves running,
+    holding the pipes open) is killed and the test fails with a clear message."""
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_groups([proc.pid])
+        out, err = proc.communicate()
+        pytest.fail(
+            f"{' '.join(args)[:200]} had not finished after {timeout:g} s; its process group was killed.\n"
+            f"stderr (end): {err[-2000:]}",
+            pytrace=False,
+        )
+    except BaseException:  # interrupted: leave nothing running
+        _kill_groups([proc.pid])
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)

@@ -236,18 +236,16 @@ def test_bench_family_quick():
 
 def test_gpu_check_dry_run_writes_one_table(tmp_path):
     """benchmarks/gpu_check.sh --dry-run (CPU, tiny sizes): every part runs and lands in the one table."""
-    import subprocess
+    from _multiprocess import run_command
 
     out = tmp_path / "gpu_check.md"
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(
+    res = run_command(  # killed with everything the script started after the timeout
         ["bash", "benchmarks/gpu_check.sh", "--dry-run", "--skip", "tests", "--steps", "3", "--out", str(out)],
+        timeout=240,
         cwd=root,
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     text = out.read_text()

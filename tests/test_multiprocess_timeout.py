@@ -103,3 +103,23 @@ def test_sigterm_to_pytest_kills_the_ranks_and_their_children(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc to see the killed processes")
+def test_run_command_kills_a_scripts_children_on_timeout(tmp_path):
+    """``subprocess.run(timeout=...)`` kills only the shell and then waits for its children, which hold the output
+    pipes: a hang. ``run_command`` kills the whole process group and fails the test."""
+    from _multiprocess import run_command
+
+    pidfile = tmp_path / "child"
+    script = f"sleep 300 & echo $! > {pidfile}; wait"
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="had not finished after 1 s; its process group was killed"):
+        run_command(["bash", "-c", script], timeout=1.0)
+    assert time.monotonic() - start < 20
+    pid = int(pidfile.read_text())
+    deadline = time.monotonic() + 10
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(pid)
+    assert run_command(["bash", "-c", "echo ok"], timeout=30).stdout == "ok\n"
