@@ -373,7 +373,8 @@ def _kyfan_gram(x: torch.Tensor, k: int, eps: float | None, rank: int | None):
     transpose = x.shape[-2] < x.shape[-1]
     y = x.mT if transpose else x
     scale = _max_abs(y)
-    y64 = (y / scale).to(torch.float64)
+    yf, bad = _finite_or_zero(y / scale, scale)  # a non-finite matrix gives NaN, not a solver error
+    y64 = yf.to(torch.float64)
     lam, vec = torch.linalg.eigh(y64.mT @ y64)  # ascending
     lam = lam.flip(-1).clamp_min(0.0)
     vec = vec.flip(-1)
@@ -387,9 +388,9 @@ def _kyfan_gram(x: torch.Tensor, k: int, eps: float | None, rank: int | None):
         keep = keep & (torch.arange(kk, device=x.device) < rank)
     sig = lam_k.sqrt()
     inv = torch.where(keep, 1.0 / torch.where(keep, sig, torch.ones_like(sig)), torch.zeros_like(sig))
-    left = ((y64 @ v_k) * inv.unsqueeze(-2)).to(x.dtype)
+    left = ((y64 @ v_k) * inv.unsqueeze(-2)).to(x.dtype) * bad
     right = v_k.mT.to(x.dtype)
-    dual = sig.sum(dim=-1).to(x.dtype) * scale[..., 0, 0]
+    dual = sig.sum(dim=-1).to(x.dtype) * (scale * bad)[..., 0, 0]
     return (right.mT, left.mT, dual) if transpose else (left, right, dual)
 
 
@@ -417,7 +418,7 @@ def _kyfan_randomized(
     s_dim, l_dim = y.shape[-2:]
     ell = min(k + oversample, s_dim)
     scale = _max_abs(y)
-    y = y / scale
+    y, bad = _finite_or_zero(y / scale, scale)  # a non-finite matrix gives NaN, not a solver error
     mm = y.dtype if mm_dtype is None else mm_dtype
     ym = y.to(mm)
     if generator is None:
@@ -434,9 +435,9 @@ def _kyfan_randomized(
     keep = sv[..., :kk] > tol
     if rank is not None:
         keep = keep & (torch.arange(kk, device=x.device) < rank)
-    left = q @ (u[..., :kk] * keep.unsqueeze(-2).to(u.dtype))
+    left = (q @ (u[..., :kk] * keep.unsqueeze(-2).to(u.dtype))) * bad
     right = vh[..., :kk, :]
-    dual = sv[..., :kk].sum(dim=-1) * scale[..., 0, 0]
+    dual = sv[..., :kk].sum(dim=-1) * (scale * bad)[..., 0, 0]
     return (right.mT, left.mT, dual) if transpose else (left, right, dual)
 
 

@@ -265,3 +265,26 @@ def test_kyfan_exact_in_both_adapters_is_svd_top_k():
         run = PymanoptIMuon(norm=("kyfan", k), polar=polar, step_size=lr, max_iterations=1, verbosity=0)
         res = run.run(problem, initial_point=x0)
         np.testing.assert_allclose(res.point, lr * ref.numpy(), atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(40, 30), (200, 20)], ids=["svd", "gram"])
+@pytest.mark.parametrize("method", ["svd", "randomized"])
+def test_kyfan_non_finite_and_huge_inputs(shape, method):
+    """A matrix with a NaN gives NaN (never a solver error) and leaves its batch neighbours alone; huge finite
+    inputs neither overflow nor fail; the optimizer routes a NaN gradient to its nonfinite policy."""
+    from imuon_manopt.optim import IMuon
+
+    h = power_law(*shape, batch=(2,), seed=16)
+    h[0, 0, 0] = float("nan")
+    z, d = lmo(h, ("kyfan", 3), method=method, oversample=2, return_dual=True)
+    assert bool(torch.isnan(z[0]).all()) and bool(torch.isnan(d[0]))
+    clean = lmo(h[1], ("kyfan", 3), method=method, oversample=2)
+    torch.testing.assert_close(z[1], clean, atol=1e-12, rtol=0)
+    big = lmo(h[1] * 1e300, ("kyfan", 3), method=method, oversample=2)
+    torch.testing.assert_close(big, clean, atol=1e-10, rtol=0)
+    w = torch.nn.Parameter(torch.zeros(shape, dtype=DT))
+    w.grad = h[0].clone()
+    opt = IMuon([w], lr=0.1, norm=("kyfan", 3), polar={"method": method, "oversample": 2})
+    with pytest.raises(FloatingPointError):
+        opt.step()
+    assert bool((w == 0).all()) and "momentum_buffer" not in opt.state[w]
