@@ -89,15 +89,17 @@ def _spd_run(dtype, lr, beta, steps, target, x0=None):
     return lowest, float(((x.detach() - t) ** 2).sum())
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_spd_with_default_momentum_converges_instead_of_collapsing(dtype):
     """The reported case: lr=0.1, default momentum 0.95, T = 0.2 I. The eigenvalues used to fall geometrically
-    (1e-9 by step 180; float32 later raised from geoopt's eigh); now they settle at 0.2 like the plain step's."""
+    (1e-9 by step 180; float32, float16 and bfloat16 raised from geoopt's eigh at steps ~162, ~78, ~50); now they
+    settle at 0.2 like the plain step's."""
     target = 0.2 * torch.eye(3, dtype=torch.float64)
     lowest, loss = _spd_run(dtype, 0.1, 0.95, 150, target)
     plain_lowest, plain_loss = _spd_run(dtype, 0.1, 0.0, 150, target)
     assert min(lowest[-50:]) > 0.15 and max(lowest[-50:]) < 0.25, lowest[-50:]
-    assert loss < 3 * 0.2**2 * (math.exp(0.1) - 1) ** 2 + 1e-3, loss  # within the sign method's +-lr oscillation
+    if dtype in (torch.float64, torch.float32):  # within the sign method's +-lr oscillation
+        assert loss < 3 * 0.2**2 * (math.exp(0.1) - 1) ** 2 + 1e-3, loss
     assert min(plain_lowest[-50:]) > 0.15 and plain_loss < 1e-2
 
 
