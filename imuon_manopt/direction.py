@@ -107,11 +107,14 @@ def _prescale(tree, host: bool | None = None):
     leaves = [t for t in _leaves(tree) if numel(t)]
     if not leaves:
         return tree, 1.0
-    max_exp = int(math.log2(finfo(leaves[0].dtype).max))
+    max_exp = _MAX_EXP.get(leaves[0].dtype)
+    if max_exp is None:
+        max_exp = _MAX_EXP[leaves[0].dtype] = int(math.log2(finfo(leaves[0].dtype).max))
     hi, lo = max_exp - 24, -(max_exp // 2)
     if host is None:  # under torch.compile the device computation (a host read would break the graph)
-        host = not torch.compiler.is_compiling() and all(
-            isinstance(t, np.ndarray) or t.device.type == "cpu" for t in leaves
+        host = all(isinstance(t, np.ndarray) for t in leaves) or (
+            not torch.compiler.is_compiling()
+            and all(isinstance(t, np.ndarray) or t.device.type == "cpu" for t in leaves)
         )
     if host:
         amax = max(float(abs(t).max()) for t in leaves)
@@ -128,6 +131,9 @@ def _prescale(tree, host: bool | None = None):
     shift = torch.where(torch.isfinite(big) & (big > 0), shift, torch.zeros_like(shift))
     inv_t = torch.ldexp(torch.ones_like(big), -shift)
     return _map(lambda t: t * inv_t.to(t.dtype), tree), inv_t
+
+
+_MAX_EXP: dict = {}  # dtype -> log2 of its largest finite value
 
 
 def _stays_numpy(geometry: MetricOperator, *trees) -> bool:
@@ -221,7 +227,7 @@ def intrinsic_direction(
     if isinstance(out_dtype, torch.dtype) and out_dtype in _LOW_PRECISION:
         xt = _map(lambda t: t.float(), xt)
         et = _map(lambda t: t.float(), et)
-    else:
+    elif any(t.dtype != out_dtype for t in _leaves(et)):
         et = _map(lambda t: astype(t, out_dtype), et)
 
     # The direction is invariant under a positive scaling of the gradient (and the gap scales with it): a huge (or
@@ -323,8 +329,10 @@ def intrinsic_direction(
         value = None
 
     xi = geometry.tangent(state, geometry.unwhiten(state, tuple(zs)))
-    xi = _map(lambda t: astype(t, out_dtype), xi)
-    if isinstance(_leaves(xi)[0], np.ndarray):
+    xi_leaves = _leaves(xi)
+    if any(t.dtype != out_dtype for t in xi_leaves):
+        xi = _map(lambda t: astype(t, out_dtype), xi)
+    if isinstance(xi_leaves[0], np.ndarray):
         return Direction(xi, None if value is None else float(value))
     if as_numpy:
         return Direction(_map(lambda t: t.detach().cpu().numpy(), xi), None if value is None else float(value))
