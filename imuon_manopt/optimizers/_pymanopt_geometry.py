@@ -36,6 +36,7 @@ batches of the core geometry, i.e. products.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -191,6 +192,11 @@ class _Sphere(HostGeometry):
 
     geometry = Sphere()
 
+    def feasible(self, x):
+        # the step's point has the start's shape and dtype: only the norm can be off (NaN fails the comparison)
+        v = x.reshape(-1)
+        return abs(math.sqrt(float(v @ v)) - 1.0) <= _tol(x.dtype)
+
     def check_point(self, x):
         _as_float_array(self.name, x, self.point_shape(x))
         err = abs(float(np.linalg.norm(x)) - 1.0)
@@ -220,6 +226,11 @@ class _Frames(HostGeometry):
         self.geometry = Stiefel("embedded") if isinstance(manifold, pm.Stiefel) else Grassmann("orthonormal")
 
     flat = _identity_flat
+
+    def feasible(self, x):
+        # the step's point has the start's shape and dtype: only orthonormality can be lost (NaN fails the test)
+        gram = np.swapaxes(x, -1, -2) @ x
+        return float(np.abs(gram - np.eye(gram.shape[-1])).max()) <= _tol(x.dtype)
 
     def tangent(self, x, xi):
         # the core's direction is tangent already (X Omega + K with skew Omega and X^T K = 0 on Stiefel, (I - X X^T)
