@@ -157,6 +157,13 @@ def test_error_feedback_is_refused_where_it_is_not_defined(options, match):
         IMuon([{"params": [w], **options}], lr=0.1)
 
 
+def test_randomized_solver_needs_a_ky_fan_norm():
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="polar='randomized' solves the Ky Fan LMO.*norm=\\('kyfan', k\\)"):
+        IMuon([w], lr=0.1, polar="randomized")
+    IMuon([w], lr=0.1, norm=("kyfan", 2), polar={"method": "randomized", "oversample": 4})
+
+
 def test_error_feedback_refused_on_manifolds_and_the_ambient_pair_mode():
     x = geoopt.ManifoldParameter(
         torch.linalg.qr(torch.randn(6, 2)).Q, manifold=geoopt.EuclideanStiefel()

@@ -124,6 +124,11 @@ def check_options(opts: dict[str, Any], where: str = "") -> None:
         raise ValueError(f"{where}invalid polar={opts['polar']!r}: {err}") from err
     if spec.method not in POLARS:
         raise ValueError(f"{where}unknown polar method {spec.method!r}; expected one of {POLARS}")
+    if spec.method == "randomized" and nrm.name not in ("kyfan", "nuclear"):
+        raise ValueError(
+            f"{where}polar='randomized' solves the Ky Fan LMO (a range finder selects the top k singular pairs); "
+            f"with norm={opts['norm']!r} use polar='newton_schulz' or 'svd', or set norm=('kyfan', k)"
+        )
     if spec.steps is not None and spec.steps >= 100:
         raise ValueError(f"{where}invalid polar 'steps': {spec.steps!r} (must be an int in [1, 100))")
     fn = opts["adjust_lr_fn"]

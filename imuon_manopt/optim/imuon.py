@@ -80,10 +80,10 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
             spectral norm converges to the solution of ``min f(X) s.t. ||X||_2 <= a / wd`` (plain matrices; for a
             pair the product ``X = B A``, of rank at most r), reached exponentially fast in ``lr * wd * steps``, to
             within the step size. The scale ``a`` comes from ``adjust_lr_fn``: ``None`` 1, ``"original"``
-            ``sqrt(max(1, a / b))``, ``"match_rms_adamw"`` ``0.2 sqrt(max(a, b))``, a callable ``fn(lr, shape) /
-            lr``. With another norm the set is that norm's ball of radius ``a / wd`` in the dual sense (Ky Fan k:
-            ``||X||_2 <= a / wd`` and ``||X||_* <= k a / wd``); Newton–Schulz's inexact polar factors (singular
-            values up to ~1.2) widen it by as much.
+            ``sqrt(max(1, a / b))``, ``"match_rms_adamw"`` ``0.2 sqrt(max(a, b))``, a registered rule ``fn(lr,
+            shape) / lr``. With another norm the set is that norm's ball of radius ``a / wd`` in the dual sense (Ky
+            Fan k: ``||X||_2 <= a / wd`` and ``||X||_* <= k a / wd``); Newton–Schulz's inexact polar factors
+            (singular values up to ~1.2) widen it by as much.
         norm: the LMO's norm (:func:`imuon_manopt.lmo.resolve_norm`): ``"spectral"`` (default), ``"frobenius"``,
             ``"nuclear"``, ``("schatten", p)``, ``("kyfan", k)`` (the step ``U_k V_k^T`` of the top ``k`` singular
             pairs of each whitened block: low-rank Muon / Fanion-k; ``k = 1`` is ``"nuclear"``) or ``("fmuon",
