@@ -217,6 +217,10 @@ class _Sphere(HostGeometry):
     def ambient(self, x, xi):
         return xi.reshape(x.shape)
 
+    def tangent(self, x, xi):
+        # the core's direction P_x(c) / ||P_x(c)|| is tangent already: no projection
+        return xi.reshape(x.shape)
+
 
 class _Frames(HostGeometry):
     """``Stiefel`` (embedded metric), ``Grassmann`` (orthonormal representative); ``k >= 1``."""
