@@ -93,6 +93,15 @@ def _is_numpy(tree) -> bool:
     return isinstance(tree, np.ndarray)
 
 
+def _abs_max(t) -> float:
+    """``max |t|`` as a float (NaN if any entry is NaN): one ``aminmax`` pass for a torch tensor (no ``abs``
+    temporary; ~1.6x faster on a CPU), ``abs().max()`` for numpy."""
+    if isinstance(t, np.ndarray):
+        return float(abs(t).max())
+    lo, hi = torch.aminmax(t)
+    return float(torch.maximum(-lo, hi))
+
+
 def _prescale(tree, host: bool | None = None):
     """``(tree * s, s)`` with ``s`` a power of two that moves the largest entry into ``[2^lo, 2^hi]`` (``hi =
     max_exp - 24``, ``lo = -floor(max_exp / 2)``: 2^103 and 2^-63 for float32), and ``s = 1`` when it is there already,
@@ -117,7 +126,7 @@ def _prescale(tree, host: bool | None = None):
             and all(isinstance(t, np.ndarray) or t.device.type == "cpu" for t in leaves)
         )
     if host:
-        amax = max(float(abs(t).max()) for t in leaves)
+        amax = max(_abs_max(t) for t in leaves)
         if not (math.isfinite(amax) and amax > 0.0) or 2.0**lo <= amax <= 2.0**hi:
             return tree, 1.0
         e = math.frexp(amax)[1]  # amax = m 2^e, m in [1/2, 1)
