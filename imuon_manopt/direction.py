@@ -196,7 +196,8 @@ def intrinsic_direction(
             matmuls; overrides the dict's.
         gap: compute the gap (default). ``False`` returns ``gap=None`` and skips the pass over the
             whitened gradient that the Newton–Schulz path needs for it (optimizers that only step).
-        generator: the randomized solver's generator (default: seeded with 0, deterministic).
+        generator: the randomized solver's generator (default: none, the fixed
+            :func:`imuon_manopt.lmo.gaussian_sketch`).
 
     Returns:
         :class:`Direction` ``(xi, gap)``. ``xi`` has the structure, shapes, array type and dtype of ``x``. The

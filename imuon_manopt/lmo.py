@@ -64,6 +64,7 @@ __all__ = [
     "resolve_norm",
     "resolve_polar",
     "kyfan_factors",
+    "gaussian_sketch",
     "lmo",
     "dual_norm",
     "polar",
@@ -394,6 +395,51 @@ def _kyfan_gram(x: torch.Tensor, k: int, eps: float | None, rank: int | None):
     return (right.mT, left.mT, dual) if transpose else (left, right, dual)
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixing function on int64 tensors holding values in [0, 2^32) (xor-shift-multiply rounds with
+    multipliers below 2^31, so no product leaves int64): the same bits on every device."""
+    for mult in (0x7FEB352D, 0x46F4A3B1, 0x2C1B3C6D):
+        x = x ^ (x >> 16)
+        x = (x * mult) & _MASK32
+    return x ^ (x >> 15)
+
+
+_SKETCHES: dict[tuple, torch.Tensor] = {}
+_SKETCH_CACHE_SIZE = 16
+
+
+def gaussian_sketch(rows: int, cols: int, *, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The randomized solver's test matrix: ``rows x cols`` standard normal entries, a fixed function of the entry's
+    position (a counter-based hash, then Box–Muller), so the same on every call, rank and device type, with no
+    random-number state: the step is deterministic, identical across data-parallel ranks, and can be compiled or
+    captured in a CUDA graph. Row ``i`` does not depend on ``rows``, so a rank holding rows ``a .. b`` of a sharded
+    matrix takes rows ``a .. b`` of this matrix. Eager calls keep the last few in a cache (read-only: never write to
+    the result)."""
+    device = torch.device(device)
+    key = (rows, cols, dtype, device.type, device.index)
+    compiling = torch.compiler.is_compiling()
+    if not compiling and key in _SKETCHES:  # eager steps reuse it (compiled steps fuse its few elementwise ops)
+        return _SKETCHES[key]
+    i = torch.arange(rows, device=device, dtype=torch.int64)[:, None]
+    j = torch.arange(cols, device=device, dtype=torch.int64)[None, :]
+    idx = (
+        i * 0x10000 + j
+    ) & _MASK32  # distinct for cols < 2^16 and rows < 2^16 (beyond: a different pattern, still valid)
+    h1 = _hash32(idx ^ 0x5BD1E995)
+    h2 = _hash32(h1 ^ 0x1B873593)
+    u1 = (h1.to(torch.float64) + 0.5) / 2.0**32  # in (0, 1)
+    u2 = (h2.to(torch.float64) + 0.5) / 2.0**32
+    out = (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).to(dtype)
+    if not compiling:
+        if len(_SKETCHES) >= _SKETCH_CACHE_SIZE:
+            _SKETCHES.pop(next(iter(_SKETCHES)))
+        _SKETCHES[key] = out
+    return out
+
+
 def _kyfan_randomized(
     x: torch.Tensor,
     k: int,
@@ -410,8 +456,9 @@ def _kyfan_randomized(
     whole sketch would leave the dual Ky Fan ball). ``Z`` is always feasible (``||Z||_2 <= 1``, rank ``<= k``).
 
     The matmuls run in ``mm_dtype`` (default: ``x``'s), QR and SVD in ``x``'s dtype. The Gaussian test matrix is
-    drawn from ``generator`` (default: a generator seeded with 0 on ``x``'s device, so the result is deterministic
-    and the same on every data-parallel rank). Returns ``(Z, KF_k(Q^T X))``: the achieved ``<X, Z>``, a lower bound
+    drawn from ``generator``, or by default is :func:`gaussian_sketch` (a fixed function of the position, so the
+    result is deterministic, the same on every data-parallel rank, and compiles without graph breaks). Returns
+    ``(Z, KF_k(Q^T X))``: the achieved ``<X, Z>``, a lower bound
     of ``KF_k(X)``."""
     transpose = x.shape[-2] > x.shape[-1]
     y = x.mT if transpose else x  # (..., s, L), s <= L: the range of the short side
@@ -422,8 +469,9 @@ def _kyfan_randomized(
     mm = y.dtype if mm_dtype is None else mm_dtype
     ym = y.to(mm)
     if generator is None:
-        generator = torch.Generator(device=y.device).manual_seed(0)
-    omega = torch.randn(l_dim, ell, generator=generator, device=y.device, dtype=y.dtype).to(mm)
+        omega = gaussian_sketch(l_dim, ell, dtype=y.dtype, device=y.device).to(mm)
+    else:
+        omega = torch.randn(l_dim, ell, generator=generator, device=y.device, dtype=y.dtype).to(mm)
     q = torch.linalg.qr((ym @ omega).to(y.dtype)).Q  # (..., s, ell)
     for _ in range(power_iters):
         w = torch.linalg.qr((ym.mT @ q.to(mm)).to(y.dtype)).Q  # (..., L, ell)
@@ -602,8 +650,8 @@ def lmo(
         eps: the unit round-off the input carries, for the same cut (default: the input dtype's epsilon).
         oversample: the randomized solver's extra columns (default 8).
         power_iters: the randomized solver's power iterations (default 2).
-        generator: the generator of the randomized solver's Gaussian test matrix (default: seeded with 0 on the
-            input's device, so the result is deterministic).
+        generator: the generator of the randomized solver's Gaussian test matrix (default: none; the fixed
+            :func:`gaussian_sketch`, so the result is deterministic and the same on every rank).
 
     A vector-shaped ``h`` (``m == 1`` or ``n == 1``, or ``1 x 1`` when ``symmetric``) has one singular
     value, its 2-norm, so every norm's LMO is ``tau * h / ||h||`` (dual ``||h||``), computed directly

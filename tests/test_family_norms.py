@@ -288,3 +288,31 @@ def test_kyfan_non_finite_and_huge_inputs(shape, method):
     with pytest.raises(FloatingPointError):
         opt.step()
     assert bool((w == 0).all()) and "momentum_buffer" not in opt.state[w]
+
+
+def test_gaussian_sketch_is_a_fixed_standard_normal_matrix():
+    """The randomized solver's default test matrix: a function of the position only (row i the same whatever the
+    number of rows, so sharded ranks slice it), with standard normal moments."""
+    from imuon_manopt.lmo import gaussian_sketch
+
+    big = gaussian_sketch(3000, 40, dtype=DT)
+    torch.testing.assert_close(gaussian_sketch(100, 40, dtype=DT), big[:100], atol=0, rtol=0)
+    assert abs(float(big.mean())) < 0.01 and abs(float(big.std()) - 1.0) < 0.01
+    assert abs(float((big**4).mean()) - 3.0) < 0.1  # Gaussian kurtosis
+    assert float(torch.linalg.cond(big)) < 1.5  # columns nearly orthogonal, as independent Gaussians are
+    assert gaussian_sketch(64, 8, dtype=torch.float32).dtype == torch.float32
+
+
+def test_randomized_kyfan_solver_traces_without_graph_breaks():
+    """No random-number state inside the solver: torch.compile(fullgraph=True) traces it (what the optimizer's
+    compile= needs) and gives the eager result."""
+    from imuon_manopt.lmo import kyfan_factors
+
+    h = power_law(24, 20, seed=17)
+
+    def solve(x: torch.Tensor) -> torch.Tensor:
+        p, r, _ = kyfan_factors(x, 3, {"method": "randomized", "oversample": 4})
+        return p @ r
+
+    compiled = torch.compile(solve, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(h), solve(h), atol=1e-12, rtol=0)

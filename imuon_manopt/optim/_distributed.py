@@ -57,6 +57,8 @@ from typing import TYPE_CHECKING, Any, TypeGuard, cast
 import torch
 import torch.distributed as dist
 
+from ..lmo import gaussian_sketch
+
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor, Shard
 
@@ -897,8 +899,9 @@ def sketch_kyfan_lmo(
     ``h`` (B, m_r, n) holds rows ``start .. start + m_r`` of ``B`` matrices ``H`` (``rows`` x n) on this rank (rank
     ``rank`` of ``world``). The result is this rank's rows of ``Z = Q U_k V_k^T`` (Q a range finder with ``l = k +
     oversample`` columns and ``power_iters`` power iterations on the short side of ``H``, ``Q^T H = U S V^T``
-    truncated to ``k``), the single-process solver's output: the same Gaussian test matrix (a generator seeded
-    with 0), the same subspaces, equal up to rounding (the bases of ``Q`` differ, ``Z`` does not depend on them).
+    truncated to ``k``), the single-process solver's output: the same Gaussian test matrix
+    (:func:`imuon_manopt.lmo.gaussian_sketch`), the same subspaces, equal up to rounding (the bases of ``Q`` differ,
+    ``Z`` does not depend on them).
 
     Rows sharded, so ``H Omega`` is row-local and ``H^T W`` is a sum over ranks:
 
@@ -923,12 +926,11 @@ def sketch_kyfan_lmo(
     amax = h.abs().amax(dim=(-2, -1), keepdim=True) if mr else h.new_zeros(*h.shape[:-2], 1, 1)
     scale = _sketch_all_reduce(amax.contiguous(), group, dist.ReduceOp.MAX).clamp_min(torch.finfo(dtype).tiny)
     y = (h / scale).to(mm)
-    gen = torch.Generator(device=h.device).manual_seed(0)
     kk = min(k, ell)
     tol_rel = torch.finfo(dtype).eps * max(rows, n)
     tol_rel = tol_rel if eps is None else max(tol_rel, float(eps))
     if rows <= n:
-        omega = torch.randn(n, ell, generator=gen, device=h.device, dtype=dtype).to(mm)
+        omega = gaussian_sketch(n, ell, dtype=dtype, device=h.device).to(mm)
         q, _ = _tsqr((y @ omega).to(dtype), group, rank, world)
         for _ in range(power_iters):
             w = torch.linalg.qr(_sketch_all_reduce((y.mT @ q.to(mm)).to(dtype).contiguous(), group)).Q
@@ -937,7 +939,7 @@ def sketch_kyfan_lmo(
         u, sv, vh = torch.linalg.svd(b, full_matrices=False)
         keep = sv[..., :kk] > tol_rel * sv[..., :1]
         return (q @ (u[..., :kk] * keep.unsqueeze(-2).to(u.dtype))) @ vh[..., :kk, :]
-    omega = torch.randn(rows, ell, generator=gen, device=h.device, dtype=dtype)[start : start + mr].to(mm)
+    omega = gaussian_sketch(rows, ell, dtype=dtype, device=h.device)[start : start + mr].to(mm)
     q = torch.linalg.qr(_sketch_all_reduce((y.mT @ omega).to(dtype).contiguous(), group)).Q  # (B, n, l)
     for _ in range(power_iters):
         w, _ = _tsqr((y @ q.to(mm)).to(dtype), group, rank, world)  # rows of H Q
