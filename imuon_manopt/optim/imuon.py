@@ -386,8 +386,9 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
     def _agree_structure(self) -> None:
         """Sharded (FSDP2) parameters: every rank steps the same ones, each with a gradient on every rank or on none
         (:func:`~imuon_manopt.optim._distributed.agree_structure`: one small ``all_reduce`` per step, a clear error
-        on every rank otherwise). Nothing without sharded parameters."""
-        if not is_dtensor_loaded():
+        on every rank otherwise). Nothing without sharded parameters, nor while a CUDA graph is being captured (the
+        check reads its result on the host; a replay runs no Python)."""
+        if not is_dtensor_loaded() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
             return
         sharded, codes = [], []
         for gi, group in enumerate(self.param_groups):
