@@ -148,7 +148,23 @@ _MAX_EXP: dict = {}  # dtype -> log2 of its largest finite value
 def _stays_numpy(geometry: MetricOperator, *trees) -> bool:
     """Whether the core computes on these numpy inputs directly (the geometry has a numpy path and the inputs are
     small float32/float64 arrays; :func:`imuon_manopt._backend.native_numpy`) instead of converting them to torch."""
-    return bool(getattr(geometry, "supports_numpy", False)) and native_numpy([t for tr in trees for t in _leaves(tr)])
+    if not getattr(geometry, "supports_numpy", False):
+        return False
+    leaves: list = []
+    for tree in trees:
+        if not _numpy_leaves(tree, leaves):
+            return False
+    return native_numpy(leaves)
+
+
+def _numpy_leaves(tree, out: list) -> bool:
+    """Append the numpy arrays of ``tree`` to ``out``; False as soon as a leaf is something else."""
+    if isinstance(tree, np.ndarray):
+        out.append(tree)
+        return True
+    if isinstance(tree, (list, tuple)):
+        return all(_numpy_leaves(t, out) for t in tree)
+    return False
 
 
 def flat_covector(geometry: MetricOperator, x: Any, v: Any) -> Any:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Blocks, MetricOperator
+from .base import Blocks, MetricOperator, drop_rounding
 
 _REPRESENTATIVES = ("orthonormal", "general")
 
@@ -54,8 +54,8 @@ class Grassmann(MetricOperator):
     def project(self, state, egrad: torch.Tensor) -> Blocks:
         y, chol = state
         yte = y.mT @ egrad
-        if chol is None:
-            return (egrad - y @ yte,)
+        if chol is None:  # (at a critical point the projection is rounding noise, which is not a direction)
+            return (drop_rounding(egrad - y @ yte, egrad, y.shape[-2] + y.shape[-1]),)
         return (egrad - y @ torch.cholesky_solve(yte, chol),)
 
     def whiten(self, state, blocks: Blocks) -> Blocks:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Blocks, MetricOperator
+from .base import Blocks, MetricOperator, drop_rounding
 
 
 class Sphere(MetricOperator):
@@ -21,7 +21,8 @@ class Sphere(MetricOperator):
     def project(self, state: torch.Tensor, egrad: torch.Tensor) -> Blocks:
         x = state
         radial = (x * egrad).sum(-1)[..., None]
-        return ((egrad - radial * x)[..., None],)
+        # a gradient along x (a critical point) projects to rounding noise, which is not a direction
+        return (drop_rounding((egrad - radial * x)[..., None], egrad[..., None], x.shape[-1]),)
 
     def whiten(self, state: torch.Tensor, blocks: Blocks) -> Blocks:
         return blocks

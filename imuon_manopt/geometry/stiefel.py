@@ -40,8 +40,10 @@ class Stiefel(MetricOperator):
     def project(self, state: torch.Tensor, egrad: torch.Tensor) -> Blocks:
         x = state
         xte = x.mT @ egrad
-        # skew(X^T E) is exactly zero for costs of X X^T (X^T E symmetric): its rounding noise is not a direction
-        return drop_rounding(skew(xte), xte, x.shape[-2]), egrad - x @ xte
+        # skew(X^T E) is exactly zero for costs of X X^T (X^T E symmetric), (I - X X^T) E at a critical point: their
+        # rounding noise is not a direction
+        terms = x.shape[-2] + x.shape[-1]
+        return drop_rounding(skew(xte), xte, terms), drop_rounding(egrad - x @ xte, egrad, terms)
 
     def whiten(self, state: torch.Tensor, blocks: Blocks) -> Blocks:
         omega, k = blocks
