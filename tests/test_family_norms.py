@@ -265,6 +265,16 @@ def test_kyfan_exact_in_both_adapters_is_svd_top_k():
         run = PymanoptIMuon(norm=("kyfan", k), polar=polar, step_size=lr, max_iterations=1, verbosity=0)
         res = run.run(problem, initial_point=x0)
         np.testing.assert_allclose(res.point, lr * ref.numpy(), atol=1e-10)
+    # the randomized solver in both adapters: the core's (deterministic) randomized LMO
+    rnd = {"method": "randomized", "oversample": 4, "power_iters": 1}
+    want = lmo(h, ("kyfan", k), method="randomized", oversample=4, power_iters=1)
+    run = PymanoptIMuon(norm=("kyfan", k), polar=rnd, step_size=lr, max_iterations=1, verbosity=0)
+    np.testing.assert_allclose(run.run(problem, initial_point=x0).point, lr * want.numpy(), atol=1e-10)
+    w = torch.nn.Parameter(torch.zeros(48, 40, dtype=DT))
+    w.grad = h.clone()
+    TorchIMuon([w], lr=lr, momentum=0.0, norm=("kyfan", k), polar=rnd).step()
+    torch.testing.assert_close(w.detach(), -lr * want, atol=1e-10, rtol=0)
+    assert float((want - ref).abs().max()) > 1e-6  # (it is an approximation: the check above is not vacuous)
 
 
 @pytest.mark.parametrize("shape", [(40, 30), (200, 20)], ids=["svd", "gram"])
