@@ -236,24 +236,30 @@ def intrinsic_direction(
     if sketch is not None and dtype is not None:
         sketch = PolarSpec("randomized", None, dtype, sketch.oversample, sketch.power_iters)
     as_numpy = _is_numpy(x) or _is_numpy(egrad)
+    x_leaves: list = []
+    e_leaves: list = []
     if (
         as_numpy
         and schedule is None
         and sketch is None
         and dtype is None
         and nrm.name in _NUMPY_NORMS
-        and _stays_numpy(geometry, x, egrad)
+        and getattr(geometry, "supports_numpy", False)
+        and _numpy_leaves(x, x_leaves)
+        and _numpy_leaves(egrad, e_leaves)
+        and native_numpy(x_leaves + e_leaves)
     ):
         # small numpy problems stay numpy: the same kernels, without torch's per-operation cost (_backend.py)
         xt, et = x, egrad
     else:
         xt, et = _to_torch(x), _to_torch(egrad)
-    out_dtype = _leaves(xt)[0].dtype
-    dtypes = {t.dtype for t in _leaves(xt)} | {t.dtype for t in _leaves(et)}
+        x_leaves, e_leaves = _leaves(xt), _leaves(et)
+    out_dtype = x_leaves[0].dtype
+    dtypes = {t.dtype for t in x_leaves} | {t.dtype for t in e_leaves}
     if isinstance(out_dtype, torch.dtype) and out_dtype in _LOW_PRECISION:
         xt = _map(lambda t: t.float(), xt)
         et = _map(lambda t: t.float(), et)
-    elif any(t.dtype != out_dtype for t in _leaves(et)):
+    elif any(t.dtype != out_dtype for t in e_leaves):
         et = _map(lambda t: astype(t, out_dtype), et)
 
     # The direction is invariant under a positive scaling of the gradient (and the gap scales with it): a huge (or
