@@ -34,6 +34,7 @@ from ._backend import astype, finfo, namespace, native_numpy, numel, to_torch
 from .geometry.base import MetricOperator, skew, sym
 from .lmo import _SPECTRAL, Norm, PolarSpec, _lmo_tensor, fmuon_mix, resolve_norm, resolve_polar
 from .polar import _check_square, _exact_dtype, _promote, _resolve_schedule
+from .transforms import resolve_input_transform, transformed_lmo
 
 
 class Direction(NamedTuple):
@@ -193,6 +194,7 @@ def intrinsic_direction(
     dtype: torch.dtype | None = None,
     gap: bool = True,
     generator: torch.Generator | None = None,
+    transform: Any = None,
 ) -> Direction:
     """The iMuon direction ``xi`` at ``x`` for the Euclidean gradient (or momentum) ``egrad``.
 
@@ -214,6 +216,11 @@ def intrinsic_direction(
             whitened gradient that the Newton–Schulz path needs for it (optimizers that only step).
         generator: the randomized solver's generator (default: none, the fixed
             :func:`imuon_manopt.lmo.gaussian_sketch`).
+        transform: an input transform applied to each whitened block before its LMO (:mod:`imuon_manopt.
+            transforms`; ``Z_b = LMO(h(H_b))``, the un-whitening unchanged), general blocks and max-rule norms
+            only. Not an LMO of a norm: the gap is the achieved ``<E, xi>``. Which transforms keep a geometry's
+            invariances is the caller's decision (MiMuon's switch keeps the fixed-rank gauge invariance: the
+            whitened blocks change by orthogonal factors, which keep singular values).
 
     Returns:
         :class:`Direction` ``(xi, gap)``. ``xi`` has the structure, shapes, array type and dtype of ``x``. The
@@ -233,6 +240,12 @@ def intrinsic_direction(
     use_ns = method == "newton_schulz" and nrm.name in ("spectral", "fmuon")
     schedule = _resolve_schedule(None, steps) if use_ns else None
     sketch = spec if method == "randomized" and nrm.name == "kyfan" else None
+    spec_t = resolve_input_transform(transform)
+    if spec_t is not None and nrm.joint:
+        raise ValueError(
+            f"transform={transform!r} needs a max-rule norm (spectral, nuclear, Ky Fan), got {nrm.spec!r}: a joint "
+            "norm shares its budget by the blocks' dual norms, which a transformed block does not have"
+        )
     if sketch is not None and dtype is not None:
         sketch = PolarSpec("randomized", None, dtype, sketch.oversample, sketch.power_iters)
     as_numpy = _is_numpy(x) or _is_numpy(egrad)
@@ -306,6 +319,27 @@ def intrinsic_direction(
         else:  # the LMO kernel: the arguments were validated once above
             work = h.dtype if h_numpy else _exact_dtype(h, None if sketch is not None else dtype)
             hw = astype(h, work)
+            if spec_t is not None:
+                if kind != "general" or h_numpy:
+                    raise ValueError(
+                        f"transform={transform!r} applies to general blocks; {geometry!r} has a {kind} block, whose "
+                        "symmetry or skewness (tangency) the transform would break"
+                    )
+
+                ns_work = dtype if dtype is not None else _promote(h.dtype)
+
+                def block_lmo(t: torch.Tensor, ns_work: torch.dtype = ns_work, rank: int | None = rank) -> torch.Tensor:
+                    return _lmo_tensor(
+                        t, nrm, symmetric=False, schedule=schedule, ns_work=ns_work, return_dual=False, rank=rank,
+                        eps=eps, sketch=sketch, generator=generator,
+                    )[0]  # fmt: skip
+
+                z = transformed_lmo(hw, spec_t, block_lmo)[0]
+                d = (hw * z).sum(dim=(-2, -1)) if need_duals else None  # the achieved <H, Z>
+                zs.append(astype(z, h.dtype))
+                kinds.append(kind)
+                duals.append(None if d is None else astype(d, h.dtype))
+                continue
             z, d = _lmo_tensor(
                 hw,
                 _SPECTRAL if fmuon else nrm,  # F-Muon: the polar part here, the joint Frobenius part below

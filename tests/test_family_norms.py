@@ -326,3 +326,14 @@ def test_randomized_kyfan_solver_traces_without_graph_breaks():
 
     compiled = torch.compile(solve, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(h), solve(h), atol=1e-12, rtol=0)
+
+
+def test_core_transform_is_refused_on_symmetric_blocks_and_joint_norms():
+    x = torch.eye(4, dtype=DT)
+    e = power_law(4, 4, seed=20)
+    with pytest.raises(ValueError, match="symmetric block"):
+        intrinsic_direction(geo.SPD(), x, e, transform=("mimuon", 0.1))
+    with pytest.raises(ValueError, match="max-rule norm"):
+        intrinsic_direction(geo.Euclidean(), x, e, "frobenius", transform=("mimuon", 0.1))
+    with pytest.raises(ValueError, match="unknown input_transform"):
+        intrinsic_direction(geo.Euclidean(), x, e, transform="muoneq")

@@ -236,6 +236,40 @@ def test_mimuon_switch_orthogonalizes_only_when_the_gap_is_large():
     torch.testing.assert_close(_one_step(g2, input_transform=("mimuon", 1e-6)), g2 / 3.0, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("tau", [0.0, 1.0], ids=["orthogonalize", "momentum"])
+def test_mimuon_on_pairs_per_whitened_block_and_gauge_invariant(tau):
+    """Pairs: the switch acts on each whitened block (H_B = E_B R_A^{-1}, H_A = R_B^{-T} E_A): tau = 0 always the
+    polar factor, tau = 1 always H / ||H||_2. Under the gauge (B M, M^{-1} A) the whitened blocks change by
+    orthogonal factors, so the gaps, the branch and the product's step are the same."""
+    g = torch.Generator().manual_seed(70)
+    b0, a0 = torch.randn(9, 3, generator=g, dtype=DT), torch.randn(3, 7, generator=g, dtype=DT)
+    gamma = torch.randn(9, 7, generator=g, dtype=DT)
+    lr = 1e-3
+
+    def step(b_init, a_init):
+        b, a = torch.nn.Parameter(b_init.clone()), torch.nn.Parameter(a_init.clone())
+        b.grad, a.grad = gamma @ a_init.T, b_init.T @ gamma
+        IMuon(
+            [{"params": [b, a], "input_transform": ("mimuon", tau)}], lr=lr, momentum=0.0, polar="svd",
+            pairs=[(b, a)],
+        ).step()  # fmt: skip
+        return b.detach(), a.detach()
+
+    b1, a1 = step(b0, a0)
+    rb, ra = torch.linalg.qr(b0).R, torch.linalg.qr(a0.T).R
+    hb = torch.linalg.solve(ra.T, (gamma @ a0.T).T).T
+    ha = torch.linalg.solve(rb.T, b0.T @ gamma)
+    if tau == 0.0:
+        zb, za = polar(hb), polar(ha)
+    else:
+        zb, za = hb / torch.linalg.matrix_norm(hb, 2), ha / torch.linalg.matrix_norm(ha, 2)
+    torch.testing.assert_close(b1, b0 - lr * torch.linalg.solve(ra, zb.T).T, atol=1e-12, rtol=0)
+    torch.testing.assert_close(a1, a0 - lr * torch.linalg.solve(rb, za), atol=1e-12, rtol=0)
+    m = torch.tensor([[2.0, 0.3, 0.0], [0.1, 0.5, 0.2], [0.0, -0.4, 1.5]], dtype=DT)
+    b2, a2 = step(b0 @ m, torch.linalg.solve(m, a0))
+    torch.testing.assert_close(b2 @ a2, b1 @ a1, atol=1e-12, rtol=0)
+
+
 def test_input_transforms_are_refused_off_plain_matrices_and_validated():
     x = geoopt.ManifoldParameter(torch.linalg.qr(torch.randn(6, 2)).Q, manifold=geoopt.EuclideanStiefel())
     with pytest.raises(ValueError, match="input_transform='muoneq_row'.*plain matrices only"):
@@ -243,6 +277,16 @@ def test_input_transforms_are_refused_off_plain_matrices_and_validated():
     b, a = torch.nn.Parameter(torch.randn(5, 2)), torch.nn.Parameter(torch.randn(2, 4))
     with pytest.raises(ValueError, match="pairs\\[0\\].*gauge invariance"):
         IMuon([{"params": [b, a], "input_transform": ("root_clip", 0.9)}], lr=0.1, pairs=[(b, a)])
+    with pytest.raises(ValueError, match="pairs\\[0\\].*gauge invariance"):
+        IMuon([{"params": [b, a], "input_transform": "muoneq_row"}], lr=0.1, pairs=[(b, a)])
+    with pytest.raises(ValueError, match="pair_momentum='factor'"):
+        IMuon(
+            [{"params": [b, a], "input_transform": ("mimuon", 0.1), "pair_momentum": "ambient"}], lr=0.1,
+            pairs=[(b, a)],
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="max-rule norm"):
+        IMuon([{"params": [b, a], "input_transform": ("mimuon", 0.1)}], lr=0.1, norm="frobenius", pairs=[(b, a)])
+    IMuon([{"params": [b, a], "input_transform": ("mimuon", 0.1)}], lr=0.1, pairs=[(b, a)])  # gauge-safe: fine
     w = torch.nn.Parameter(torch.randn(4, 3))
     for bad, match in [
         ("muoneq", "unknown input_transform"),

@@ -163,9 +163,10 @@ def pair_body(group: dict[str, Any], shape2d: tuple[int, int], out: torch.dtype,
     geometry = _FIXED_RANK if group["pair_momentum"] == "factor" else _AMBIENT
     feedback = bool(group.get("error_feedback"))
     fade = 1.0 - group["momentum"]
+    transform = group.get("input_transform")  # only MiMuon's switch reaches pairs (gauge-safe; the optimizer checks)
 
     def body(b, a, e_b, e_a, step_lr, decay) -> tuple[torch.Tensor, ...]:
-        xi_b, xi_a = direction(geometry, (b, a), (e_b, e_a), group)
+        xi_b, xi_a = direction(geometry, (b, a), (e_b, e_a), group, transform)
         new_b, new_a = _stepped(b, a, xi_b, xi_a, step_lr, lazy)
         if wd > 0:  # per factor, as AdamW decays LoRA factors: the product by its square
             new_b, new_a = new_b * decay, new_a * decay

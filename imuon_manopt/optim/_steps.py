@@ -35,9 +35,12 @@ GroupFn = Callable[[Inputs], Outputs]
 _EUCLIDEAN = Euclidean()
 
 
-def direction(geometry: MetricOperator, x: Any, egrad: Any, group: dict[str, Any]) -> Any:
-    """``intrinsic_direction(...).xi`` with the group's norm and orthogonalizer (batched over leading dims)."""
-    return intrinsic_direction(geometry, x, egrad, group["norm"], polar=polar_spec(group), gap=False).xi
+def direction(geometry: MetricOperator, x: Any, egrad: Any, group: dict[str, Any], transform: Any = None) -> Any:
+    """``intrinsic_direction(...).xi`` with the group's norm and orthogonalizer (batched over leading dims), and an
+    input transform of the whitened blocks where the caller passes one."""
+    return intrinsic_direction(
+        geometry, x, egrad, group["norm"], polar=polar_spec(group), gap=False, transform=transform
+    ).xi
 
 
 #: Elements of one stacked input per batched call (4 MiB of float32). A group of small parameters (LoRA factors,

@@ -36,6 +36,7 @@ import torch
 from geoopt.optim.mixin import OptimMixin
 
 from ..geometry import FixedRank, MetricOperator
+from ..lmo import resolve_norm
 from . import _dispatch, _groups, _momentum, _options, _pairs, _steps
 from ._commit import CommitEngine, StackedParams, StackedState
 from ._distributed import agree_structure, apply_full, full, is_dtensor_loaded, is_sharded, local
@@ -151,7 +152,8 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
     mode for the group's pairs; ``error_feedback=True`` (with ``norm=("kyfan", k)``, plain matrices and pairs only)
     replaces the momentum by Dion's error feedback: ``M <- M + E``, the step is the Ky Fan LMO of ``M`` (of its whitened
     blocks for pairs), then ``M <- M - (1 - momentum) P P^T M`` with ``P`` spanning the step, so what the low-rank step
-    leaves out stays in the buffer (``nesterov`` is not used); ``input_transform`` (plain matrices only; see
+    leaves out stays in the buffer (``nesterov`` is not used); ``input_transform`` (plain matrices
+    only, and MiMuon's switch also on pairs; see
     :mod:`imuon_manopt.transforms`: ``"muoneq_row"``, ``"muoneq_col"``, ``"muoneq_rowcol"``, ``("root_clip",
     percentile)``, ``("mimuon", threshold)``) transforms the momentum before the LMO: these are not LMOs of a norm, they
     break the invariances elsewhere and are refused there. Each option has one spelling, the same in the constructor, in
@@ -247,12 +249,27 @@ class IMuon(CommitEngine, OptimMixin, torch.optim.Optimizer):
                     f"pairs[{i}]: B is in param group {group_of[b]} and A in group {group_of[a]}; a pair's factors "
                     "must share one group (its options apply to the pair)"
                 )
-            transform = self.param_groups[group_of[b]]["input_transform"]
-            if transform is not None:
+            grp_opts = self.param_groups[group_of[b]]
+            transform = grp_opts["input_transform"]
+            mimuon = isinstance(transform, tuple) and transform[0] == "mimuon"
+            if mimuon and grp_opts["pair_momentum"] != "factor":
+                raise ValueError(
+                    f"pairs[{i}] is in param group {group_of[b]} with input_transform={transform!r} and "
+                    "pair_momentum='ambient': MiMuon's switch on pairs is defined for the invariant step "
+                    "(pair_momentum='factor'), where it keeps the gauge invariance"
+                )
+            if mimuon and resolve_norm(grp_opts["norm"]).joint:
+                raise ValueError(
+                    f"pairs[{i}] is in param group {group_of[b]} with input_transform={transform!r} and the joint "
+                    f"norm {grp_opts['norm']!r}: MiMuon's switch on pairs needs a max-rule norm (spectral, nuclear, "
+                    "Ky Fan)"
+                )
+            if transform is not None and not mimuon:
                 raise ValueError(
                     f"pairs[{i}] is in param group {group_of[b]} with input_transform={transform!r}: the transform "
                     "would break the pair step's gauge invariance (elementwise clipping, equilibration along the rank "
-                    "dimension); input transforms apply to plain matrices only. Put the pair in another param group."
+                    "dimension); it applies to plain matrices only (MiMuon's switch, which keeps the invariance, also "
+                    "to pairs). Put the pair in another param group."
                 )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
