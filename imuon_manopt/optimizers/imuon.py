@@ -13,7 +13,11 @@ One iteration at a point ``x`` (spec §1):
 
 With momentum ``beta > 0`` the buffer is a tangent vector, ``m <- beta * transport(m) + grad f``,
 and the direction is taken from ``grad f + beta * m`` (Nesterov) or ``m``, lowered to a Euclidean
-covector by the metric.
+covector by the metric. On a manifold whose geometry is ``open_in_ambient`` (``SymmetricPositiveDefinite``,
+``Euclidean``; per component of a ``Product``) the buffer is the sum of core Euclidean gradients instead,
+``m <- beta * m + E``, kept as it is between points (no transport; see :mod:`imuon_manopt.geometry.spd`): a
+transported tangent buffer keeps its norm while ``grad f = X sym(E) X`` shrinks near the boundary, and drove an
+eigenvalue to rounding level at constant steps around ``-ln(beta)``.
 
 Cost per iteration (default ``step_size="armijo"``, ``momentum=0``): one gradient evaluation, the
 cost evaluations of the line search (usually 1-2; the accepted trial's cost is reused, so the cost
@@ -38,7 +42,7 @@ from pymanopt.tools import printer
 from ..direction import intrinsic_direction
 from ..geometry import MetricOperator
 from ..lmo import Norm, PolarSpec, resolve_norm, resolve_polar
-from ._pymanopt_geometry import host_geometry
+from ._pymanopt_geometry import HostGeometry, host_geometry
 from .step_size import StepResult, StepSizeRule, resolve_step_size
 
 __all__ = ["IMuon"]
@@ -74,6 +78,47 @@ def _finite(tree: Any) -> bool:
     return bool(np.isfinite(np.asarray(tree)).all())
 
 
+def _parts(host: HostGeometry) -> list[HostGeometry] | None:
+    """The component adapters of a built-in ``Product`` (``None`` for any other adapter, a user geometry included)."""
+    return getattr(host, "parts", None)
+
+
+def _accumulate(host: HostGeometry, x: Any, rgrad: Any, e_core: Any, buffer: Any, beta: float, nesterov: bool):
+    """One momentum step at ``x``: ``(covector, candidate)``, the core Euclidean gradient the direction is taken
+    from and the buffer to carry to the next point. Per component of a product: where the geometry is
+    ``open_in_ambient`` the buffer sums core Euclidean gradients (``m <- beta m + E``, covector ``E + beta m`` or
+    ``m``); elsewhere it sums Riemannian gradients (``m <- beta m + grad f``, already transported) and the
+    combination is lowered by the adapter's ``flat``. ``buffer`` is ``None`` on the first step."""
+    parts = _parts(host)
+    if parts is not None:
+        pairs = [
+            _accumulate(h, xc, r, e, None if buffer is None else b, beta, nesterov)
+            for h, xc, r, e, b in zip(parts, x, rgrad, e_core, buffer if buffer is not None else parts)
+        ]
+        return [c for c, _ in pairs], [m for _, m in pairs]
+    g = e_core if host.geometry.open_in_ambient else rgrad
+    candidate = g if buffer is None else beta * buffer + g
+    combined = g + beta * candidate if nesterov else candidate
+    return (combined if host.geometry.open_in_ambient else host.flat(x, combined)), candidate
+
+
+def _restart(host: HostGeometry, rgrad: Any, e_core: Any) -> Any:
+    """The buffer restarted from the gradient: ``E`` where the geometry is ``open_in_ambient``, else ``grad f``."""
+    parts = _parts(host)
+    if parts is not None:
+        return [_restart(h, r, e) for h, r, e in zip(parts, rgrad, e_core)]
+    return e_core if host.geometry.open_in_ambient else rgrad
+
+
+def _carry(host: HostGeometry, manifold: Any, x: Any, new_x: Any, buffer: Any) -> Any:
+    """The buffer at ``new_x``: a sum of Euclidean gradients (``open_in_ambient``) as it is, a tangent vector by
+    ``manifold.transport``; per component of a product."""
+    parts = _parts(host)
+    if parts is not None:
+        return [_carry(h, m, a, b, v) for h, m, a, b, v in zip(parts, manifold.manifolds, x, new_x, buffer)]
+    return buffer if host.geometry.open_in_ambient else manifold.transport(x, new_x, buffer)
+
+
 class IMuon(Optimizer):
     """Intrinsic Muon: steepest descent in a unitarily invariant norm of the whitened gradient.
 
@@ -97,8 +142,9 @@ class IMuon(Optimizer):
             step length is measured in the chosen norm (``xi`` has norm 1).
         momentum: ``beta`` in ``[0, 1)`` (default 0: with a line search on a deterministic cost,
             momentum did not reduce iterations in our measurements). The buffer is a tangent vector
-            carried by ``manifold.transport``. If the momentum direction is not a descent direction,
-            the buffer restarts from the gradient.
+            carried by ``manifold.transport``, or, where the geometry is ``open_in_ambient`` (SPD,
+            Euclidean), the sum of Euclidean gradients, not transported. If the momentum direction is not
+            a descent direction, the buffer restarts from the gradient.
         nesterov: ``True``: Nesterov (``grad + beta * m``, default); ``False``: heavy-ball (``m``)
             momentum. Anything but a bool is a ``ValueError``.
         norm: a name or a ``(name, parameter)`` pair, resolved by :func:`imuon_manopt.lmo.resolve_norm` as
@@ -368,14 +414,13 @@ class IMuon(Optimizer):
             slope = gap
             candidate = None  # the momentum buffer at x, committed only if the step is taken
             if beta > 0.0:
-                candidate = rgrad if buffer is None else beta * buffer + rgrad
-                combined = rgrad + beta * candidate if self._nesterov else candidate
-                xi_m, _ = self._direction(host, x, host.flat(x, combined))
+                covector, candidate = _accumulate(host, x, rgrad, e_core, buffer, beta, self._nesterov)
+                xi_m, _ = self._direction(host, x, covector)
                 slope_m = float(manifold.inner_product(x, rgrad, xi_m))
                 if slope_m > 0.0 and math.isfinite(slope_m):
                     xi, slope = xi_m, slope_m
                 else:  # not a descent direction: restart the momentum from the gradient
-                    candidate = rgrad
+                    candidate = _restart(host, rgrad, e_core)
             elif self._polar != "svd":  # approximate polar factors: use the exact slope
                 slope = float(manifold.inner_product(x, rgrad, xi))
 
@@ -405,7 +450,7 @@ class IMuon(Optimizer):
                 else:
                     cost = float(step.cost)
                 if candidate is not None:
-                    buffer = manifold.transport(x, new_x, candidate)
+                    buffer = _carry(host, manifold, x, new_x, candidate)
                 x = new_x
                 if math.isfinite(cost) and _finite(x):
                     rgrad, e_core = gradients(x)
