@@ -16,6 +16,7 @@ import pymanopt
 import pytest
 from pymanopt import manifolds as pm
 
+from imuon_manopt.geometry import SPD
 from imuon_manopt.optimizers import IMuon
 
 N = 4
@@ -130,3 +131,44 @@ def test_product_with_spd_keeps_the_spd_momentum_per_component():
     x, v = result.point
     np.testing.assert_allclose(x, target, atol=5e-5)
     assert abs(v @ q[:, 0]) > 1.0 - 1e-8
+
+
+@pytest.mark.parametrize("form", ["euclidean_gradient", "riemannian_gradient", "geometry=SPD()"])
+def test_stacked_spd_momentum_through_every_gradient_form_reaches_the_optimum(form):
+    """``SymmetricPositiveDefinite(4, k=2)`` (a batch of two): the momentum rule follows the geometry's
+    ``open_in_ambient`` whether the problem gives a Euclidean gradient, only a Riemannian one (lowered by the
+    metric to ``sym(E)``), or a user geometry (``IMuon(geometry=SPD())``). Before the fix the smallest eigenvalue
+    fell to 4e-13 in all three and the runs ended 0.2 away from the optimum."""
+    targets = np.stack([_target(commuting=False), _target(commuting=True)])
+    manifold = pm.SymmetricPositiveDefinite(N, k=2)
+
+    @pymanopt.function.numpy(manifold)
+    def cost(x):
+        return float(np.sum((x - targets) ** 2))
+
+    @pymanopt.function.numpy(manifold)
+    def egrad(x):
+        return 2.0 * (x - targets)
+
+    @pymanopt.function.numpy(manifold)
+    def rgrad(x):
+        return x @ (2.0 * (x - targets)) @ x
+
+    if form == "riemannian_gradient":
+        problem = pymanopt.Problem(manifold, cost, riemannian_gradient=rgrad)
+    else:
+        problem = pymanopt.Problem(manifold, cost, euclidean_gradient=egrad)
+    beta = 0.9
+    opt = IMuon(
+        step_size=_schedule(beta, 1.0),
+        momentum=beta,
+        geometry=SPD() if form == "geometry=SPD()" else None,
+        max_iterations=600,
+        min_step_size=0.0,
+        min_cost_change=None,
+        verbosity=0,
+        log_verbosity=1,
+    )
+    result = opt.run(problem, initial_point=np.stack([np.eye(N)] * 2))
+    assert _smallest_eigenvalues(result).min() > 0.02
+    np.testing.assert_allclose(result.point, targets, atol=5e-5)
