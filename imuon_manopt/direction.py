@@ -255,6 +255,7 @@ def intrinsic_direction(
         as_numpy
         and schedule is None
         and sketch is None
+        and spec_t is None
         and dtype is None
         and nrm.name in _NUMPY_NORMS
         and getattr(geometry, "supports_numpy", False)

@@ -138,3 +138,14 @@ def test_a_gradient_along_the_point_gives_no_direction(array):
         d = intrinsic_direction(geometry, point, gradient)
         assert np.all(np.asarray(d.xi) == 0), geometry
         assert float(d.gap) == 0.0
+
+
+@pytest.mark.parametrize("transform", ["muoneq_row", ("root_clip", 0.9), ("mimuon", 0.1)], ids=str)
+def test_input_transforms_on_numpy_inputs_take_the_torch_path(transform):
+    rng = np.random.default_rng(6)
+    x, e = rng.standard_normal((6, 4)), rng.standard_normal((6, 4))
+    d_np = intrinsic_direction(Euclidean(), x, e, transform=transform)
+    d_t = intrinsic_direction(Euclidean(), torch.from_numpy(x), torch.from_numpy(e), transform=transform)
+    assert isinstance(d_np.xi, np.ndarray)
+    np.testing.assert_allclose(d_np.xi, d_t.xi.numpy(), atol=1e-12)
+    assert d_np.gap == pytest.approx(float(d_t.gap), rel=1e-12)
