@@ -255,16 +255,19 @@ def test_full_rank_lora_init_single_layer_and_errors():
 def test_full_step_screen_answers_as_the_exact_check():
     """The Gram screen of ``_full_step_passes`` gives the exact QR-based answer: on well-conditioned products, on
     products whose ratio sits just above and below the tolerance, and on non-finite factors."""
+    from imuon_manopt.optim import _pairs
     from imuon_manopt.optim._pairs import _full_step_passes, _full_step_passes_exact
 
     g = torch.Generator().manual_seed(0)
     tol = math.sqrt(torch.finfo(torch.float32).eps)
     for ratio in (1.0, 0.1, 30 * tol, 17 * tol, 2 * tol, 1.01 * tol, 0.99 * tol, 0.5 * tol, 0.0):
-        qb = torch.linalg.qr(torch.randn(5, 40, 4, generator=g, dtype=torch.float64))[0]
-        qa = torch.linalg.qr(torch.randn(5, 30, 4, generator=g, dtype=torch.float64))[0]
+        # big enough for the screen to run (small groups go straight to the exact check)
+        qb = torch.linalg.qr(torch.randn(40, 400, 4, generator=g, dtype=torch.float64))[0]
+        qa = torch.linalg.qr(torch.randn(40, 300, 4, generator=g, dtype=torch.float64))[0]
         s = torch.tensor([1.0, 0.5, 0.3, ratio], dtype=torch.float64)
         b = (qb * s).float()  # the product's singular values are s (A has orthonormal rows)
         a = qa.mT.float()
+        assert b.numel() + a.numel() >= _pairs._SCREEN_MIN_ELEMENTS
         assert _full_step_passes(b, a, tol) == _full_step_passes_exact(b, a, tol), ratio
     b[2, 0, 0] = float("nan")  # the screen defers to the exact check, whose factorization reports it
     for check in (_full_step_passes, _full_step_passes_exact):

@@ -112,6 +112,9 @@ def step_lengths(
 
 #: The Gram screen of :func:`_full_step_passes` accepts ratios above this multiple of the tolerance only.
 _SCREEN_MARGIN = 16.0
+#: Factor entries of a group below which the exact check is cheaper than the screen (CPU, 1 thread: 0.14 vs 0.15 ms
+#: for 2 pairs of 384x4 / 4x128; 1.7 vs 0.9 ms for 48 pairs of 768x8 / 8x768).
+_SCREEN_MIN_ELEMENTS = 2**15
 
 
 def _full_step_passes(b1: torch.Tensor, a1: torch.Tensor, tol: float) -> bool:
@@ -121,7 +124,11 @@ def _full_step_passes(b1: torch.Tensor, a1: torch.Tensor, tol: float) -> bool:
     factors): the product's squared singular values are the eigenvalues of ``L^T (a1 a1^T) L`` with ``L L^T = b1^T
     b1``. Rounding in the Grams moves a squared ratio by about ``eps / ratio^2`` relative, negligible where the screen
     accepts (ratio >= 16 tol, i.e. >= 16 sqrt(eps)); anything else (a smaller ratio, a failed factorization,
-    non-finite values) is decided exactly, from thin QR factors. So the answer is the exact check's."""
+    non-finite values) is decided exactly, from thin QR factors. So the answer is the exact check's. Small groups
+    (fewer than :data:`_SCREEN_MIN_ELEMENTS` factor entries) go straight to the exact check, which costs fewer
+    calls there."""
+    if b1.numel() + a1.numel() < _SCREEN_MIN_ELEMENTS:
+        return _full_step_passes_exact(b1, a1, tol)
     g_b = (b1.mT @ b1).to(torch.float64)
     g_a = (a1 @ a1.mT).to(torch.float64)
     chol, info = torch.linalg.cholesky_ex(g_b)
