@@ -115,7 +115,10 @@ def part_optim(s: Summary, dry: bool, device: str) -> None:
     else:
         argv = ["--device", device, "--graphs", "--repeats", "20", "--only"]
         argv.append("stiefel,stiefel-batch,euclidean,euclidean-24,lora-set")
-    out, _ = _quiet(bench_optim.main, argv)
+    out, printed = _quiet(bench_optim.main, argv)
+    for line in printed.splitlines():
+        if " failed: " in line:  # a CUDA-graph capture that failed (its row is NaN)
+            s.add("bench_optim", "FAILED", line.strip().replace("|", "/")[:300], "", False)
     for case in out["cases"]:
         for name, t in case.times.items():
             if not name.startswith("IMuon"):
