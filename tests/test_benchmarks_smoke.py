@@ -254,3 +254,12 @@ def test_gpu_check_dry_run_writes_one_table(tmp_path):
         assert f"| {part} |" in text, part
     assert "FAILED" not in text
     assert "iMuon whole step" in text and "pair step forms no m x n matrix" in text
+
+
+def test_bench_spd_momentum_quick(capsys):
+    bench = _load("bench_spd_momentum")
+    out = bench.main(["--quick"])
+    (_, _, _, cells), *_ = out["constant"]
+    assert all(lo > 0.0 and err < 1e-3 for lo, err in cells)
+    assert [row[:2] for row in out["armijo"]] == [(0.0, True), (0.9, True), (0.9, False)]
+    assert "A. constant steps" in capsys.readouterr().out
