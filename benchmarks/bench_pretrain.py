@@ -449,8 +449,8 @@ class Context:
                 t0 += time.perf_counter() - t1
                 t1 = time.perf_counter()
             if mimuon is not None and k % self.eval_every == 0:
-                for key, (hit, n) in (mimuon_switches(hidden_opt, mimuon) or {}).items():
-                    counts = run.switches.setdefault(key, [0, 0])
+                for shape, (hit, n) in (mimuon_switches(hidden_opt, mimuon) or {}).items():
+                    counts = run.switches.setdefault(shape, [0, 0])
                     counts[0], counts[1] = counts[0] + hit, counts[1] + n
                 t0 += time.perf_counter() - t1
                 t1 = time.perf_counter()

@@ -263,3 +263,16 @@ def test_bench_spd_momentum_quick(capsys):
     assert all(lo > 0.0 and err < 1e-3 for lo, err in cells)
     assert [row[:2] for row in out["armijo"]] == [(0.0, True), (0.9, True), (0.9, False)]
     assert "A. constant steps" in capsys.readouterr().out
+
+
+def test_bench_pretrain_runs_are_memoized_for_every_variant():
+    """A (variant, lr, seed) run is computed once: the grid search and the seed runs ask for the same run again.
+    MiMuon's run records its switch counts per shape and must still be stored under its own key."""
+    bench = _load("bench_pretrain")
+    corpus = bench.lt.as_tokens(b"def f(x):\n    return x + 1\n" * 40)
+    windows = bench.lt.tiled_windows(corpus, bench.lt.MODEL["n_positions"] + 1, 4)
+    ctx = bench.Context(corpus, windows, windows, steps=2, batch=2, eval_every=1)
+    for name in ("MiMuon", "iMuon"):
+        first = ctx.run(name, 1e-2, 0)
+        assert ctx.run(name, 1e-2, 0) is first and (name, 1e-2, 0) in ctx.runs
+    assert sum(n for _, n in ctx.runs[("MiMuon", 1e-2, 0)].switches.values()) == 2 * 8  # 2 checks x 8 matrices
