@@ -198,8 +198,21 @@ VARIANTS: dict[str, Variant] = {
 }
 #: IMuon keywords that are constructor options (the rest are param-group options).
 CONSTRUCTOR_KEYS = ("norm", "polar")
-#: Rates used by ``--quick``: the grid centers until the full run's best rates are recorded here (RESULTS.md).
-QUICK_LRS: dict[str, float] = {name: v.center for name, v in VARIANTS.items()}
+#: Best rates of the full run (defaults: 150 steps x batch 16, grids on seed 0; benchmarks/RESULTS.md), used by
+#: ``--quick``.
+QUICK_LRS: dict[str, float] = {
+    "AdamW": 3e-4,
+    "Muon": 3e-2,
+    "iMuon": 3e-2,
+    "Ky Fan d/4": 3e-2,
+    "Ky Fan d/4 randomized": 3e-2,
+    "Ky Fan d/4 + EF": 3e-2,
+    "Ky Fan d/4 randomized + EF": 3e-2,
+    "F-Muon": 3e-2,
+    "MuonEq-R": 3e-2,
+    "ROOT clip": 3e-2,
+    "MiMuon": 1e-2,
+}
 COLORS = {name: f"C{i}" for i, name in enumerate(VARIANTS)}
 
 
@@ -235,13 +248,17 @@ def make_optimizers(
     """``(optimizer of the hidden matrices at lr, AdamW of the rest at REST)``."""
     hidden, rest = split_parameters(model)
     rest_opt = torch.optim.AdamW(rest, lr=REST["lr"], betas=REST["betas"], weight_decay=REST["weight_decay"])
+    return _hidden_optimizer(variant, hidden, lr), rest_opt
+
+
+def _hidden_optimizer(variant: Variant, hidden: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     if variant.kind == "adamw":
-        return torch.optim.AdamW(hidden, lr=lr, betas=REST["betas"], weight_decay=0.0), rest_opt
+        return torch.optim.AdamW(hidden, lr=lr, betas=REST["betas"], weight_decay=0.0)
     if variant.kind == "muon":
-        return torch.optim.Muon(hidden, lr=lr, weight_decay=0.0, adjust_lr_fn="original"), rest_opt
+        return torch.optim.Muon(hidden, lr=lr, weight_decay=0.0, adjust_lr_fn="original")
     if variant.kind == "imuon":
         ctor, group = imuon_arguments(variant.options)
-        return IMuon([{"params": hidden, **group}], lr=lr, adjust_lr_fn="original", **ctor), rest_opt
+        return IMuon([{"params": hidden, **group}], lr=lr, adjust_lr_fn="original", **ctor)
     raise ValueError(f"unknown optimizer kind {variant.kind!r}")
 
 
@@ -490,6 +507,38 @@ class Context:
         return run
 
 
+def step_costs(variants: Sequence[str], reps: int, seed: int = 0) -> dict[str, float]:
+    """Median ms of one ``step()`` of each variant's hidden-matrix optimizer, measured interleaved (round robin over
+    the variants, ``reps`` rounds, after one warm-up step each) on copies of a random model's hidden matrices with
+    one fixed gradient (that of a real minibatch), so that a change of machine load hits every variant alike. Each
+    optimizer is stepped at a tiny rate from its own copy (the matrices barely move)."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(30_000 + seed)
+    model = GPT2LMHeadModel(lt.gpt_config()).train()
+    corpus, _ = lt.stdlib_corpus()
+    tokens = lt.as_tokens(corpus[:200_000])
+    starts = torch.randint(0, len(tokens) - lt.MODEL["n_positions"] - 1, (16,), generator=torch.Generator())
+    lt.lm_loss(model, lt.windows(tokens, starts, lt.MODEL["n_positions"] + 1)).backward()
+    hidden, _ = split_parameters(model)
+    grads = [p.grad.detach().clone() for p in hidden]
+    opts, params = {}, {}
+    for v in variants:
+        copies = [nn.Parameter(p.detach().clone()) for p in hidden]
+        opts[v] = _hidden_optimizer(VARIANTS[v], copies, 1e-6)
+        params[v] = copies
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(reps + 1):
+        for v in variants:
+            for p, g in zip(params[v], grads):
+                p.grad = g.clone()
+            t0 = time.perf_counter()
+            opts[v].step()
+            if r:  # the first round warms up (buffers, caches)
+                times[v].append(1e3 * (time.perf_counter() - t0))
+    return {v: statistics.median(ts) for v, ts in times.items()}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Reporting
 
@@ -656,6 +705,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (default ~10 %)")
     p.add_argument("--curve-windows", type=int, default=64, help="held-out windows along the curves (default 64)")
     p.add_argument("--final-windows", type=int, default=512, help="held-out windows of the final loss (default 512)")
+    p.add_argument(
+        "--cost-reps", type=int, default=30, help="interleaved rounds of the step-cost measurement (default 30)"
+    )
     args = p.parse_args(argv)
     if args.seeds is None:
         args.seeds = 1 if args.quick else 3
@@ -728,6 +780,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for s in seeds:  # seed-major: every variant's seed-s run back to back
         for v in variants:
             results[v].append(ctx.run(v, best[v], s))
+    costs = step_costs(variants, args.cost_reps)
+    log("step cost (interleaved): " + ", ".join(f"{v} {ms:.2f} ms" for v, ms in costs.items()))
     load_end = os.getloadavg()
     wall = time.perf_counter() - wall0
 
@@ -761,6 +815,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             step_ms=step_ms,
             opt_ms=opt_ms,
             seconds_to_adamw_final=to_target,
+            step_cost_ms=costs[v],
             grid=grid,
             best_at_grid_edge=edge,
             config=VARIANTS[v].config,
@@ -772,6 +827,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             + f" | {'reference' if v == 'AdamW' else lt.verdict(d_adamw)} | "
             + f"{'-' if v == 'Muon' or not d_muon else lt.verdict(d_muon)} | {step_ms:.1f} | {opt_ms:.2f} | "
             + ("never" if math.isinf(to_target) else f"{to_target:.1f}")
+            + f" | {costs[v]:.2f}"
+            + (f" ({costs[v] / costs['Muon']:.2f}x)" if "Muon" in costs else "")
             + " |"
         )
     step_winner = winner({v: summary[v]["finals"] for v in variants})
@@ -812,12 +869,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "Held-out loss after the last step (nats/byte); verdicts per seed against AdamW and against Muon (wins / "
         "loses: lower / higher on every seed by more than 1e-3, else ties). ms/step: median over every step of the "
         "best-rate runs (zero_grad, forward, backward, both optimizers); step(): the hidden-matrix optimizer's "
-        "step() alone. s to AdamW's loss: training seconds until the held-out curve first reaches AdamW's final "
+        "step() alone (both in the training runs, so they follow the machine's load at the time). Step cost, "
+        "interleaved: median ms of the hidden-matrix optimizer's step() on one fixed gradient, the variants "
+        f"stepped round robin ({args.cost_reps} rounds), so that load hits them alike. s to AdamW's loss: training "
+        "seconds until the held-out curve first reaches AdamW's final "
         f"curve value ({target:.4f}), median over seeds. `(edge)`: the best rate is at the edge of its grid.",
         "",
         "| optimizer | best lr | held-out loss (mean ± std) | vs AdamW | vs Muon | ms/step | ms step() | "
-        "s to AdamW's loss |",
-        "|---|---|---|---|---|---|---|---|",
+        "s to AdamW's loss | step() cost, interleaved (vs Muon) |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         f"**Step budget ({args.steps} steps):** {step_winner[1]}.",
@@ -831,7 +891,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "Each paper as one line of configuration of `imuon_manopt.optim.IMuon` (hidden matrices; Δ: held-out loss "
         "minus Muon's, mean over seeds):",
         "",
-        "| paper | configuration | what it is | held-out loss | Δ vs Muon | ms step() |",
+        "| paper | configuration | what it is | held-out loss | Δ vs Muon | step() ms (interleaved) |",
         "|---|---|---|---|---|---|",
     ]
     muon_mean = summary["Muon"]["mean"] if "Muon" in summary else math.nan
@@ -839,7 +899,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if v in summary:
             row = summary[v]
             delta = "-" if v == "Muon" or not math.isfinite(muon_mean) else f"{row['mean'] - muon_mean:+.4f}"
-            result = f"{lt.fmt(row['mean'])} | {delta} | {row['opt_ms']:.2f}"
+            result = f"{lt.fmt(row['mean'])} | {delta} | {row['step_cost_ms']:.2f}"
         elif v in missing:
             result = "not available in this build | - | -"
         else:

@@ -220,6 +220,7 @@ def pretrain_demo(output: str, quick: bool, threads: int) -> dict:
     argv = ["--quick", "--output", os.path.join(output, "pretrain"), "--threads", str(max(1, threads))]
     if quick:
         argv += ["--steps", "6", "--batch", "4", "--eval-every", "3", "--curve-windows", "8", "--final-windows", "32"]
+        argv += ["--cost-reps", "2"]
     return bench.main(argv)
 
 

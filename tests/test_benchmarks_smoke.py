@@ -135,7 +135,7 @@ def test_bench_lora_text_tiny(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
     assert set(out["summary"]) == set(bench.VARIANTS)
     for row in out["summary"].values():
-        assert row["step_ms"] > 0 and row["opt_ms"] > 0 and len(row["finals"]) == 1
+        assert row["step_ms"] > 0 and row["opt_ms"] > 0 and row["step_cost_ms"] > 0 and len(row["finals"]) == 1
     exact = out["fidelity"]["iMuon (BM, M^-1A), SVD float64"]
     assert exact["heldout"] < 1e-10 and exact["minibatch"] < 1e-10
     assert out["fidelity"]["AdamW (BM, M^-1A)"]["minibatch"] > 1e-6
@@ -203,7 +203,7 @@ def test_bench_pretrain_tiny(tmp_path):
     try:
         out = bench.main(
             ["--quick", "--steps", "4", "--batch", "2", "--threads", "1", "--eval-every", "2"]
-            + ["--curve-windows", "4", "--final-windows", "8", "--output", str(tmp_path)]
+            + ["--curve-windows", "4", "--final-windows", "8", "--cost-reps", "2", "--output", str(tmp_path)]
         )
     finally:
         torch.set_num_threads(threads)
@@ -212,7 +212,7 @@ def test_bench_pretrain_tiny(tmp_path):
     assert set(out["summary"]) | set(out["missing"]) == set(bench.VARIANTS)
     assert {"AdamW", "Muon", "iMuon"} <= set(out["summary"])
     for row in out["summary"].values():
-        assert row["step_ms"] > 0 and row["opt_ms"] > 0 and len(row["finals"]) == 1
+        assert row["step_ms"] > 0 and row["opt_ms"] > 0 and row["step_cost_ms"] > 0 and len(row["finals"]) == 1
         assert row["finals"][0] < 6.0  # 256 byte values: ln 256 = 5.55 at the random start, and it trains
     text = (tmp_path / "results.md").read_text()
     assert "| optimizer | best lr |" in text and "**Step budget" in text and "**Time budget" in text
