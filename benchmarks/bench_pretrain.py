@@ -213,7 +213,7 @@ QUICK_LRS: dict[str, float] = {
     "ROOT clip": 3e-2,
     "MiMuon": 1e-2,
 }
-COLORS = {name: f"C{i}" for i, name in enumerate(VARIANTS)}
+COLORS = {name: f"C{i}" if i < 10 else "black" for i, name in enumerate(VARIANTS)}  # 10 colors in the cycle
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@
    F-Muon, MuonEq, ROOT, MiMuon, as far as this build has them) against AdamW and torch.optim.Muon on the hidden
    matrices; its tables and plots go to ``--output``/pretrain.
 
-About 6-10 minutes on 2 CPU cores (plus ~2-3 minutes the first time, to pretrain the GPT of part 4; the checkpoint
-is cached under benchmarks/.cache); ``--quick`` runs a smoke version in 1-2 minutes.
+About 9-13 minutes on 2 CPU cores, part 5 ~2.5-3 of them (plus ~2-3 minutes the first time, to pretrain the GPT of
+part 4; the checkpoint is cached under benchmarks/.cache); ``--quick`` runs a smoke version in 1-2 minutes.
 
 Run: ``python examples/demo.py --output demo_output`` (``--quick``, ``--skip-core``, ``--skip-torch``,
 ``--skip-lora-text``, ``--skip-pretrain``).
