@@ -94,11 +94,11 @@ def test_sketch_kyfan_lmo_equals_the_single_process_solver(tmp_path):
             ref = lmo(h, ("kyfan", K), method="randomized", oversample=OVERSAMPLE, power_iters=power)
             torch.testing.assert_close(z, ref, rtol=0, atol=1e-10, msg=f"{m}x{n}, power_iters={power}")
             assert float(torch.linalg.matrix_norm(z, ord=2).max()) < 1 + 1e-10  # feasible: rank <= k, ||Z||_2 <= 1
-            # the design's traffic (float64, 2 matrices, to the one other rank): a max per matrix, an n x l
+            # the design's traffic (float64, 2 matrices, to the one other rank): two numbers per matrix, an n x l
             # reduction per power iteration and one more, an l x l triangle per TSQR (one per power iteration and
             # one more); no matrix moves
             ell = K + OVERSAMPLE
-            expected = 2 * 8 * (1 + (power + 1) * (n * ell + ell * ell))
+            expected = 2 * 8 * (2 + (power + 1) * (n * ell + ell * ell))  # 2: the scale and a finiteness flag
             for r in range(WORLD):
                 sent, modes = res[r][(m, n, power)][1:]
                 assert set(modes) == {"sketch"} and sent == expected, (m, n, power, sent, expected)
@@ -157,12 +157,22 @@ def _train_worker(rank: int, world: int, out_dir: str) -> None:
             opt.step()
         modes.append(dict(stats.by_mode))
     params = {k: v.full_tensor() for k, v in net.state_dict().items()}
-    torch.save({"params": params, "modes": modes}, os.path.join(out_dir, f"train{rank}.pt"))
+    # a NaN in one rank's rows of one gradient only: every rank skips the step, nothing is half-updated
+    opt.nonfinite = "skip"
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(net(x[:shard]), y[:shard]).backward()
+    if rank == 0:
+        D.local(net.a.weight.grad).view(-1)[3] = float("nan")
+    opt.step()
+    after = {k: v.full_tensor() for k, v in net.state_dict().items()}
+    out = {"params": params, "modes": modes, "skipped": opt.last_step_skipped, "after": after}
+    torch.save(out, os.path.join(out_dir, f"train{rank}.pt"))
 
 
 def test_fsdp_sketch_mode_training_equals_single_process(tmp_path):
     """4 steps of the randomized Ky Fan iMuon (momentum, weight decay) under fully_shard on 2 ranks equal the
-    single-process run on the global batch to 1e-10; the plain matrices took the sketch mode (no owner traffic)."""
+    single-process run on the global batch to 1e-10; the plain matrices took the sketch mode (no owner traffic). A
+    NaN in one rank's rows of a gradient makes every rank skip the next step with nothing changed."""
     net = _Net()
     opt = _opt(net)
     for x, y in _data():
@@ -176,3 +186,6 @@ def test_fsdp_sketch_mode_training_equals_single_process(tmp_path):
             torch.testing.assert_close(res["params"][name], p, rtol=0, atol=1e-10, msg=name)
         for modes in res["modes"]:
             assert "sketch" in modes and "owner" not in modes, modes
+        assert res["skipped"]
+        for name, p in res["params"].items():
+            torch.testing.assert_close(res["after"][name], p, rtol=0, atol=0, msg=name)

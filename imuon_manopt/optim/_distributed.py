@@ -911,10 +911,11 @@ def sketch_kyfan_lmo(
       rank; each power iteration takes a TSQR of ``H Q`` and reduces ``H^T W``; ``B^T = H Q`` (rows local) goes
       through TSQR, ``B^T = Q_c R`` and the SVD of the l x l ``R``.
 
-    Traffic per call: ``power_iters + 1`` reductions of ``n x l`` (short side split) or ``power_iters + 1`` of
-    ``n x l`` (long side split), plus the l x l triangles of the TSQRs and a max per matrix; the full-matrix mode
-    moves every ``H`` to its owner and the update back. Requires ``k + oversample < min(rows, n)`` (else the core
-    takes its exact path, which needs the whole matrix).
+    Traffic per call: ``power_iters + 1`` reductions of an ``n x l`` block (either orientation), the l x l
+    triangles of the TSQRs and two numbers per matrix (the scale and a finiteness flag); the full-matrix mode moves
+    every ``H`` to its owner and the update back. A non-finite entry on any rank gives NaN rows on every rank (the
+    optimizer's ``nonfinite`` policy then applies), as the core's solver does. Requires ``k + oversample <
+    min(rows, n)`` (else the core takes its exact path, which needs the whole matrix).
     """
     mr, n = h.shape[-2:]
     short = min(rows, n)
@@ -923,8 +924,14 @@ def sketch_kyfan_lmo(
         raise ValueError(f"sketch_kyfan_lmo: needs 1 <= k and k + oversample < min(m, n), got k={k}, l={ell}, {short}")
     dtype = h.dtype
     mm = dtype if mm_dtype is None else mm_dtype
-    amax = h.abs().amax(dim=(-2, -1), keepdim=True) if mr else h.new_zeros(*h.shape[:-2], 1, 1)
-    scale = _sketch_all_reduce(amax.contiguous(), group, dist.ReduceOp.MAX).clamp_min(torch.finfo(dtype).tiny)
+    # per matrix: the max |entry| over all rows (the scale) and whether any rank holds a non-finite entry
+    amax = h.abs().amax(dim=(-2, -1)) if mr else h.new_zeros(h.shape[:-2])
+    finite = torch.isfinite(amax)
+    both = torch.stack([torch.where(finite, amax, torch.zeros_like(amax)), (~finite).to(dtype)], dim=-1)
+    both = _sketch_all_reduce(both.contiguous(), group, dist.ReduceOp.MAX)
+    if bool(both[..., 1].any()):  # as the core: a non-finite matrix gives NaN, never a solver error (on every rank)
+        return torch.full_like(h, math.nan)
+    scale = both[..., 0, None, None].clamp_min(torch.finfo(dtype).tiny)
     y = (h / scale).to(mm)
     kk = min(k, ell)
     tol_rel = torch.finfo(dtype).eps * max(rows, n)
