@@ -21,6 +21,9 @@ gpt2-lora      the GPT-2-small LoRA set of ``bench_optim.py`` (12 layers x q, k,
 gpt2-blocks    full fine-tuning of the same matrices of ``--blocks`` (default 1) layers as plain float32 matrices,
                random gradients; the traffic is linear in the number of layers. For comparison, the bytes the
                all-gather mode (``owner=False``) would move for the same matrices' inputs
+kyfan-sketch-  plain float32 matrices (1024x1024 twice, 512x2048, 2048x512) under ``norm=("kyfan", d/8)`` with the
+q0, -q1, -q2   randomized solver (0, 1, 2 power iterations): the low-rank sketch mode; for comparison, the bytes
+               the full-matrix (owner) mode moves for the same matrices
 =============  ====================================================================================================
 
 Usage::
