@@ -264,10 +264,9 @@ def intrinsic_direction(
         and native_numpy(x_leaves + e_leaves)
     ):
         # small numpy problems stay numpy: the same kernels, without torch's per-operation cost (_backend.py)
-        xt, et = x, egrad
-    else:
-        xt, et = _to_torch(x), _to_torch(egrad)
-        x_leaves, e_leaves = _leaves(xt), _leaves(et)
+        return _numpy_template(geometry, x, egrad, x_leaves, e_leaves, nrm, tau, gap)
+    xt, et = _to_torch(x), _to_torch(egrad)
+    x_leaves, e_leaves = _leaves(xt), _leaves(et)
     out_dtype = x_leaves[0].dtype
     dtypes = {t.dtype for t in x_leaves} | {t.dtype for t in e_leaves}
     if isinstance(out_dtype, torch.dtype) and out_dtype in _LOW_PRECISION:
@@ -282,15 +281,7 @@ def intrinsic_direction(
     et, inv_scale = _prescale(et)
     state = geometry.at(xt)
     blocks = geometry.whiten(state, geometry.project(state, et))
-    structure = tuple(geometry.structure)
-    if len(structure) != len(blocks) or not set(structure) <= _STRUCTURES:
-        raise ValueError(
-            f"{geometry!r} declares structure {structure} for {len(blocks)} blocks; expected one entry per "
-            f"block from {sorted(_STRUCTURES)}"
-        )
-    ranks = geometry.block_ranks(state)
-    if ranks is None:
-        ranks = (None,) * len(blocks)
+    structure, ranks = _block_layout(geometry, state, blocks)
     # The rank cut follows the precision the inputs were rounded to, not the working dtype.
     eps = max(finfo(in_dtype).eps for in_dtype in dtypes)
     # Leaves are torch tensors or numpy arrays (small numpy inputs stay numpy: imuon_manopt._backend).
@@ -303,9 +294,6 @@ def intrinsic_direction(
     fmuon = nrm.name == "fmuon"
     need_duals = gap or (nrm.joint and not fmuon)  # a joint norm splits its budget by the blocks' duals
     for h, kind, rank in zip(blocks, structure, ranks):
-        if kind == "skew":  # a skew matrix has even rank
-            side = h.shape[-1] - h.shape[-1] % 2
-            rank = side if rank is None else min(rank, side)
         symmetric = kind == "symmetric"
         if symmetric:
             _check_square(h, "h")
@@ -365,19 +353,62 @@ def intrinsic_direction(
         fro: Any = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(hb) for hb in hs])) if hs else None
         it = iter(hs)
         zs = [z if z.numel() == 0 else fmuon_mix(z, next(it), fro, alpha) for z in zs]
+    fmuon_total = None
+    if fmuon and gap:
+        fmuon_total = alpha * sum(d.sum() for d in duals) + (1.0 - alpha) * (fro if fro is not None else 0.0)
+    return _assemble(geometry, state, zs, duals, kinds, nrm, tau, gap, inv_scale, out_dtype, as_numpy, fmuon_total)
+
+
+def _block_layout(geometry: MetricOperator, state: Any, blocks: tuple) -> tuple[tuple[str, ...], tuple]:
+    """``(structure, ranks)`` of the whitened blocks: the geometry's declared structure (checked: one entry per block,
+    each a known kind) and per block the rank bound of the LMO's rank cut (the geometry's, and for a skew block at
+    most its even part: a skew matrix has even rank)."""
+    structure = geometry.structure
+    if len(structure) != len(blocks) or not set(structure) <= _STRUCTURES:
+        raise ValueError(
+            f"{geometry!r} declares structure {tuple(structure)} for {len(blocks)} blocks; expected one entry per "
+            f"block from {sorted(_STRUCTURES)}"
+        )
+    ranks = geometry.block_ranks(state)
+    if ranks is None:
+        ranks = (None,) * len(blocks)
+    if "skew" in structure:
+        ranks = tuple(
+            _skew_rank(h, rank) if kind == "skew" else rank for h, kind, rank in zip(blocks, structure, ranks)
+        )
+    return tuple(structure), ranks
+
+
+def _skew_rank(h: Any, rank: int | None) -> int:
+    side = h.shape[-1] - h.shape[-1] % 2
+    return side if rank is None else min(rank, side)
+
+
+def _assemble(
+    geometry: MetricOperator,
+    state: Any,
+    zs: list[Any],
+    duals: list[Any],
+    kinds: list[str] | tuple[str, ...],
+    nrm: Norm,
+    tau: float,
+    gap: bool,
+    inv_scale: Any,
+    out_dtype: Any,
+    as_numpy: bool,
+    fmuon_total: Any = None,
+) -> Direction:
+    """The template's last steps, shared by both routes: the budget, the skew parts, the block rule's gap (F-Muon's
+    ``fmuon_total`` from the caller) and the joint norms' budget split, then un-whitening and assembly in the
+    geometry's representation, in ``out_dtype``."""
     if tau != 1.0:
         zs = [z * tau for z in zs]
     zs = [skew(z) if kind == "skew" else z for z, kind in zip(zs, kinds)]
 
     value: Any  # the LMO gap, or None
     total: Any
-    if fmuon:
-        if gap:
-            nuc = sum(d.sum() for d in duals)
-            total = alpha * nuc + (1.0 - alpha) * (fro if fro is not None else 0.0)
-            value = tau * total / inv_scale
-        else:
-            value = None
+    if nrm.name == "fmuon":
+        value = tau * fmuon_total / inv_scale if gap else None
     elif nrm.joint:
         q = nrm.q
         xp = namespace(zs[0])
@@ -404,3 +435,42 @@ def intrinsic_direction(
     if as_numpy:
         return Direction(_map(lambda t: t.detach().cpu().numpy(), xi), None if value is None else float(value))
     return Direction(xi, value)
+
+
+_NP_EPS = {np.dtype(np.float32): float(np.finfo(np.float32).eps), np.dtype(np.float64): float(np.finfo(np.float64).eps)}
+
+
+def _numpy_template(
+    geometry: MetricOperator, x: Any, egrad: Any, x_leaves: list, e_leaves: list, nrm: Norm, tau: float, gap: bool
+) -> Direction:
+    """The template on small float32/float64 numpy inputs (exact LMO, no input transform, no F-Muon or Ky Fan: the
+    caller checked): the same steps and kernels as the torch route (:func:`_prescale`, the geometry's operations,
+    :func:`imuon_manopt.lmo._lmo_tensor`, :func:`_assemble`), without its dtype promotion, solver dispatch and
+    transform handling, which cost more than the arithmetic on such inputs."""
+    out_dtype = x_leaves[0].dtype
+    eps = max(_NP_EPS[t.dtype] for t in (*x_leaves, *e_leaves))  # the rank cut follows the inputs' rounding
+    if any(t.dtype != out_dtype for t in e_leaves):
+        egrad = _map(lambda t: astype(t, out_dtype), egrad)
+    et, inv_scale = _prescale(egrad, host=True)
+    state = geometry.at(x)
+    blocks = geometry.whiten(state, geometry.project(state, et))
+    structure, ranks = _block_layout(geometry, state, blocks)
+    need_duals = gap or nrm.joint
+    zs: list[Any] = []
+    duals: list[Any] = []
+    z: Any
+    d: Any
+    h: Any
+    for h, kind, rank in zip(blocks, structure, ranks):
+        symmetric = kind == "symmetric"
+        if symmetric:
+            _check_square(h, "h")
+        if h.size == 0:
+            z, d = np.zeros_like(h), np.zeros(h.shape[:-2], dtype=h.dtype)
+        else:
+            z, d = _lmo_tensor(
+                h, nrm, symmetric=symmetric, schedule=None, ns_work=None, return_dual=need_duals, rank=rank, eps=eps
+            )
+        zs.append(astype(z, h.dtype))
+        duals.append(None if d is None else astype(d, h.dtype))
+    return _assemble(geometry, state, zs, duals, structure, nrm, tau, gap, inv_scale, out_dtype, True)

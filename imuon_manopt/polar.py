@@ -294,11 +294,14 @@ def _vector_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x / ||x||_F, ||x||_F)`` per matrix for a vector-shaped ``x`` (..., m, 1) or (..., 1, n): its
     exact polar factor (zero for a zero vector, NaN for a non-finite one) and its singular value
     (..., 1, 1), without overflow or underflow."""
-    xp = namespace(x)
     scale = _max_abs(x)
     y = x / scale
     nrm = _fro(y)
-    return y / xp.where(nrm > 0, nrm, xp.ones_like(nrm)), nrm * scale
+    if isinstance(y, np.ndarray):
+        # the nonzero entries of y are at least 2^-52 (float64; 2^-23 float32: the smallest subnormal over the
+        # smallest normal), so a nonzero norm exceeds tiny and max(nrm, tiny) divides like where(nrm > 0, nrm, 1)
+        return y / np.maximum(nrm, finfo(y.dtype).tiny), nrm * scale
+    return y / torch.where(nrm > 0, nrm, torch.ones_like(nrm)), nrm * scale
 
 
 def _polar_svd(x: torch.Tensor, work: torch.dtype, eps: float | None = None, rank: int | None = None):

@@ -144,6 +144,10 @@ def drop_rounding(block: torch.Tensor, source: torch.Tensor, terms: int) -> torc
     leading dimensions.
     """
     if isinstance(block, np.ndarray):
+        if block.ndim == 2:  # one matrix: the same test on two floats (NaN fails it: the block is kept)
+            if float(abs(block).max()) <= float(abs(source).max()) * (terms * np.finfo(block.dtype).eps):
+                return np.zeros_like(block)
+            return block
         floor = np.abs(source).max(axis=(-2, -1), keepdims=True) * (terms * np.finfo(block.dtype).eps)
         noise = np.abs(block).max(axis=(-2, -1), keepdims=True) <= floor
         return np.where(noise, 0.0, block) if noise.any() else block

@@ -350,10 +350,15 @@ class IMuon(Optimizer):
         previous = None  # (point, cost, gradient norm, gap) of the last point with a finite cost
         buffer = None
         gradient_norm = gap = math.nan
+        # x is known to be finite: every new point passed host.feasible, which checks finiteness (the start is
+        # checked once, below)
+        x_finite = False
 
         while True:
             stopping_criterion = None
-            finite = math.isfinite(cost) and _finite(x)
+            if not x_finite:
+                x_finite = _finite(x)
+            finite = math.isfinite(cost) and x_finite
             if iteration >= self._max_iterations and finite:
                 # Pymanopt's convention: max_iterations rows, counted from 1; the last step's point
                 # is the result (its cost is the result's cost), with no row of its own.
@@ -452,7 +457,8 @@ class IMuon(Optimizer):
                 if candidate is not None:
                     buffer = _carry(host, manifold, x, new_x, candidate)
                 x = new_x
-                if math.isfinite(cost) and _finite(x):
+                x_finite = True  # (it passed host.feasible)
+                if math.isfinite(cost):
                     rgrad, e_core = gradients(x)
             if self._min_cost_change > 0.0 and math.isfinite(cost):
                 recent_costs.append(cost)
