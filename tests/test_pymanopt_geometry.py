@@ -460,3 +460,38 @@ def test_fixed_rank_direction_refuses_rank_loss_in_both_array_types():
         intrinsic_direction(
             core.FixedRank(), tuple(map(torch.from_numpy, host.core_point(x))), tuple(map(torch.from_numpy, c))
         )
+
+
+def _fixed_rank_variants(x):
+    u, s, vt = x
+    off = u.copy()
+    off[0, 0] += 1e-3  # columns no longer orthonormal
+    nan_vt = vt.copy()
+    nan_vt[0, 0] = np.nan
+    return {
+        "non-orthonormal u": (off, s, vt),
+        "zero s": (u, np.concatenate([[0.0], s[1:]]), vt),
+        "negative s": (u, -s, vt),
+        "inf s": (u, np.concatenate([[np.inf], s[1:]]), vt),
+        "nan s": (u, np.concatenate([[np.nan], s[1:]]), vt),
+        "nan vt": (u, s, nan_vt),
+        "inf u": (u * np.inf, s, vt),
+    }
+
+
+def test_fixed_rank_feasibility_check_agrees_with_the_point_check():
+    """The solver's per-step check of a fixed-rank point (positive finite s, orthonormal u and vt) accepts a point
+    exactly when the full point check does, on a retraction's result and on points that lost each property."""
+    manifold = pm.FixedRankEmbedded(30, 20, 4)
+    host = host_geometry(manifold, None)
+    rng = np.random.default_rng(3)
+    x = manifold.random_point()
+    step = manifold.retraction(x, manifold.projection(x, rng.standard_normal((30, 20))))
+    for point in (x, step):
+        host.check_point(point)
+        assert host.feasible(point)
+    for name, bad in _fixed_rank_variants(x).items():
+        with pytest.raises(ValueError):
+            host.check_point(bad)
+        with np.errstate(invalid="ignore"):  # (inf entries make the Gram matrix NaN, as they should)
+            assert not host.feasible(bad), name

@@ -93,6 +93,12 @@ def _check_orthonormal(name: str, x: np.ndarray, what: str) -> None:
         )
 
 
+def _near_orthonormal(x: np.ndarray) -> bool:
+    """Whether the columns of ``x`` (..., n, p) are orthonormal within :func:`_tol` (``False`` for NaN or inf)."""
+    gram = np.swapaxes(x, -1, -2) @ x
+    return float(np.abs(gram - np.eye(gram.shape[-1])).max()) <= _tol(x.dtype)
+
+
 def _identity_flat(self, x: Any, v: Any) -> Any:
     """The embedded metric's lowering map, the identity (the core geometry's ``flat`` is too)."""
     return v
@@ -233,8 +239,7 @@ class _Frames(HostGeometry):
 
     def feasible(self, x):
         # the step's point has the start's shape and dtype: only orthonormality can be lost (NaN fails the test)
-        gram = np.swapaxes(x, -1, -2) @ x
-        return float(np.abs(gram - np.eye(gram.shape[-1])).max()) <= _tol(x.dtype)
+        return _near_orthonormal(x)
 
     def tangent(self, x, xi):
         # the core's direction is tangent already (X Omega + K with skew Omega and X^T K = 0 on Stiefel, (I - X X^T)
@@ -312,6 +317,16 @@ class _FixedRank(HostGeometry):
         """``(m, n, k)``, from the shapes of the zero tangent vector ``(Up (m, k), M, Vp (n, k))``."""
         (m, k), _, (n, _) = self.point_shape(x)
         return m, n, k
+
+    def feasible(self, x):
+        # a step's point (u, s, vt) has the start's structure, shapes and dtypes (Pymanopt's retraction): only the
+        # positivity and finiteness of s and the orthonormality of u and vt can be lost (NaN and inf fail the tests)
+        u, s, vt = x
+        return (
+            bool((s > 0).all() and np.isfinite(s).all())
+            and _near_orthonormal(u)
+            and _near_orthonormal(np.swapaxes(vt, -1, -2))
+        )
 
     def check_point(self, x):
         m, n, k = self.dims(x)
