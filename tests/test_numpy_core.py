@@ -149,3 +149,53 @@ def test_input_transforms_on_numpy_inputs_take_the_torch_path(transform):
     assert isinstance(d_np.xi, np.ndarray)
     np.testing.assert_allclose(d_np.xi, d_t.xi.numpy(), atol=1e-12)
     assert d_np.gap == pytest.approx(float(d_t.gap), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [3.0, -4.0, 0.0],  # ordinary: (0.6, -0.8, 0), norm 5
+        [0.0, 0.0, 0.0],  # zero: zero factor, zero norm
+        [5e-324, -5e-324, 0.0],  # subnormal: still a unit vector
+        [1e300, -1e300, 1e300],  # huge: no overflow
+        [1.0, float("nan"), 0.0],  # NaN propagates
+    ],
+    ids=["ordinary", "zero", "subnormal", "huge", "nan"],
+)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_numpy_vector_polar_factor_equals_torch_and_the_closed_form(values, dtype):
+    """A vector's polar factor is ``v / ||v||`` and its singular value ``||v||``: the numpy kernel gives the torch
+    kernel's result bit for bit on ordinary, zero, subnormal, huge and NaN vectors, and the closed form where the
+    norm is representable."""
+    from imuon_manopt.polar import _vector_parts
+
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        v = np.array(values, dtype=dtype)[:, None]
+    if not np.all((v != 0) == (np.array(values)[:, None] != 0)):  # (float32 flushes the subnormal to zero)
+        v = np.array([1e-45, -1e-45, 0.0], dtype=dtype)[:, None]
+    z_np, n_np = _vector_parts(v)
+    z_t, n_t = _vector_parts(torch.from_numpy(v))
+    np.testing.assert_array_equal(z_np, z_t.numpy())
+    np.testing.assert_array_equal(n_np, n_t.numpy())
+    if np.all(np.isfinite(v)) and np.any(v != 0):
+        w = v[:, 0].astype(np.float64)
+        w = w / np.abs(w).max()  # (exact: a power of two apart or the same value)
+        np.testing.assert_allclose(z_np[:, 0], w / np.sqrt(np.sum(w**2)), rtol=1e-6 if dtype == np.float32 else 1e-15)
+        assert np.all(np.abs(np.linalg.norm(z_np.astype(np.float64)) - 1.0) < 1e-6)
+
+
+def test_drop_rounding_on_one_matrix_equals_the_batched_rule():
+    """``drop_rounding`` on a single matrix (the two-float test) keeps or zeroes exactly what the per-matrix rule does
+    on the same matrix inside a batch, NaN kept."""
+    from imuon_manopt.geometry.base import drop_rounding
+
+    rng = np.random.default_rng(5)
+    source = rng.standard_normal((6, 4))
+    eps = np.finfo(np.float64).eps
+    cases = [rng.standard_normal((6, 4)), source * (3 * eps), np.zeros((6, 4)), np.full((6, 4), np.nan)]
+    for block in cases:
+        one = drop_rounding(block, source, 10)
+        batched = drop_rounding(np.stack([block, source]), np.stack([source, source]), 10)[0]
+        np.testing.assert_array_equal(one, batched)
+    assert not np.any(drop_rounding(source * (3 * eps), source, 10))
+    assert np.all(drop_rounding(source, source, 10) == source)
