@@ -294,6 +294,15 @@ def _vector_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x / ||x||_F, ||x||_F)`` per matrix for a vector-shaped ``x`` (..., m, 1) or (..., 1, n): its
     exact polar factor (zero for a zero vector, NaN for a non-finite one) and its singular value
     (..., 1, 1), without overflow or underflow."""
+    if isinstance(x, np.ndarray) and x.ndim == 2:
+        # one numpy vector: the same steps with the scale and the norm as Python floats (fewer array operations; the
+        # same values: a NaN or inf entry gives NaN, a zero vector zero)
+        tiny = finfo(x.dtype).tiny
+        amax = float(abs(x).max())
+        scale = amax if not amax < tiny else tiny
+        y = x / scale
+        nrm = math.sqrt(float((y * y).sum()))
+        return y / (nrm if not nrm < tiny else tiny), np.full((1, 1), nrm * scale, dtype=x.dtype)
     scale = _max_abs(x)
     y = x / scale
     nrm = _fro(y)

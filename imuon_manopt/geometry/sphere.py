@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .base import Blocks, MetricOperator, drop_rounding
@@ -20,7 +21,8 @@ class Sphere(MetricOperator):
 
     def project(self, state: torch.Tensor, egrad: torch.Tensor) -> Blocks:
         x = state
-        radial = (x * egrad).sum(-1)[..., None]
+        # <x, E> per row (one numpy vector: a dot product, one operation instead of two)
+        radial = x @ egrad if x.ndim == 1 and isinstance(x, np.ndarray) else (x * egrad).sum(-1)[..., None]
         # a gradient along x (a critical point) projects to rounding noise, which is not a direction
         return (drop_rounding((egrad - radial * x)[..., None], egrad[..., None], x.shape[-1]),)
 
