@@ -32,8 +32,8 @@ import torch
 
 from ._backend import astype, finfo, namespace, native_numpy, numel, to_torch
 from .geometry.base import MetricOperator, skew, sym
-from .lmo import _SPECTRAL, Norm, PolarSpec, _lmo_tensor, fmuon_mix, resolve_norm, resolve_polar
-from .polar import _check_square, _exact_dtype, _promote, _resolve_schedule
+from .lmo import SPECTRAL, Norm, PolarSpec, fmuon_mix, lmo_tensor, resolve_norm, resolve_polar
+from .polar import check_square, exact_dtype, promote, resolve_schedule
 from .transforms import resolve_input_transform, transformed_lmo
 
 
@@ -238,7 +238,7 @@ def intrinsic_direction(
     steps = spec.steps if steps is None else steps
     dtype = spec.dtype if dtype is None else resolve_polar({"method": method, "dtype": dtype}).dtype
     use_ns = method == "newton_schulz" and nrm.name in ("spectral", "fmuon")
-    schedule = _resolve_schedule(None, steps) if use_ns else None
+    schedule = resolve_schedule(None, steps) if use_ns else None
     sketch = spec if method == "randomized" and nrm.name == "kyfan" else None
     spec_t = resolve_input_transform(transform)
     if spec_t is not None and nrm.joint:
@@ -296,7 +296,7 @@ def intrinsic_direction(
     for h, kind, rank in zip(blocks, structure, ranks):
         symmetric = kind == "symmetric"
         if symmetric:
-            _check_square(h, "h")
+            check_square(h, "h")
         elif method == "eigh":
             raise ValueError(f"polar='eigh' needs symmetric blocks; {geometry!r} has a {kind} block: use 'svd'")
         h_numpy = isinstance(h, np.ndarray)
@@ -306,7 +306,7 @@ def intrinsic_direction(
             else:
                 z, d = torch.zeros_like(h), torch.zeros(h.shape[:-2], dtype=h.dtype, device=h.device)
         else:  # the LMO kernel: the arguments were validated once above
-            work = h.dtype if h_numpy else _exact_dtype(h, None if sketch is not None else dtype)
+            work = h.dtype if h_numpy else exact_dtype(h, None if sketch is not None else dtype)
             hw = astype(h, work)
             if spec_t is not None:
                 if kind != "general" or h_numpy:
@@ -315,10 +315,10 @@ def intrinsic_direction(
                         "symmetry or skewness (tangency) the transform would break"
                     )
 
-                ns_work = dtype if dtype is not None else _promote(h.dtype)
+                ns_work = dtype if dtype is not None else promote(h.dtype)
 
                 def block_lmo(t: torch.Tensor, ns_work: torch.dtype = ns_work, rank: int | None = rank) -> torch.Tensor:
-                    return _lmo_tensor(
+                    return lmo_tensor(
                         t, nrm, symmetric=False, schedule=schedule, ns_work=ns_work, return_dual=False, rank=rank,
                         eps=eps, sketch=sketch, generator=generator,
                     )[0]  # fmt: skip
@@ -329,12 +329,12 @@ def intrinsic_direction(
                 kinds.append(kind)
                 duals.append(None if d is None else astype(d, h.dtype))
                 continue
-            z, d = _lmo_tensor(
+            z, d = lmo_tensor(
                 hw,
-                _SPECTRAL if fmuon else nrm,  # F-Muon: the polar part here, the joint Frobenius part below
+                SPECTRAL if fmuon else nrm,  # F-Muon: the polar part here, the joint Frobenius part below
                 symmetric=symmetric,
                 schedule=schedule,
-                ns_work=None if h_numpy else (dtype if dtype is not None else _promote(h.dtype)),
+                ns_work=None if h_numpy else (dtype if dtype is not None else promote(h.dtype)),
                 return_dual=need_duals,
                 rank=rank,
                 eps=eps,
@@ -445,7 +445,7 @@ def _numpy_template(
 ) -> Direction:
     """The template on small float32/float64 numpy inputs (exact LMO, no input transform, no F-Muon or Ky Fan: the
     caller checked): the same steps and kernels as the torch route (:func:`_prescale`, the geometry's operations,
-    :func:`imuon_manopt.lmo._lmo_tensor`, :func:`_assemble`), without its dtype promotion, solver dispatch and
+    :func:`imuon_manopt.lmo.lmo_tensor`, :func:`_assemble`), without its dtype promotion, solver dispatch and
     transform handling, which cost more than the arithmetic on such inputs."""
     out_dtype = x_leaves[0].dtype
     eps = max(_NP_EPS[t.dtype] for t in (*x_leaves, *e_leaves))  # the rank cut follows the inputs' rounding
@@ -464,11 +464,11 @@ def _numpy_template(
     for h, kind, rank in zip(blocks, structure, ranks):
         symmetric = kind == "symmetric"
         if symmetric:
-            _check_square(h, "h")
+            check_square(h, "h")
         if h.size == 0:
             z, d = np.zeros_like(h), np.zeros(h.shape[:-2], dtype=h.dtype)
         else:
-            z, d = _lmo_tensor(
+            z, d = lmo_tensor(
                 h, nrm, symmetric=symmetric, schedule=None, ns_work=None, return_dual=need_duals, rank=rank, eps=eps
             )
         zs.append(astype(z, h.dtype))

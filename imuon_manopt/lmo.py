@@ -37,25 +37,25 @@ from ._backend import astype, from_torch, namespace, to_torch
 from .geometry.base import sym
 from .polar import (
     Coefficients,
-    _as_dtype,
-    _check_eps,
-    _check_matrix,
-    _check_rank,
-    _check_square,
-    _eigh_parts,
-    _exact_dtype,
-    _finite_or_zero,
-    _fro,
-    _is_vector,
-    _max_abs,
-    _newton_schulz,
-    _promote,
-    _rank_tol,
-    _resolve_schedule,
-    _svd_parts,
-    _vector_parts,
+    as_dtype,
+    check_eps,
+    check_matrix,
+    check_rank,
+    check_square,
+    eigh_parts,
+    exact_dtype,
+    finite_or_zero,
+    fro_norm,
+    is_vector,
+    max_abs,
     msign,
+    newton_schulz,
     polar,
+    promote,
+    rank_tol,
+    resolve_schedule,
+    svd_parts,
+    vector_parts,
 )
 
 __all__ = [
@@ -287,7 +287,7 @@ def resolve_polar(polar: str | dict[str, Any] | PolarSpec) -> PolarSpec:
     return PolarSpec(
         method=method,
         steps=None if steps is None else int(steps),
-        dtype=_as_dtype(opts.get("dtype")),
+        dtype=as_dtype(opts.get("dtype")),
         oversample=_nonneg_int("oversample", opts.get("oversample", DEFAULT_OVERSAMPLE)),
         power_iters=_nonneg_int("power_iters", opts.get("power_iters", DEFAULT_POWER_ITERS)),
     )
@@ -353,7 +353,7 @@ def _singular_lmo(s: Any, keep: Any, nrm: Norm) -> tuple[Any, Any]:
     return z, dual
 
 
-_SPECTRAL = _make_norm("spectral", math.inf)
+SPECTRAL = _make_norm("spectral", math.inf)
 # Exact Ky Fan on a thin block (long side >= _KF_GRAM_ASPECT times the short one, k below the short side) runs on the
 # short side's Gram matrix in float64: cheaper than a thin SVD and, in float64, equal to it to ~1e-12 on
 # gradient-like spectra (the Gram matrix squares the condition number; its cut is at sqrt(eps64) relative).
@@ -373,15 +373,15 @@ def _kyfan_gram(x: torch.Tensor, k: int, eps: float | None, rank: int | None):
     Returns ``(P, V_k^T, KF_k(X))`` in ``x``'s orientation."""
     transpose = x.shape[-2] < x.shape[-1]
     y = x.mT if transpose else x
-    scale = _max_abs(y)
-    yf, bad = _finite_or_zero(y / scale, scale)  # a non-finite matrix gives NaN, not a solver error
+    scale = max_abs(y)
+    yf, bad = finite_or_zero(y / scale, scale)  # a non-finite matrix gives NaN, not a solver error
     y64 = yf.to(torch.float64)
     lam, vec = torch.linalg.eigh(y64.mT @ y64)  # ascending
     lam = lam.flip(-1).clamp_min(0.0)
     vec = vec.flip(-1)
     kk = min(k, lam.shape[-1])
     lam_k, v_k = lam[..., :kk], vec[..., :kk]
-    tol = _rank_tol(max(x.shape[-2:]), eps, x.dtype)
+    tol = rank_tol(max(x.shape[-2:]), eps, x.dtype)
     # eigh's round-off on the Gram matrix is ~ n eps64 lam_max: below that no eigenvalue is a direction
     cut = max(tol * tol, 8 * lam.shape[-1] * torch.finfo(torch.float64).eps)
     keep = lam_k > cut * lam[..., :1]
@@ -464,8 +464,8 @@ def _kyfan_randomized(
     y = x.mT if transpose else x  # (..., s, L), s <= L: the range of the short side
     s_dim, l_dim = y.shape[-2:]
     ell = min(k + oversample, s_dim)
-    scale = _max_abs(y)
-    y, bad = _finite_or_zero(y / scale, scale)  # a non-finite matrix gives NaN, not a solver error
+    scale = max_abs(y)
+    y, bad = finite_or_zero(y / scale, scale)  # a non-finite matrix gives NaN, not a solver error
     mm = y.dtype if mm_dtype is None else mm_dtype
     ym = y.to(mm)
     if generator is None:
@@ -479,7 +479,7 @@ def _kyfan_randomized(
     b = (q.mT.to(mm) @ ym).to(y.dtype)  # (..., ell, L)
     u, sv, vh = torch.linalg.svd(b, full_matrices=False)
     kk = min(k, sv.shape[-1])
-    tol = _rank_tol(max(x.shape[-2:]), eps, y.dtype) * sv[..., :1]
+    tol = rank_tol(max(x.shape[-2:]), eps, y.dtype) * sv[..., :1]
     keep = sv[..., :kk] > tol
     if rank is not None:
         keep = keep & (torch.arange(kk, device=x.device) < rank)
@@ -507,7 +507,7 @@ def _kyfan_factors(
         return _kyfan_randomized(x, k, sketch.oversample, sketch.power_iters, sketch.dtype, eps, rank, generator)
     if k < short and long >= _KF_GRAM_ASPECT * short and x.device.type == "cpu":
         return _kyfan_gram(x, k, eps, rank)
-    u, s, vh, scale, keep = _svd_parts(x, eps=eps, rank=rank)
+    u, s, vh, scale, keep = svd_parts(x, eps=eps, rank=rank)
     kk = min(k, s.shape[-1])
     left = u[..., :kk] * keep[..., :kk].unsqueeze(-2).to(u.dtype)
     return left, vh[..., :kk, :], s[..., :kk].sum(dim=-1) * scale[..., 0, 0]
@@ -529,7 +529,7 @@ def kyfan_factors(
     spec = resolve_polar(polar)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
-    x = h.to(_promote(h.dtype))
+    x = h.to(promote(h.dtype))
     p, r, d = _kyfan_factors(
         x,
         k,
@@ -541,7 +541,7 @@ def kyfan_factors(
     return p, r, d
 
 
-def _lmo_tensor(
+def lmo_tensor(
     x: torch.Tensor,
     nrm: Norm,
     *,
@@ -566,17 +566,17 @@ def _lmo_tensor(
     xp = namespace(x)
     if symmetric:
         x = sym(x)
-    if _is_vector(x):  # one singular value: every norm's LMO is the normalization
-        z, nrm_x = _vector_parts(x)
+    if is_vector(x):  # one singular value: every norm's LMO is the normalization
+        z, nrm_x = vector_parts(x)
         if rank == 0:
             z = xp.zeros_like(z)
         return z, nrm_x[..., 0, 0]
     if nrm.name == "fmuon":
-        zp, nuc = _lmo_tensor(
-            x, _SPECTRAL, symmetric=symmetric, schedule=schedule, ns_work=ns_work, return_dual=return_dual,
+        zp, nuc = lmo_tensor(
+            x, SPECTRAL, symmetric=symmetric, schedule=schedule, ns_work=ns_work, return_dual=return_dual,
             rank=rank, eps=eps,
         )  # fmt: skip
-        scale = _max_abs(x)
+        scale = max_abs(x)
         fro = torch.linalg.vector_norm(x / scale, dim=(-2, -1), keepdim=True) * scale
         alpha = float(nrm.alpha)  # type: ignore[arg-type]
         dual = None if nuc is None else alpha * nuc + (1.0 - alpha) * fro[..., 0, 0]
@@ -585,21 +585,21 @@ def _lmo_tensor(
         left, right, dual = _kyfan_factors(x, int(nrm.k), sketch=sketch, eps=eps, rank=rank, generator=generator)  # type: ignore[arg-type]
         return left @ right, dual
     if nrm.name == "frobenius":
-        scale = _max_abs(x)
+        scale = max_abs(x)
         y = x / scale
-        f = _fro(y)
+        f = fro_norm(y)
         return y / xp.where(f > 0, f, xp.ones_like(f)), (f * scale)[..., 0, 0]
     if schedule is not None:
-        z = _newton_schulz(x, schedule[0], schedule[1], x.dtype if ns_work is None else ns_work).to(x.dtype)
+        z = newton_schulz(x, schedule[0], schedule[1], x.dtype if ns_work is None else ns_work).to(x.dtype)
         if not return_dual:
             return z, None
-        scale = _max_abs(x)  # the achieved <H, Z>, only when asked (it costs a pass over H)
+        scale = max_abs(x)  # the achieved <H, Z>, only when asked (it costs a pass over H)
         return z, ((x / scale) * z).sum(dim=(-2, -1)) * scale[..., 0, 0]
     if symmetric:
-        q, lam, scale, keep = _eigh_parts(x, eps=eps, rank=rank)
+        q, lam, scale, keep = eigh_parts(x, eps=eps, rank=rank)
         zv, dual = _singular_lmo(abs(lam), keep, nrm)
         return (q * (xp.sign(lam) * zv)[..., None, :]) @ q.mT, dual * scale[..., 0, 0]
-    u, s, vh, scale, keep = _svd_parts(x, eps=eps, rank=rank)
+    u, s, vh, scale, keep = svd_parts(x, eps=eps, rank=rank)
     zv, dual = _singular_lmo(s, keep, nrm)
     return (u * zv[..., None, :]) @ vh, dual * scale[..., 0, 0]
 
@@ -676,18 +676,18 @@ def lmo(
     if method == "eigh" and not symmetric:
         raise ValueError("method='eigh' needs symmetric=True; use method='svd' for general matrices")
     t, was_numpy = to_torch(h)
-    _check_matrix(t, "h")
+    check_matrix(t, "h")
     if symmetric:
-        _check_square(t, "h")
-    dtype = _as_dtype(dtype)
-    rank = _check_rank(rank)
-    eps = _check_eps(eps, t)
+        check_square(t, "h")
+    dtype = as_dtype(dtype)
+    rank = check_rank(rank)
+    eps = check_eps(eps, t)
     sketch = None
     if method == "randomized":
         sketch = resolve_polar({"method": method, "dtype": dtype, "oversample": oversample, "power_iters": power_iters})
     use_ns = method == "newton_schulz" and nrm.name in ("spectral", "fmuon")
-    schedule = _resolve_schedule(coefficients, steps) if use_ns else None
-    work = _exact_dtype(t, None if sketch is not None else dtype)
+    schedule = resolve_schedule(coefficients, steps) if use_ns else None
+    work = exact_dtype(t, None if sketch is not None else dtype)
     out_dtype = t.dtype
     batch = t.shape[:-2]
     tau_t = _tau_tensor(tau, batch, work, t.device)
@@ -697,8 +697,8 @@ def lmo(
         z = torch.zeros_like(t)
         dual = torch.zeros(batch, dtype=out_dtype, device=t.device)
     else:
-        ns_work = dtype if dtype is not None else _promote(t.dtype)
-        z, dual = _lmo_tensor(
+        ns_work = dtype if dtype is not None else promote(t.dtype)
+        z, dual = lmo_tensor(
             t.to(work),
             nrm,
             symmetric=symmetric,
@@ -716,7 +716,7 @@ def lmo(
         dual = None if dual is None else dual.to(out_dtype)
     z = from_torch(z, was_numpy)
     if return_dual:
-        if dual is None:  # _lmo_tensor computes it whenever return_dual is set
+        if dual is None:  # lmo_tensor computes it whenever return_dual is set
             raise RuntimeError("internal error: the LMO kernel returned no dual norm")
         return z, from_torch(dual, was_numpy)
     return z
@@ -740,20 +740,20 @@ def dual_norm(h: Any, norm: str | tuple[str, Any] | Norm = "spectral", *, symmet
     """
     nrm = resolve_norm(norm)
     t, was_numpy = to_torch(h)
-    _check_matrix(t, "h")
+    check_matrix(t, "h")
     if symmetric:
-        _check_square(t, "h")
+        check_square(t, "h")
     if t.numel() == 0:
         return from_torch(torch.zeros(t.shape[:-2], dtype=t.dtype, device=t.device), was_numpy)
-    x = t.to(_promote(t.dtype))
+    x = t.to(promote(t.dtype))
     if symmetric:
         x = sym(x)
-    scale = _max_abs(x)
+    scale = max_abs(x)
     y = x / scale
     if nrm.name == "frobenius":
         d = torch.linalg.vector_norm(y, dim=(-2, -1))
     else:
-        y, mask = _finite_or_zero(y, scale)  # a non-finite matrix has a NaN dual, not a solver error
+        y, mask = finite_or_zero(y, scale)  # a non-finite matrix has a NaN dual, not a solver error
         s = (torch.linalg.eigvalsh(y).abs() if symmetric else torch.linalg.svdvals(y)) * mask[..., 0]
         if nrm.name == "fmuon":
             alpha = float(nrm.alpha)  # type: ignore[arg-type]

@@ -107,7 +107,7 @@ def _use_gram(s: int, l: int, work: torch.dtype, device: torch.device, count: in
 # validation and dtype utilities (shared with lmo.py)
 
 
-def _check_matrix(t: torch.Tensor, name: str = "x") -> None:
+def check_matrix(t: torch.Tensor, name: str = "x") -> None:
     if t.ndim < 2:
         raise ValueError(f"{name} must have at least 2 dimensions (..., m, n), got shape {tuple(t.shape)}")
     if not t.dtype.is_floating_point:
@@ -116,12 +116,12 @@ def _check_matrix(t: torch.Tensor, name: str = "x") -> None:
         )
 
 
-def _check_square(t: torch.Tensor, name: str = "x") -> None:
+def check_square(t: torch.Tensor, name: str = "x") -> None:
     if t.shape[-1] != t.shape[-2]:
         raise ValueError(f"{name} must be square (..., n, n) for the symmetric variant, got shape {tuple(t.shape)}")
 
 
-def _as_dtype(dtype: Any) -> torch.dtype | None:
+def as_dtype(dtype: Any) -> torch.dtype | None:
     """``None``, a torch dtype, or anything numpy understands as a floating dtype -> torch dtype."""
     if dtype is None:
         return None
@@ -137,14 +137,14 @@ def _as_dtype(dtype: Any) -> torch.dtype | None:
     return out
 
 
-def _promote(dtype: torch.dtype) -> torch.dtype:
+def promote(dtype: torch.dtype) -> torch.dtype:
     """At least float32: half types are computed in float32."""
     return torch.float32 if dtype in _HALF else dtype
 
 
-def _exact_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+def exact_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
     """Working dtype of the SVD/eigh paths: ``dtype`` (or the input's), promoted to >= float32."""
-    return _promote(dtype if dtype is not None else t.dtype)
+    return promote(dtype if dtype is not None else t.dtype)
 
 
 def _resolve_steps(steps: Any) -> int:
@@ -155,7 +155,7 @@ def _resolve_steps(steps: Any) -> int:
     return int(steps)
 
 
-def _resolve_schedule(coefficients: Coefficients, steps: Any) -> tuple[list[tuple[float, float, float]], float]:
+def resolve_schedule(coefficients: Coefficients, steps: Any) -> tuple[list[tuple[float, float, float]], float]:
     """-> (one (a, b, c) per step, input normalization margin)."""
     n_steps = _resolve_steps(steps)
     if coefficients is None:
@@ -184,7 +184,7 @@ def _resolve_schedule(coefficients: Coefficients, steps: Any) -> tuple[list[tupl
     return [seq[min(i, len(seq) - 1)] for i in range(n_steps)], margin
 
 
-def _max_abs(x: torch.Tensor) -> torch.Tensor:
+def max_abs(x: torch.Tensor) -> torch.Tensor:
     """Per-matrix max |x_ij| (..., 1, 1), floored at the dtype's smallest normal number: dividing
     by it is always safe, a zero matrix stays zero, and a subnormal one comes out with entries
     below 1 (the caller's next normalization, if any, must allow for that). numpy in, numpy out."""
@@ -201,7 +201,7 @@ def _max_abs(x: torch.Tensor) -> torch.Tensor:
 # torch kernels (no conversion, no validation): also used by lmo.py
 
 
-def _rank_tol(n: int, eps: float | None, dtype: torch.dtype) -> float:
+def rank_tol(n: int, eps: float | None, dtype: torch.dtype) -> float:
     """Relative rank cut ``max(eps_work * n, eps)`` (``n = max(m, n)``): the first term bounds the round-off of the
     decomposition in the working dtype, the second the rounding the input carries (``eps``: its machine epsilon, e.g.
     ``2^-7`` for bfloat16 computed in float32; the rounding noise of a rank-deficient bfloat16 matrix measured below
@@ -220,7 +220,7 @@ def _cap_rank(keep: torch.Tensor, rank: int | None) -> torch.Tensor:
     return keep & (torch.arange(keep.shape[-1], device=keep.device) < rank)
 
 
-def _finite_or_zero(y: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def finite_or_zero(y: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y with every non-finite matrix zeroed, mask)``, ``mask`` 1 for finite and NaN for non-finite matrices
     (..., 1, 1). ``scale`` (the per-matrix max-abs) is non-finite exactly when the matrix is."""
     xp = namespace(y)
@@ -229,41 +229,41 @@ def _finite_or_zero(y: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor,
     return xp.where(bad, xp.zeros_like(y), y), mask
 
 
-def _svd_parts(x: torch.Tensor, *, eps: float | None = None, rank: int | None = None):
+def svd_parts(x: torch.Tensor, *, eps: float | None = None, rank: int | None = None):
     """Thin SVD of ``x / scale`` (``scale`` = per-matrix max-abs entry, so huge and tiny inputs
     neither overflow nor underflow). Returns ``(U, s, Vh, scale, keep)``: the singular values of
-    ``x`` are ``s * scale``; ``keep`` marks those above the cut of :func:`_rank_tol` times ``s_max``
+    ``x`` are ``s * scale``; ``keep`` marks those above the cut of :func:`rank_tol` times ``s_max``
     among the first ``rank``. A matrix with a NaN or infinite entry gives NaN factors (never a solver error).
     Torch tensors or numpy arrays."""
     xp = namespace(x)
-    scale = _max_abs(x)
+    scale = max_abs(x)
     y = x / scale
     try:
         u, s, vh = xp.linalg.svd(y, full_matrices=False)
     except (torch.linalg.LinAlgError, np.linalg.LinAlgError):  # non-finite input: NaN for those matrices
-        y, mask = _finite_or_zero(y, scale)
+        y, mask = finite_or_zero(y, scale)
         u, s, vh = xp.linalg.svd(y, full_matrices=False)
         u, s = u * mask, s * mask[..., 0]
-    tol = _rank_tol(max(x.shape[-2:]), eps, s.dtype) * s[..., :1]
+    tol = rank_tol(max(x.shape[-2:]), eps, s.dtype) * s[..., :1]
     return u, s, vh, scale, _cap_rank(s > tol, rank)
 
 
-def _eigh_parts(x: torch.Tensor, *, eps: float | None = None, rank: int | None = None):
+def eigh_parts(x: torch.Tensor, *, eps: float | None = None, rank: int | None = None):
     """``eigh`` of ``sym(x) / scale``. Returns ``(Q, lam, scale, keep)``: the eigenvalues of
-    ``sym(x)`` are ``lam * scale``; ``keep`` marks ``|lam|`` above the :func:`_rank_tol` cut among the
+    ``sym(x)`` are ``lam * scale``; ``keep`` marks ``|lam|`` above the :func:`rank_tol` cut among the
     ``rank`` largest in magnitude. Non-finite matrices give NaN factors. Torch tensors or numpy arrays."""
     xp = namespace(x)
     h = sym(x)
-    scale = _max_abs(h)
+    scale = max_abs(h)
     y = h / scale
     try:
         lam, q = xp.linalg.eigh(y)
     except (torch.linalg.LinAlgError, np.linalg.LinAlgError):
-        y, mask = _finite_or_zero(y, scale)
+        y, mask = finite_or_zero(y, scale)
         lam, q = xp.linalg.eigh(y)
         lam, q = lam * mask[..., 0], q * mask
     mag = abs(lam)
-    tol = _rank_tol(x.shape[-1], eps, lam.dtype) * xp.amax(mag, axis=-1, keepdims=True)
+    tol = rank_tol(x.shape[-1], eps, lam.dtype) * xp.amax(mag, axis=-1, keepdims=True)
     keep = mag > tol
     if rank is not None and rank < mag.shape[-1]:  # keep the `rank` largest magnitudes
         if xp is np:
@@ -276,7 +276,7 @@ def _eigh_parts(x: torch.Tensor, *, eps: float | None = None, rank: int | None =
     return q, lam, scale, keep
 
 
-def _fro(y: torch.Tensor) -> torch.Tensor:
+def fro_norm(y: torch.Tensor) -> torch.Tensor:
     """Per-matrix Frobenius norm (..., 1, 1) of a matrix scaled to entries <= 1 (no overflow to guard against):
     ``torch.linalg.vector_norm``, or for numpy the square root of the sum of squares (numpy's ``vector_norm`` over
     two axes costs ~20 us of Python on a small matrix)."""
@@ -285,12 +285,12 @@ def _fro(y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True)
 
 
-def _is_vector(x: torch.Tensor) -> bool:
+def is_vector(x: torch.Tensor) -> bool:
     """A matrix with one row or one column: its one singular value is its 2-norm."""
     return min(x.shape[-2:]) == 1
 
 
-def _vector_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def vector_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x / ||x||_F, ||x||_F)`` per matrix for a vector-shaped ``x`` (..., m, 1) or (..., 1, n): its
     exact polar factor (zero for a zero vector, NaN for a non-finite one) and its singular value
     (..., 1, 1), without overflow or underflow."""
@@ -303,9 +303,9 @@ def _vector_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = x / scale
         nrm = math.sqrt(float((y * y).sum()))
         return y / (nrm if not nrm < tiny else tiny), np.full((1, 1), nrm * scale, dtype=x.dtype)
-    scale = _max_abs(x)
+    scale = max_abs(x)
     y = x / scale
-    nrm = _fro(y)
+    nrm = fro_norm(y)
     if isinstance(y, np.ndarray):
         # the nonzero entries of y are at least 2^-52 (float64; 2^-23 float32: the smallest subnormal over the
         # smallest normal), so a nonzero norm exceeds tiny and max(nrm, tiny) divides like where(nrm > 0, nrm, 1)
@@ -314,20 +314,20 @@ def _vector_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _polar_svd(x: torch.Tensor, work: torch.dtype, eps: float | None = None, rank: int | None = None):
-    if _is_vector(x):
-        z = _vector_parts(x.to(work))[0]
+    if is_vector(x):
+        z = vector_parts(x.to(work))[0]
         return z if rank is None or rank >= 1 else torch.zeros_like(z)
-    u, _, vh, _, keep = _svd_parts(x.to(work), eps=eps, rank=rank)
+    u, _, vh, _, keep = svd_parts(x.to(work), eps=eps, rank=rank)
     return (u * keep.unsqueeze(-2).to(u.dtype)) @ vh
 
 
 def _msign_eigh(x: torch.Tensor, work: torch.dtype, eps: float | None = None, rank: int | None = None):
-    q, lam, _, keep = _eigh_parts(x.to(work), eps=eps, rank=rank)
+    q, lam, _, keep = eigh_parts(x.to(work), eps=eps, rank=rank)
     sgn = torch.sign(lam) * keep.to(lam.dtype)
     return (q * sgn.unsqueeze(-2)) @ q.mT
 
 
-def _newton_schulz(
+def newton_schulz(
     x: torch.Tensor, coeffs: Sequence[tuple[float, float, float]], margin: float, work: torch.dtype
 ) -> torch.Tensor:
     """Newton–Schulz polar factor of ``x`` (..., m, n), computed in ``work``; returned in ``work``.
@@ -341,13 +341,13 @@ def _newton_schulz(
     transpose = m > n
     s, l = (n, m) if transpose else (m, n)
     batch = x.shape[:-2]
-    prec = torch.promote_types(_promote(x.dtype), _promote(work))  # precision of the scaling step
+    prec = torch.promote_types(promote(x.dtype), promote(work))  # precision of the scaling step
     # Out of place throughout: the input is never written to, and autograd can differentiate.
     # After the max-abs step every entry is <= 1; the Frobenius floor at the smallest normal number
     # (not at 1) keeps a zero matrix zero and still normalizes a subnormal one. The scaling runs in
     # the input's memory layout (reductions over a transposed view are slow).
     y = x.to(prec)
-    y = y / _max_abs(y)
+    y = y / max_abs(y)
     fro = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True).mul(margin)
     y = (y / fro.clamp_min(torch.finfo(prec).tiny)).to(work)
     if transpose:
@@ -372,7 +372,7 @@ def _newton_schulz(
 
 
 def _newton_schulz_gram(y: torch.Tensor, coeffs: Sequence[tuple[float, float, float]]) -> torch.Tensor:
-    """The same iteration as :func:`_newton_schulz` for a short-and-wide ``y`` (..., s, l), ``l >> s``,
+    """The same iteration as :func:`newton_schulz` for a short-and-wide ``y`` (..., s, l), ``l >> s``,
     run on its ``s x s`` Gram matrix ``G = Y_0 Y_0^T``.
 
     Every iterate has the form ``Y_k = P_k Y_0`` with ``P_k`` a polynomial in ``G``; with
@@ -409,7 +409,7 @@ def _newton_schulz_gram(y: torch.Tensor, coeffs: Sequence[tuple[float, float, fl
     return p
 
 
-def _check_rank(rank: Any) -> int | None:
+def check_rank(rank: Any) -> int | None:
     if rank is None:
         return None
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 0:
@@ -419,7 +419,7 @@ def _check_rank(rank: Any) -> int | None:
     return int(rank)
 
 
-def _check_eps(eps: Any, t: torch.Tensor) -> float:
+def check_eps(eps: Any, t: torch.Tensor) -> float:
     """The input's unit round-off for the rank cut: ``eps`` if given, else the input dtype's."""
     if eps is None:
         return torch.finfo(t.dtype).eps
@@ -441,26 +441,26 @@ def _orthogonalize(
     """The body of :func:`polar` (``symmetric=False``) and :func:`msign` (``symmetric=True``)."""
     name, methods = ("msign", _MSIGN_METHODS) if symmetric else ("polar", _POLAR_METHODS)
     t, was_numpy = to_torch(x)
-    _check_matrix(t)
+    check_matrix(t)
     if symmetric:
-        _check_square(t)
+        check_square(t)
     if method not in methods:
         raise ValueError(f"unknown method {method!r} for {name}; valid choices: {list(methods)}")
-    dtype = _as_dtype(dtype)
-    rank = _check_rank(rank)
-    eps = _check_eps(eps, t)
+    dtype = as_dtype(dtype)
+    rank = check_rank(rank)
+    eps = check_eps(eps, t)
     if method == "newton_schulz":
-        coeffs, margin = _resolve_schedule(coefficients, steps)
+        coeffs, margin = resolve_schedule(coefficients, steps)
     if t.numel() == 0:
         return from_torch(torch.zeros_like(t), was_numpy)
-    if method == "newton_schulz" and not (_is_vector(t) and not symmetric):
-        work = dtype if dtype is not None else _promote(t.dtype)
-        src = sym(t.to(_promote(t.dtype))) if symmetric else t
-        out = _newton_schulz(src, coeffs, margin, work)
+    if method == "newton_schulz" and not (is_vector(t) and not symmetric):
+        work = dtype if dtype is not None else promote(t.dtype)
+        src = sym(t.to(promote(t.dtype))) if symmetric else t
+        out = newton_schulz(src, coeffs, margin, work)
     elif symmetric:
-        out = _msign_eigh(t, _exact_dtype(t, dtype), eps, rank)
+        out = _msign_eigh(t, exact_dtype(t, dtype), eps, rank)
     else:  # SVD, or the exact normalization of a vector (its polar factor) for either method
-        out = _polar_svd(t, _exact_dtype(t, dtype), eps, rank)
+        out = _polar_svd(t, exact_dtype(t, dtype), eps, rank)
     return from_torch(out.to(t.dtype).contiguous(), was_numpy)
 
 

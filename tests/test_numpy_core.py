@@ -167,14 +167,14 @@ def test_numpy_vector_polar_factor_equals_torch_and_the_closed_form(values, dtyp
     """A vector's polar factor is ``v / ||v||`` and its singular value ``||v||``: the numpy kernel gives the torch
     kernel's result bit for bit on ordinary, zero, subnormal, huge and NaN vectors, and the closed form where the
     norm is representable."""
-    from imuon_manopt.polar import _vector_parts
+    from imuon_manopt.polar import vector_parts
 
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         v = np.array(values, dtype=dtype)[:, None]
     if not np.all((v != 0) == (np.array(values)[:, None] != 0)):  # (float32 flushes the subnormal to zero)
         v = np.array([1e-45, -1e-45, 0.0], dtype=dtype)[:, None]
-    z_np, n_np = _vector_parts(v)
-    z_t, n_t = _vector_parts(torch.from_numpy(v))
+    z_np, n_np = vector_parts(v)
+    z_t, n_t = vector_parts(torch.from_numpy(v))
     np.testing.assert_array_equal(z_np, z_t.numpy())
     np.testing.assert_array_equal(n_np, n_t.numpy())
     if np.all(np.isfinite(v)) and np.any(v != 0):

@@ -138,3 +138,62 @@ def test_every_public_module_has_an_api_page():
         and (name.endswith(".py") or os.path.isdir(os.path.join(ROOT, "imuon_manopt", name)))
     }
     assert public - documented == set()
+
+
+def test_no_private_names_cross_module_boundaries():
+    # A helper one module takes from another is part of the package's internal API: it has a public name (no
+    # leading underscore; `__all__` still lists only the user-facing names). Private modules (`optim/_steps.py`)
+    # are fine to import; a private *name* from another module is not.
+    import ast
+
+    crossings = []
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "imuon_manopt")):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, name)
+            with open(path, encoding="utf-8") as handle:
+                tree = ast.parse(handle.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module is not None:  # `from . import _mod`: a module
+                    crossings += [
+                        f"{os.path.relpath(path, ROOT)}: {a.name} from {'.' * node.level}{node.module or ''}"
+                        for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")
+                    ]
+    assert crossings == []
+
+
+def test_metric_operator_contract_is_stated_once_in_its_docstring():
+    # The class docstring names every member a geometry can provide; the adapters' errors point to it instead of
+    # restating a list of their own.
+    import inspect
+
+    from imuon_manopt.geometry import MetricOperator
+
+    doc = inspect.getdoc(MetricOperator) or ""
+    members = {n for n, _ in inspect.getmembers(MetricOperator) if not n.startswith("_")}
+    assert members >= {"at", "project", "whiten", "unwhiten", "tangent", "block_ranks", "flat", "structure"}
+    missing = sorted(m for m in members if f"``{m}" not in doc)
+    assert missing == [], f"MetricOperator's docstring does not describe {missing}"
+
+
+def test_adapter_errors_point_to_the_metric_operator_contract():
+    import geoopt
+    import numpy as np
+    import pymanopt
+    import torch
+
+    from imuon_manopt.optim import IMuon as TorchIMuon
+    from imuon_manopt.optimizers import IMuon as PymanoptIMuon
+
+    p = geoopt.ManifoldParameter(torch.zeros(3, 2), manifold=geoopt.PoincareBall())
+    p.grad = torch.ones(3, 2)
+    with pytest.raises(TypeError, match=r"help\(MetricOperator\)"):
+        TorchIMuon([p], lr=0.1).step()
+
+    oblique = pymanopt.manifolds.Oblique(4, 3)
+    cost = pymanopt.function.numpy(oblique)(lambda x: float(np.sum(x)))
+    egrad = pymanopt.function.numpy(oblique)(lambda x: np.ones_like(x))
+    with pytest.raises(TypeError, match=r"help\(MetricOperator\)"):
+        PymanoptIMuon(verbosity=0, max_iterations=2).run(pymanopt.Problem(oblique, cost, euclidean_gradient=egrad))

@@ -1,54 +1,13 @@
 """The metric-operator interface: what a manifold (or metric) provides to get iMuon directions.
 
-A geometry describes, at a point ``x``, a parametrization of the tangent (or horizontal) space by a tuple of
-matrix *blocks* and a Riemannian metric ``g_x(u, v) = <G_x u, v>`` on those blocks. The iMuon template
-(:func:`imuon_manopt.direction.intrinsic_direction`) needs five operations:
-
-``at(x)``
-    factorizations at the point, computed once and shared by the other four (default: ``x`` itself);
-``project(state, egrad)``
-    the Euclidean gradient as a covector on the blocks, ``P_x(E)``;
-``whiten(state, blocks)``
-    ``H = L^{-1} P_x(E)`` for any factor ``L L^T = G_x`` (``L = G_x^{1/2}`` is one choice);
-``unwhiten(state, blocks)``
-    ``xi = L^{-T} Z``: from the LMO output back to tangent coordinates;
-``tangent(state, blocks)``
-    the tangent vector in the representation the host library uses;
-``block_ranks(state)``
-    optional: per block, an upper bound on the rank of its (whitened) covector known from the geometry, or
-    ``None`` (default for every block). E.g. Stiefel's ``K = (I - X X^T) E`` has rank at most ``n - p``; the LMO
-    then treats the values beyond the bound as the rounding noise they are, so the direction stays tangent and
-    continuous in the gradient when ``n < 2p``;
-``supports_numpy``
-    optional attribute (default ``False``): ``True`` when every operation also accepts and returns numpy arrays
-    (written with arithmetic, ``@``, ``.mT`` and the helpers of ``imuon_manopt._backend``); the template then
-    keeps small numpy inputs in numpy instead of converting them to torch;
-``flat(state, v)``
-    the metric's lowering map ("flat", tangent vector -> covector): a Euclidean gradient ``c`` in the point's
-    representation with ``<c, w>_F = g_x(v, w)`` for every tangent ``w``. It turns a tangent vector (a
-    transported momentum buffer, a Riemannian gradient) back into the Euclidean-gradient form the template takes:
-    for ``v = grad f`` the direction from ``flat(v)`` equals the direction from the Euclidean gradient. The
-    default is the identity, right for metrics that are the embedded Frobenius one on the tangent space.
-
-``open_in_ambient`` (class attribute, default ``False``)
-    ``True`` when the manifold is an open subset of its ambient matrix space (SPD in the symmetric matrices,
-    Euclidean space itself): every cotangent space is then the ambient space, so Euclidean gradients taken at
-    different points can be summed as they are (a momentum buffer of Euclidean gradients needs no transport).
-
-Because unitarily invariant LMOs are equivariant under orthogonal changes, any factor ``L`` with
-``L L^T = G_x`` gives the same direction, so Cholesky or QR factors may replace symmetric square roots.
-
-Blocks are tensors of shape ``(..., a, b)``; leading dimensions are a batch, which the template treats as a
-product of manifolds. ``structure`` says, per block, what kind of matrix the block is: ``"general"``,
-``"symmetric"`` (its LMO uses the eigendecomposition / matrix sign) or ``"skew"`` (the LMO is taken over skew
-matrices: the unconstrained maximizer's skew part, which is feasible because unitarily invariant norms satisfy
-``phi(Z^T) = phi(Z)``; it matters for the nuclear norm, whose top singular pair of a skew matrix is not skew).
+:class:`MetricOperator`'s docstring is the contract (every operation, its shapes and its defaults); the rest of the
+package, its error messages and CONTRIBUTING.md point there. Also here: the block helpers ``sym``, ``skew`` and
+``drop_rounding`` shared by the built-in geometries.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -58,10 +17,49 @@ Blocks = tuple[torch.Tensor, ...]
 
 
 class MetricOperator(abc.ABC):
-    """Abstract metric operator on a block parametrization of the tangent space.
+    """A Riemannian metric on a block parametrization of the tangent space: the contract between a manifold and iMuon.
 
-    Subclass it to plug a manifold or metric into iMuon. The five methods are described in the module
-    docstring; all inputs and outputs are torch tensors (the template converts numpy at its boundary).
+    Subclass it to plug a manifold or metric into iMuon (both adapters take one: ``IMuon(geometry=...)`` for
+    Pymanopt, :func:`imuon_manopt.optim.register_manifold` for geoopt). At a point ``x`` the tangent (or horizontal)
+    space is parametrized by a tuple of matrix *blocks*, tensors of shape ``(..., a, b)`` whose leading dimensions
+    are a batch (a product of manifolds), with a metric ``g_x(u, v) = <G_x u, v>`` on them. The template
+    (:func:`imuon_manopt.direction.intrinsic_direction`) computes ``xi = unwhiten(lmo(whiten(project(E))))``.
+
+    Required methods:
+
+    - ``project(state, egrad) -> blocks``: the Euclidean gradient as a covector on the blocks, ``P_x(E)``.
+    - ``whiten(state, blocks) -> blocks``: ``H = L^{-1} P_x(E)`` for any factor ``L L^T = G_x`` (Cholesky or QR
+      factors are fine: unitarily invariant LMOs are equivariant under the orthogonal difference, so every such
+      ``L`` gives the same direction; ``L = G_x^{1/2}`` is one choice).
+    - ``unwhiten(state, blocks) -> blocks``: ``xi = L^{-T} Z``, from the LMO output back to tangent coordinates.
+
+    Optional methods (defaults in parentheses):
+
+    - ``at(x) -> state``: factorizations at the point, computed once and passed to every other method (``x``).
+    - ``tangent(state, blocks)``: the tangent vector in the host library's representation (the single block; a
+      geometry with several blocks must override it).
+    - ``block_ranks(state) -> tuple[int | None, ...] | None``: per block, an upper bound on the rank of its
+      whitened covector known from the geometry, passed to the LMO's rank cut so that values beyond it are treated
+      as the rounding noise they are (``None``: no bound). E.g. Stiefel's ``(I - X X^T) E`` has rank at most
+      ``n - p``, which keeps the direction tangent and continuous in the gradient when ``n < 2p``.
+    - ``flat(state, v)``: the metric's lowering map, tangent vector (host representation) -> covector ``c`` with
+      ``<c, w>_F = g_x(v, w)`` for every tangent ``w``; adapters use it to turn a transported momentum buffer or a
+      Riemannian gradient back into the Euclidean-gradient form the template takes (for ``v = grad f`` the
+      direction from ``flat(v)`` is the direction from the Euclidean gradient). (The identity: right when the
+      metric is the embedded Frobenius one on the tangent space.)
+
+    Class attributes (defaults in parentheses):
+
+    - ``structure``: one entry per block, ``"general"``, ``"symmetric"`` (its LMO uses the eigendecomposition /
+      matrix sign) or ``"skew"`` (the LMO is taken over skew matrices: the skew part of the unconstrained maximizer,
+      feasible because unitarily invariant norms satisfy ``phi(Z^T) = phi(Z)``; it matters for the nuclear norm,
+      whose top singular pair of a skew matrix is not skew). (``("general",)``)
+    - ``open_in_ambient``: the manifold is an open subset of its ambient matrix space (SPD in the symmetric
+      matrices, Euclidean space itself), so every cotangent space is the ambient space and Euclidean gradients
+      taken at different points can be summed as they are (momentum needs no transport). (``False``)
+    - ``supports_numpy``: every operation also accepts and returns numpy arrays (written with arithmetic, ``@``,
+      ``.mT`` and the helpers of ``imuon_manopt._backend``), so the template may keep small numpy inputs in numpy.
+      (``False``: user geometries get torch tensors; the template converts numpy at its boundary.)
 
     Example: a weighted Euclidean metric ``g(u, v) = tr(u^T W v)`` with ``W = C C^T`` on ``R^{n x p}`` has one
     block, ``project`` is the identity, ``whiten(E) = C^{-1} E``, ``unwhiten(Z) = C^{-T} Z`` (see
@@ -70,9 +68,9 @@ class MetricOperator(abc.ABC):
 
     #: One entry per block: ``"general"``, ``"symmetric"`` or ``"skew"``.
     structure: tuple[str, ...] = ("general",)
-    #: The manifold is an open subset of its ambient space (module docstring).
+    #: The manifold is an open subset of its ambient space (see the class docstring).
     open_in_ambient: bool = False
-    #: Whether the operations also run on numpy arrays (see the module docstring); user geometries get torch.
+    #: Whether the operations also run on numpy arrays (see the class docstring); user geometries get torch.
     supports_numpy: bool = False
 
     def at(self, x: Any) -> Any:
@@ -112,26 +110,6 @@ class MetricOperator(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
-
-
-def check_matrix(name: str, t: torch.Tensor, *, min_ndim: int = 2) -> None:
-    """Raise a ``ValueError`` naming ``name`` if ``t`` is not a floating tensor with ``min_ndim`` dims."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch tensor or numpy array, got {type(t).__name__}")
-    if t.ndim < min_ndim:
-        raise ValueError(
-            f"{name} must have at least {min_ndim} dimensions (..., rows, cols), got shape {tuple(t.shape)}"
-        )
-    if not t.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point array, got dtype {t.dtype}")
-
-
-def check_same_shape(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
-    """Raise a ``ValueError`` if the tensors do not all have the same shape."""
-    shapes = [tuple(t.shape) for t in tensors]
-    if any(s != shapes[0] for s in shapes[1:]):
-        pairs = ", ".join(f"{n} {s}" for n, s in zip(names, shapes))
-        raise ValueError(f"shape mismatch: {pairs}; the gradient must have the point's shape")
 
 
 def drop_rounding(block: torch.Tensor, source: torch.Tensor, terms: int) -> torch.Tensor:

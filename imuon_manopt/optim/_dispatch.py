@@ -35,6 +35,7 @@ import geoopt
 import torch
 
 from ..geometry import SPD, Grassmann, MetricOperator, Sphere, Stiefel
+from ..manifolds import Grassmann as GrassmannManifold
 
 GeometryFactory = Callable[[geoopt.Manifold], MetricOperator]
 
@@ -86,23 +87,10 @@ _RULES: dict[type, ManifoldRule] = {
         lambda m: SPD(), "geoopt.SymmetricPositiveDefinite (affine-invariant metric)", verify=True
     ),
     geoopt.Sphere: ManifoldRule(_sphere_geometry, "geoopt.Sphere (row-wise unit spheres)", matrix_shape=_column_shape),
+    GrassmannManifold: ManifoldRule(
+        lambda m: Grassmann("orthonormal"), "imuon_manopt.manifolds.Grassmann (orthonormal representatives)"
+    ),
 }
-
-
-def _register_builtin_grassmann() -> None:
-    try:
-        from ..manifolds import Grassmann as GrassmannManifold
-    except ImportError:  # the geoopt Grassmann manifold is optional for this module
-        return
-    _RULES.setdefault(
-        GrassmannManifold,
-        ManifoldRule(
-            lambda m: Grassmann("orthonormal"), "imuon_manopt.manifolds.Grassmann (orthonormal representatives)"
-        ),
-    )
-
-
-_register_builtin_grassmann()
 
 
 def register_manifold(
@@ -174,9 +162,9 @@ def lookup(manifold: geoopt.Manifold) -> tuple[ManifoldRule, MetricOperator]:
     names = "; ".join(supported_manifolds())
     raise TypeError(
         f"IMuon does not support the manifold {type(manifold).__module__}.{type(manifold).__name__} "
-        f"({manifold!r}). Supported: {names}. To add a manifold, implement the metric-operator interface "
-        "imuon_manopt.geometry.MetricOperator (at, project, whiten, unwhiten, tangent, flat) for its metric and "
-        "register it with imuon_manopt.optim.register_manifold(ManifoldClass, geometry)."
+        f"({manifold!r}). Supported: {names}. To add a manifold, subclass "
+        "imuon_manopt.geometry.MetricOperator for its metric (the contract: help(MetricOperator)) and register it "
+        "with imuon_manopt.optim.register_manifold(ManifoldClass, geometry)."
     )
 
 

@@ -495,8 +495,8 @@ def _unsupported(manifold: Any) -> TypeError:
         f"IMuon has no iMuon geometry for {type(manifold).__module__}."
         f"{type(manifold).__name__}; supported Pymanopt manifolds (exact classes): "
         f"{', '.join(SUPPORTED)} (products of the others). For another manifold or metric, "
-        "implement imuon_manopt.geometry.MetricOperator (project, whiten, unwhiten, "
-        "tangent) and pass it as IMuon(geometry=...)."
+        "subclass imuon_manopt.geometry.MetricOperator (the contract: help(MetricOperator)) and pass it as "
+        "IMuon(geometry=...)."
     )
 
 
