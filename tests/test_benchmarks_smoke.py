@@ -135,7 +135,7 @@ def test_bench_lora_text_tiny(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
     assert set(out["summary"]) == set(bench.VARIANTS)
     for row in out["summary"].values():
-        assert row["step_ms"] > 0 and row["opt_ms"] > 0 and row["step_cost_ms"] > 0 and len(row["finals"]) == 1
+        assert row["step_ms"] > 0 and row["opt_ms"] > 0 and len(row["finals"]) == 1
     exact = out["fidelity"]["iMuon (BM, M^-1A), SVD float64"]
     assert exact["heldout"] < 1e-10 and exact["minibatch"] < 1e-10
     assert out["fidelity"]["AdamW (BM, M^-1A)"]["minibatch"] > 1e-6
