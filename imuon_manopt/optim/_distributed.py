@@ -680,15 +680,7 @@ def agree(flag: torch.Tensor, params: Iterable[torch.Tensor]) -> torch.Tensor:
     One ``all_reduce`` per process group the sharded parameters are split over (none without sharding: then
     ``flag`` is returned as is). Every rank must call it with the same parameters.
     """
-    groups: dict[int, Any] = {}
-    for p in params:
-        if not is_dtensor(p):
-            continue
-        mesh = p.device_mesh
-        for i, pl in enumerate(p.placements):
-            if pl.is_shard() and mesh.size(i) > 1:
-                g = mesh.get_group(i)
-                groups.setdefault(id(g), g)
+    groups = _shard_groups(params)
     if not groups:
         return flag
     v = flag.reshape(1).to(torch.int32)
@@ -700,6 +692,8 @@ def agree(flag: torch.Tensor, params: Iterable[torch.Tensor]) -> torch.Tensor:
 
 
 def _shard_groups(params: Iterable[torch.Tensor]) -> dict[int, Any]:
+    """The process groups (by ``id``) of every mesh dimension over which one of ``params`` is sharded in more than
+    one piece (empty without sharding)."""
     groups: dict[int, Any] = {}
     for p in params:
         if not is_dtensor(p):
