@@ -105,6 +105,7 @@ def _identity_flat(self, x: Any, v: Any) -> Any:
 
 
 def _finite_tree(tree: Any) -> bool:
+    """True when every array in a (nested tuple/list of) numpy arrays or scalars is finite."""
     if isinstance(tree, np.ndarray):
         return bool(np.isfinite(tree).all())
     if isinstance(tree, (list, tuple)):

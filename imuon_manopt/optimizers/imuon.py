@@ -42,7 +42,7 @@ from pymanopt.tools import printer
 from ..direction import intrinsic_direction
 from ..geometry import MetricOperator
 from ..lmo import Norm, PolarSpec, resolve_norm, resolve_polar
-from ._pymanopt_geometry import HostGeometry, host_geometry
+from ._pymanopt_geometry import HostGeometry, _finite_tree, host_geometry
 from .step_size import StepResult, StepSizeRule, resolve_step_size
 
 __all__ = ["IMuon"]
@@ -67,15 +67,6 @@ def _shorten(manifold: Any, host: Any, x: Any, xi: Any, eta: float) -> StepResul
         if host.feasible(point):
             return StepResult(trial_eta, point, None, 0)
     return StepResult(0.0, x, None, 0)
-
-
-def _finite(tree: Any) -> bool:
-    """True when every array in a (nested tuple/list of) numpy arrays or scalars is finite."""
-    if isinstance(tree, np.ndarray):
-        return bool(np.isfinite(tree).all())
-    if isinstance(tree, (list, tuple)):
-        return all(_finite(t) for t in tree)
-    return bool(np.isfinite(np.asarray(tree)).all())
 
 
 def _parts(host: HostGeometry) -> list[HostGeometry] | None:
@@ -357,13 +348,13 @@ class IMuon(Optimizer):
         while True:
             stopping_criterion = None
             if not x_finite:
-                x_finite = _finite(x)
+                x_finite = _finite_tree(x)
             finite = math.isfinite(cost) and x_finite
             if iteration >= self._max_iterations and finite:
                 # Pymanopt's convention: max_iterations rows, counted from 1; the last step's point
                 # is the result (its cost is the result's cost), with no row of its own.
                 stopping_criterion = self._check_stopping_criterion(start_time=start_time, iteration=iteration)
-                if _finite(rgrad):
+                if _finite_tree(rgrad):
                     gradient_norm = float(manifold.norm(x, rgrad))
                 if self._verbosity >= 1:
                     print(stopping_criterion)
@@ -371,9 +362,9 @@ class IMuon(Optimizer):
                 break
             # (a non-finite Riemannian gradient shows in its norm)
             gradient_norm = float(manifold.norm(x, rgrad)) if finite else math.nan
-            if math.isfinite(gradient_norm) and _finite(e_core):
+            if math.isfinite(gradient_norm) and _finite_tree(e_core):
                 xi, gap = self._direction(host, x, e_core)
-                finite_direction = math.isfinite(gap) and _finite(xi)
+                finite_direction = math.isfinite(gap) and _finite_tree(xi)
             else:
                 finite_direction = False
             if not finite_direction:
@@ -473,7 +464,7 @@ class IMuon(Optimizer):
                         f"Terminated - the last {_STALL_WINDOW} steps changed the cost by at most "
                         f"{self._min_cost_change:g} of its value (rounding level) after {iteration} iterations."
                     )
-                    gradient_norm = float(manifold.norm(x, rgrad)) if _finite(rgrad) else math.nan
+                    gradient_norm = float(manifold.norm(x, rgrad)) if _finite_tree(rgrad) else math.nan
                     self._add_log_entry(
                         iteration=iteration + 1,
                         point=x,
