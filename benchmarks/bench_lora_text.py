@@ -606,7 +606,9 @@ def fmt_lr(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
 
-def machine_lines(args: argparse.Namespace, argv: Sequence[str], load_start: tuple, load_end: tuple) -> list[str]:
+def host_lines(script: str, argv: Sequence[str], load_start: tuple, load_end: tuple, software: str = "") -> list[str]:
+    """The machine part of a results file: the command (``python benchmarks/<script> <argv>``), CPU, load at the
+    start and end, threads, and the software versions (``software`` appended after transformers')."""
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as handle:
@@ -616,22 +618,27 @@ def machine_lines(args: argparse.Namespace, argv: Sequence[str], load_start: tup
         pass
     import transformers
 
-    peft_version = "not installed"
-    if peft_available():
-        import peft
-
-        peft_version = peft.__version__
     env = ", ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ)
     return [
-        f"- command: `python benchmarks/bench_lora_text.py {' '.join(argv)}`",
+        f"- command: `python benchmarks/{script} {' '.join(argv)}`",
         f"- machine: {platform.node()}, {cpu}, {os.cpu_count()} CPUs, {platform.platform()}",
         f"- load average (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in load_start)} at the start, "
         f"{', '.join(f'{x:.2f}' for x in load_end)} at the end",
         f"- threads: torch.get_num_threads() = {torch.get_num_threads()}"
         + (f" ({env})" if env else " (no OMP/MKL environment setting)"),
         f"- software: Python {platform.python_version()}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, peft {peft_version}; adapters built by {args.adapters_used}",
+        f"{transformers.__version__}{software}",
     ]
+
+
+def machine_lines(args: argparse.Namespace, argv: Sequence[str], load_start: tuple, load_end: tuple) -> list[str]:
+    peft_version = "not installed"
+    if peft_available():
+        import peft
+
+        peft_version = peft.__version__
+    software = f", peft {peft_version}; adapters built by {args.adapters_used}"
+    return host_lines("bench_lora_text.py", argv, load_start, load_end, software)
 
 
 def verdict(diffs: Sequence[float], tol: float = 1e-3) -> str:

@@ -58,7 +58,6 @@ import copy
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -595,29 +594,6 @@ def winner(values: dict[str, list[float]], tol: float = 1e-3) -> tuple[str, str]
     return best, f"{best} ({mean:.4f}) wins on {'every one of ' if n > 1 else ''}{n} seed{'s' if n > 1 else ''}{gap}"
 
 
-def machine_lines(argv: Sequence[str], load_start: tuple, load_end: tuple) -> list[str]:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    import transformers
-
-    env = ", ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ)
-    return [
-        f"- command: `python benchmarks/bench_pretrain.py {' '.join(argv)}`",
-        f"- machine: {platform.node()}, {cpu}, {os.cpu_count()} CPUs, {platform.platform()}",
-        f"- load average (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in load_start)} at the start, "
-        f"{', '.join(f'{x:.2f}' for x in load_end)} at the end",
-        f"- threads: torch.get_num_threads() = {torch.get_num_threads()}"
-        + (f" ({env})" if env else " (no OMP/MKL environment setting)"),
-        f"- software: Python {platform.python_version()}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}",
-    ]
-
-
 def plot_curves(results: dict[str, list[Run]], output: Path, title: str) -> list[Path]:
     import matplotlib
 
@@ -852,7 +828,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{args.batch}, {n_seeds} seed{'s' if n_seeds > 1 else ''}"
     )
     lines = [f"# {title}", ""]
-    lines += machine_lines(argv, load_start, load_end)
+    lines += lt.host_lines("bench_pretrain.py", argv, load_start, load_end)
     lines += [
         f"- wall time: {wall:.0f} s ({wall / 60:.1f} min)",
         f"- data: {len(files)} stdlib files ({len(corpus) / 1e6:.2f} MB), last {lt.PRETRAIN['holdout']:.0%} held out "
