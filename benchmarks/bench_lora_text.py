@@ -653,6 +653,38 @@ def verdict(diffs: Sequence[float], tol: float = 1e-3) -> str:
     return "ties" + n
 
 
+def grid_lines(grids: dict[str, dict[float, float]], best: dict[str, float]) -> list[str]:
+    """The results file's table of learning-rate grids (final held-out loss per rate, the best in bold); nothing
+    without grids."""
+    if not grids:
+        return []
+    lines = [
+        "",
+        "Learning-rate grids (seed 0, final held-out loss; best in bold):",
+        "",
+        "| optimizer | grid |",
+        "|---|---|",
+    ]
+    for v, grid in grids.items():
+        cells = [
+            ("**" if lr == best[v] else "") + f"{fmt_lr(lr)}: {fmt(val)}" + ("**" if lr == best[v] else "")
+            for lr, val in grid.items()
+        ]
+        lines.append(f"| {v} | {', '.join(cells)} |")
+    return lines
+
+
+def write_results(output: Path, lines: list[str], plots: list[Path], raw: dict) -> str:
+    """Write ``results.md`` (``lines`` and the plots' names) and ``results.json`` (``raw``) under ``output``, print
+    the markdown and return it."""
+    lines = [*lines, "", "Plots: " + ", ".join(f"`{p.name}`" for p in plots)]
+    text = "\n".join(lines) + "\n"
+    (output / "results.md").write_text(text)
+    (output / "results.json").write_text(json.dumps(raw, indent=1, default=str))
+    print(text)
+    return text
+
+
 def plot_curves(results: dict[str, list[Run]], output: Path, title: str) -> list[Path]:
     import matplotlib
 
@@ -960,20 +992,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 f"| {v} | {f['reference']} | {fmt_lr(f['lr'])} | {f['polar']}, {f['dtype']} | "
                 f"{f['heldout']:.2e} | {f['minibatch']:.2e} | {fmt(f['final'][0])} / {fmt(f['final'][1])} |"
             )
-    if grids:
-        lines += [
-            "",
-            "Learning-rate grids (seed 0, final held-out loss; best in bold):",
-            "",
-            "| optimizer | grid |",
-            "|---|---|",
-        ]
-        for v, grid in grids.items():
-            cells = [
-                ("**" if lr == best[v] else "") + f"{fmt_lr(lr)}: {fmt(val)}" + ("**" if lr == best[v] else "")
-                for lr, val in grid.items()
-            ]
-            lines.append(f"| {v} | {', '.join(cells)} |")
+    lines += grid_lines(grids, best)
     comparisons = []
     for v in variants:
         if not v.startswith("iMuon"):
@@ -987,9 +1006,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     plots = plot_curves(results, output, title)
     if grids:
         plots.append(plot_grids(grids, output))
-    lines += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in plots)]
-    text = "\n".join(lines) + "\n"
-    (output / "results.md").write_text(text)
     raw = dict(
         summary=summary,
         fidelity=fidelity,
@@ -998,8 +1014,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         argv=argv,
         runs=[asdict(r) for r in ctx.runs.values()],
     )
-    (output / "results.json").write_text(json.dumps(raw, indent=1, default=str))
-    print(text)
+    text = write_results(output, lines, plots, raw)
     log(f"done in {wall:.0f} s; results in {output / 'results.md'}")
     return dict(
         summary=summary,

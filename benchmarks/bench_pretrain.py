@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import statistics
@@ -918,26 +917,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if missing:
         lines += ["", "Not available in this build (not run):", ""]
         lines += [f"- {v} (`{VARIANTS[v].config}`): {why}" for v, why in missing.items()]
-    if grids:
-        lines += [
-            "",
-            "Learning-rate grids (seed 0, final held-out loss; best in bold):",
-            "",
-            "| optimizer | grid |",
-            "|---|---|",
-        ]
-        for v, grid in grids.items():
-            cells = [
-                ("**" if lr == best[v] else "") + f"{lt.fmt_lr(lr)}: {lt.fmt(val)}" + ("**" if lr == best[v] else "")
-                for lr, val in grid.items()
-            ]
-            lines.append(f"| {v} | {', '.join(cells)} |")
+    lines += lt.grid_lines(grids, best)
     plots = plot_curves(results, output, title)
     if grids:
         plots.append(plot_grids(grids, output))
-    lines += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in plots)]
-    text = "\n".join(lines) + "\n"
-    (output / "results.md").write_text(text)
     raw = dict(
         summary=summary,
         missing=missing,
@@ -948,8 +931,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         argv=argv,
         runs=[asdict(r) for r in ctx.runs.values()],
     )
-    (output / "results.json").write_text(json.dumps(raw, indent=1, default=str))
-    print(text)
+    text = lt.write_results(output, lines, plots, raw)
     log(f"done in {wall:.0f} s; results in {output / 'results.md'}")
     return dict(
         summary=summary,
