@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pymanopt
 import pytest
+from _pymanopt_problems import rayleigh
 from pymanopt import manifolds as pm
 
 from imuon_manopt.optimizers import IMuon
@@ -72,22 +73,7 @@ def test_frames_iterates_follow_the_svd_reference(manifold_cls):
 
 
 def test_sphere_iterates_follow_the_normalized_gradient():
-    rng = np.random.default_rng(1)
-    n = 9
-    a = rng.standard_normal((n, n))
-    cov = a + a.T
-    manifold = pm.Sphere(n)
-
-    @pymanopt.function.numpy(manifold)
-    def cost(x):
-        return float(x @ cov @ x)
-
-    @pymanopt.function.numpy(manifold)
-    def egrad(x):
-        return 2.0 * (cov @ x)
-
-    x = rng.standard_normal(n)
-    x /= np.linalg.norm(x)
+    manifold, cost, egrad, x, cov = rayleigh(n=9, seed=1)
     points = _trace(manifold, cost, egrad, x.copy())
     for k in range(STEPS):
         np.testing.assert_allclose(points[k], x, atol=1e-12)

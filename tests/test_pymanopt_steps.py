@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pymanopt
 import pytest
+from _pymanopt_problems import rayleigh
 from pymanopt import manifolds as pm
 from pymanopt.optimizers.line_search import AdaptiveLineSearcher, BackTrackingLineSearcher
 
@@ -15,21 +16,8 @@ QUIET = dict(verbosity=0, log_verbosity=1)
 
 def _rayleigh(n=8, seed=0):
     """``min x^T C x`` on the sphere: the optimum is the smallest eigenvalue of ``C`` (closed form)."""
-    rng = np.random.default_rng(seed)
-    a = rng.standard_normal((n, n))
-    cov = a + a.T
-    manifold = pm.Sphere(n)
-
-    @pymanopt.function.numpy(manifold)
-    def cost(x):
-        return float(x @ cov @ x)
-
-    @pymanopt.function.numpy(manifold)
-    def egrad(x):
-        return 2.0 * (cov @ x)
-
-    x0 = rng.standard_normal(n)
-    return pymanopt.Problem(manifold, cost, euclidean_gradient=egrad), x0 / np.linalg.norm(x0), cov
+    manifold, cost, egrad, x0, cov = rayleigh(n, seed)
+    return pymanopt.Problem(manifold, cost, euclidean_gradient=egrad), x0, cov
 
 
 def _pca(n=20, p=3, seed=1):
