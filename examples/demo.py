@@ -173,19 +173,25 @@ def custom_metric_demo() -> str | None:
     return buffer.getvalue()
 
 
+def _load_benchmark(name: str):
+    """The module ``benchmarks/<name>.py``, imported under ``name`` (the benchmarks are not a package)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(HERE), "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look the module up there
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def lora_text_demo(output: str, quick: bool, threads: int) -> dict:
     """``benchmarks/bench_lora_text.py --quick`` (best rates of its full run, one seed) into ``output/lora_text``.
 
     With ``quick`` (the demo's smoke version) the GPT is pretrained for a few steps only and the fine-tuning is
     short, with its own checkpoint cache inside ``output``; otherwise the benchmark's cached checkpoint is used.
     """
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(HERE), "benchmarks", "bench_lora_text.py")
-    spec = importlib.util.spec_from_file_location("bench_lora_text", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # its dataclasses look the module up there
-    spec.loader.exec_module(bench)
+    bench = _load_benchmark("bench_lora_text")
     argv = ["--quick", "--output", os.path.join(output, "lora_text"), "--threads", str(max(1, threads))]
     if quick:
         argv += [
@@ -210,13 +216,7 @@ def pretrain_demo(output: str, quick: bool, threads: int) -> dict:
 
     With ``quick`` (the demo's smoke version) the runs are a few steps on a few windows.
     """
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(HERE), "benchmarks", "bench_pretrain.py")
-    spec = importlib.util.spec_from_file_location("bench_pretrain", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # its dataclasses look the module up there
-    spec.loader.exec_module(bench)
+    bench = _load_benchmark("bench_pretrain")
     argv = ["--quick", "--output", os.path.join(output, "pretrain"), "--threads", str(max(1, threads))]
     if quick:
         argv += ["--steps", "6", "--batch", "4", "--eval-every", "3", "--curve-windows", "8", "--final-windows", "32"]
