@@ -104,12 +104,12 @@ def _identity_flat(self, x: Any, v: Any) -> Any:
     return v
 
 
-def _finite_tree(tree: Any) -> bool:
+def finite_tree(tree: Any) -> bool:
     """True when every array in a (nested tuple/list of) numpy arrays or scalars is finite."""
     if isinstance(tree, np.ndarray):
         return bool(np.isfinite(tree).all())
     if isinstance(tree, (list, tuple)):
-        return all(_finite_tree(t) for t in tree)
+        return all(finite_tree(t) for t in tree)
     return bool(np.isfinite(np.asarray(tree)).all())
 
 
@@ -149,7 +149,7 @@ class HostGeometry:
             self.check_point(x)
         except ValueError:
             return False
-        return _finite_tree(x)
+        return finite_tree(x)
 
     def core_point(self, x: Any) -> Any:
         return x

@@ -42,7 +42,7 @@ from pymanopt.tools import printer
 from ..direction import intrinsic_direction
 from ..geometry import MetricOperator
 from ..lmo import Norm, PolarSpec, resolve_norm, resolve_polar
-from ._pymanopt_geometry import HostGeometry, _finite_tree, host_geometry
+from ._pymanopt_geometry import HostGeometry, finite_tree, host_geometry
 from .step_size import StepResult, StepSizeRule, resolve_step_size
 
 __all__ = ["IMuon"]
@@ -348,13 +348,13 @@ class IMuon(Optimizer):
         while True:
             stopping_criterion = None
             if not x_finite:
-                x_finite = _finite_tree(x)
+                x_finite = finite_tree(x)
             finite = math.isfinite(cost) and x_finite
             if iteration >= self._max_iterations and finite:
                 # Pymanopt's convention: max_iterations rows, counted from 1; the last step's point
                 # is the result (its cost is the result's cost), with no row of its own.
                 stopping_criterion = self._check_stopping_criterion(start_time=start_time, iteration=iteration)
-                if _finite_tree(rgrad):
+                if finite_tree(rgrad):
                     gradient_norm = float(manifold.norm(x, rgrad))
                 if self._verbosity >= 1:
                     print(stopping_criterion)
@@ -362,9 +362,9 @@ class IMuon(Optimizer):
                 break
             # (a non-finite Riemannian gradient shows in its norm)
             gradient_norm = float(manifold.norm(x, rgrad)) if finite else math.nan
-            if math.isfinite(gradient_norm) and _finite_tree(e_core):
+            if math.isfinite(gradient_norm) and finite_tree(e_core):
                 xi, gap = self._direction(host, x, e_core)
-                finite_direction = math.isfinite(gap) and _finite_tree(xi)
+                finite_direction = math.isfinite(gap) and finite_tree(xi)
             else:
                 finite_direction = False
             if not finite_direction:
@@ -464,7 +464,7 @@ class IMuon(Optimizer):
                         f"Terminated - the last {_STALL_WINDOW} steps changed the cost by at most "
                         f"{self._min_cost_change:g} of its value (rounding level) after {iteration} iterations."
                     )
-                    gradient_norm = float(manifold.norm(x, rgrad)) if _finite_tree(rgrad) else math.nan
+                    gradient_norm = float(manifold.norm(x, rgrad)) if finite_tree(rgrad) else math.nan
                     self._add_log_entry(
                         iteration=iteration + 1,
                         point=x,
